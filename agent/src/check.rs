@@ -1,0 +1,1 @@
+//! `tally check`: the node readiness report (being written).

@@ -1,0 +1,184 @@
+//! The agent's configuration: one TOML file of serde structs, every field with a default, so an
+//! empty file (or none) runs the agent on its embedded defaults.
+
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use validate::{ConfigError, ConfigErrors};
+
+/// Where `tally agent` and `tally validate` look when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/tally/tally.toml";
+
+/// The default listen address. 9100 (node_exporter) and 9400 (dcgm-exporter) are taken on GPU
+/// nodes; 9811 is not in the Prometheus default port allocations.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9811";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The daemon itself: listen address, tick, logging.
+    pub agent: AgentConfig,
+    /// Host filesystem roots, so a container can mount the host's under `/host`.
+    pub paths: PathsConfig,
+    /// How long the ledger keeps what exited workloads used.
+    pub ledger: LedgerConfig,
+    /// The container runtime's CRI socket, for pod and container names.
+    pub cri: CriConfig,
+    /// NVML.
+    pub gpu: GpuConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Address of the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`), `host:port`.
+    /// `--listen` and `TALLY_LISTEN` override it.
+    pub listen: String,
+    /// How often sources are read and the snapshot is rendered, in milliseconds (100–60000).
+    pub tick_interval_ms: u64,
+    /// Log filter in `tracing` syntax (`info`, `tally=debug`); `RUST_LOG` overrides it.
+    pub log_level: String,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    /// procfs mount point (`/host/proc` in a DaemonSet).
+    pub proc_root: PathBuf,
+    /// sysfs mount point.
+    pub sys_root: PathBuf,
+    /// Where cgroup hierarchies are mounted: a cgroup2 mount (pure v2), or a directory holding
+    /// `unified/` and the v1 controllers (hybrid, v1).
+    pub cgroup_root: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Seconds an exited workload's final values stay exported before its series disappear.
+    pub grace_period_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriConfig {
+    /// CRI sockets tried in order; the first that answers is used. Empty disables CRI lookups.
+    pub endpoints: Vec<PathBuf>,
+    /// Seconds between two listings while every container is already known (a new container id
+    /// triggers one at once, rate-limited to one a second).
+    pub refresh_interval_secs: u64,
+    /// Deadline of one CRI call in milliseconds.
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// Path of `libnvidia-ml.so.1`; unset lets the dynamic loader find it.
+    pub nvml_library: Option<PathBuf>,
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_owned()
+}
+fn default_tick_interval_ms() -> u64 {
+    1000
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_grace_period_secs() -> u64 {
+    300
+}
+fn default_cri_endpoints() -> Vec<PathBuf> {
+    vec![
+        PathBuf::from("/run/containerd/containerd.sock"),
+        PathBuf::from("/run/crio/crio.sock"),
+    ]
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            tick_interval_ms: default_tick_interval_ms(),
+            log_level: default_log_level(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl Default for PathsConfig {
+    fn default() -> Self {
+        Self {
+            proc_root: PathBuf::from("/proc"),
+            sys_root: PathBuf::from("/sys"),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        }
+    }
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            grace_period_secs: default_grace_period_secs(),
+        }
+    }
+}
+
+impl Default for CriConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: default_cri_endpoints(),
+            refresh_interval_secs: 10,
+            timeout_ms: 2000,
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates `text`; every problem is reported, not only the first.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        validate::parse(text)
+    }
+
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                line: None,
+                message: format!("cannot read {}: {e}", path.display()),
+            }])
+        })?;
+        Self::parse(&text)
+    }
+
+    /// The listen address; validation guarantees it parses.
+    pub fn listen_addr(&self) -> Result<SocketAddr, std::net::AddrParseError> {
+        self.agent.listen.parse()
+    }
+
+    pub fn tick_interval(&self) -> Duration {
+        Duration::from_millis(self.agent.tick_interval_ms)
+    }
+
+    pub fn grace_period(&self) -> Duration {
+        Duration::from_secs(self.ledger.grace_period_secs)
+    }
+}

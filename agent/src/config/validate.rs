@@ -1,0 +1,375 @@
+//! Parsing with every error reported at once, each with its key path and line.
+//!
+//! serde stops at the first error, so deserialization is repeated: each failing key is recorded
+//! and removed from the parsed table, until the rest deserializes. Semantic checks (ranges,
+//! addresses) then run on the result. Lines come from a span-keeping parse of the original text.
+
+use std::fmt;
+use std::ops::Range;
+
+use serde_path_to_error::Segment;
+
+use super::Config;
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key path (`agent.listen`), empty for file-level problems.
+    pub path: String,
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, "`{}`: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every problem found in one file, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// More removals than this means something is wrong with the removal itself; stop rather than loop.
+const MAX_ERRORS: usize = 100;
+
+pub(super) fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    let lines = LineIndex::new(text);
+    let mut table: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            let e: toml::de::Error = e;
+            return Err(ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                line: e.span().map(|s| lines.line_of(s.start)),
+                message: e.message().trim().to_owned(),
+            }]));
+        }
+    };
+    let spans = toml_edit::ImDocument::parse(text).ok();
+    let line_of = |path: &[String]| -> Option<usize> {
+        let doc = spans.as_ref()?;
+        key_span(doc.as_table(), path).map(|s| lines.line_of(s.start))
+    };
+
+    let mut errors = Vec::new();
+    let config = loop {
+        let value = toml::Value::Table(table.clone());
+        match serde_path_to_error::deserialize::<_, Config>(value) {
+            Ok(config) => break config,
+            Err(e) => {
+                let message = e.inner().message().trim().to_owned();
+                let mut path: Vec<String> = e
+                    .path()
+                    .iter()
+                    .filter_map(|seg| match seg {
+                        Segment::Map { key } => Some(key.clone()),
+                        Segment::Seq { index } => Some(index.to_string()),
+                        Segment::Enum { variant } => Some(variant.clone()),
+                        Segment::Unknown => None,
+                    })
+                    .collect();
+                if let Some(field) = unknown_field(&message) {
+                    if path.last().map(String::as_str) != Some(field) {
+                        path.push(field.to_owned());
+                    }
+                }
+                errors.push(ConfigError {
+                    path: path.join("."),
+                    line: line_of(&path),
+                    message,
+                });
+                if errors.len() >= MAX_ERRORS || !remove(&mut table, &path) {
+                    return Err(sorted(errors));
+                }
+            }
+        }
+    };
+    for (path, message) in semantic_errors(&config) {
+        let segments: Vec<String> = path.split('.').map(str::to_owned).collect();
+        errors.push(ConfigError {
+            line: line_of(&segments),
+            path: path.to_owned(),
+            message,
+        });
+    }
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(sorted(errors))
+    }
+}
+
+fn sorted(mut errors: Vec<ConfigError>) -> ConfigErrors {
+    errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+    ConfigErrors(errors)
+}
+
+/// Range and format checks serde cannot express.
+fn semantic_errors(config: &Config) -> Vec<(&'static str, String)> {
+    let mut errors = Vec::new();
+    if let Err(e) = config.agent.listen.parse::<std::net::SocketAddr>() {
+        errors.push((
+            "agent.listen",
+            format!(
+                "`{}` is not a socket address (host:port): {e}",
+                config.agent.listen
+            ),
+        ));
+    }
+    if !(100..=60_000).contains(&config.agent.tick_interval_ms) {
+        errors.push((
+            "agent.tick_interval_ms",
+            format!(
+                "{} is out of range 100..=60000",
+                config.agent.tick_interval_ms
+            ),
+        ));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.agent.log_level) {
+        errors.push(("agent.log_level", format!("invalid log filter: {e}")));
+    }
+    if config.ledger.grace_period_secs > 7 * 24 * 3600 {
+        errors.push((
+            "ledger.grace_period_secs",
+            format!(
+                "{} is out of range 0..=604800 (one week)",
+                config.ledger.grace_period_secs
+            ),
+        ));
+    }
+    if !(1..=3600).contains(&config.cri.refresh_interval_secs) {
+        errors.push((
+            "cri.refresh_interval_secs",
+            format!(
+                "{} is out of range 1..=3600",
+                config.cri.refresh_interval_secs
+            ),
+        ));
+    }
+    if !(10..=60_000).contains(&config.cri.timeout_ms) {
+        errors.push((
+            "cri.timeout_ms",
+            format!("{} is out of range 10..=60000", config.cri.timeout_ms),
+        ));
+    }
+    for (name, path) in [
+        ("paths.proc_root", &config.paths.proc_root),
+        ("paths.sys_root", &config.paths.sys_root),
+        ("paths.cgroup_root", &config.paths.cgroup_root),
+    ] {
+        if !path.is_absolute() {
+            errors.push((
+                name,
+                format!("`{}` is not an absolute path", path.display()),
+            ));
+        }
+    }
+    errors
+}
+
+/// The field name of serde's `unknown field `x`, expected ...` message.
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+/// Removes the key at `path` from `table`; false when there is nothing at that path.
+fn remove(table: &mut toml::Table, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut value: &mut toml::Value = match parents.first() {
+        None => return table.remove(last).is_some(),
+        Some(first) => match table.get_mut(first) {
+            Some(v) => v,
+            None => return false,
+        },
+    };
+    for seg in &parents[1..] {
+        value = match value {
+            toml::Value::Table(t) => match t.get_mut(seg) {
+                Some(v) => v,
+                None => return false,
+            },
+            toml::Value::Array(a) => match seg.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match value {
+        toml::Value::Table(t) => t.remove(last).is_some(),
+        toml::Value::Array(a) => match last.parse::<usize>() {
+            Ok(i) if i < a.len() => {
+                a.remove(i);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Span of the key (or array element) at `path` in the span-keeping parse.
+fn key_span(table: &toml_edit::Table, path: &[String]) -> Option<Range<usize>> {
+    let (first, rest) = path.split_first()?;
+    let (key, item) = table.get_key_value(first)?;
+    if rest.is_empty() {
+        return key.span().or_else(|| item.span());
+    }
+    item_span(item, rest).or_else(|| key.span())
+}
+
+fn item_span(item: &toml_edit::Item, path: &[String]) -> Option<Range<usize>> {
+    match item {
+        toml_edit::Item::Table(t) => key_span(t, path),
+        toml_edit::Item::Value(v) => value_span(v, path),
+        toml_edit::Item::ArrayOfTables(a) => {
+            let (first, rest) = path.split_first()?;
+            let t = a.get(first.parse().ok()?)?;
+            if rest.is_empty() {
+                t.span()
+            } else {
+                key_span(t, rest)
+            }
+        }
+        toml_edit::Item::None => None,
+    }
+}
+
+fn value_span(value: &toml_edit::Value, path: &[String]) -> Option<Range<usize>> {
+    let (first, rest) = path.split_first()?;
+    let inner = match value {
+        toml_edit::Value::InlineTable(t) => {
+            let (key, item) = t.get_key_value(first)?;
+            let v = item.as_value()?;
+            if rest.is_empty() {
+                return key.span().or_else(|| v.span());
+            }
+            v
+        }
+        toml_edit::Value::Array(a) => {
+            let v = a.get(first.parse().ok()?)?;
+            if rest.is_empty() {
+                return v.span();
+            }
+            v
+        }
+        _ => return None,
+    };
+    value_span(inner, rest)
+}
+
+/// Byte offset → 1-based line.
+struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    fn new(text: &str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        Self { starts }
+    }
+
+    fn line_of(&self, offset: usize) -> usize {
+        self.starts.partition_point(|&s| s <= offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_embedded_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn every_error_is_reported_with_path_and_line() {
+        let text = "\
+[agent]
+listen = \"nonsense\"
+tick_interval_ms = \"fast\"
+colour = \"blue\"
+
+[ledger]
+grace_period_secs = 1
+
+[paths]
+proc_root = \"relative/proc\"
+
+[nonsense]
+x = 1
+";
+        let errors = parse(text).unwrap_err().0;
+        let found: Vec<(String, Option<usize>)> =
+            errors.iter().map(|e| (e.path.clone(), e.line)).collect();
+        assert_eq!(
+            found,
+            vec![
+                ("agent.listen".to_owned(), Some(2)),
+                ("agent.tick_interval_ms".to_owned(), Some(3)),
+                ("agent.colour".to_owned(), Some(4)),
+                ("paths.proc_root".to_owned(), Some(10)),
+                ("nonsense".to_owned(), Some(12)),
+            ],
+            "{errors:#?}"
+        );
+        assert!(errors[1].message.contains("invalid type"), "{}", errors[1]);
+        assert!(errors[2].message.contains("unknown field `colour`"));
+        assert_eq!(
+            errors[0].to_string().lines().next().unwrap(),
+            errors[0].to_string()
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let errors = parse("[agent]\nlisten = \n").unwrap_err().0;
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].line, Some(2));
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let errors = parse("[agent]\ntick_interval_ms = 0\n[cri]\ntimeout_ms = 1\n")
+            .unwrap_err()
+            .0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["agent.tick_interval_ms", "cri.timeout_ms"]);
+        assert_eq!(errors[0].line, Some(2));
+    }
+
+    #[test]
+    fn errors_inside_arrays_are_located() {
+        let errors = parse("[cri]\nendpoints = [\"/a\", 3]\n").unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "cri.endpoints.1");
+        assert_eq!(errors[0].line, Some(2));
+    }
+}

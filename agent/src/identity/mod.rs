@@ -1,0 +1,200 @@
+//! Workload identity: pid or cgroup → the container, systemd unit or host it belongs to.
+//!
+//! The cgroup path says what a workload is ([`path`]); the container runtime's CRI socket adds
+//! pod namespace, pod and container names when it answers ([`cri`]). Resolved workloads are cached
+//! by cgroup id (the inode of the cgroup v2 directory, what BPF programs see) and evicted when the
+//! cgroup disappears.
+
+pub mod cri;
+pub mod path;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tally_exporters::LabelSet;
+
+use crate::cgroupfs::layout::Layout;
+pub use path::{ContainerRef, PathIdentity, QosClass, Runtime};
+
+/// Label names of every per-workload family, in order (DESIGN.md "Metrics").
+pub const LABELS: [&str; 6] = [
+    "namespace",
+    "pod",
+    "pod_uid",
+    "container",
+    "container_id",
+    "unit",
+];
+
+/// Names only the container runtime knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Names {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+}
+
+/// A metered workload: what its cgroup path says, plus CRI names when known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub identity: PathIdentity,
+    pub names: Names,
+    labels: LabelSet,
+}
+
+impl Workload {
+    pub fn new(identity: PathIdentity, names: Names) -> Self {
+        let empty = || Arc::<str>::from("");
+        let (pod_uid, container_id, unit) = match &identity {
+            PathIdentity::Container(c) => (
+                Arc::from(c.pod_uid.as_deref().unwrap_or("")),
+                Arc::from(c.container_id.as_str()),
+                empty(),
+            ),
+            PathIdentity::Unit(u) => (empty(), empty(), Arc::from(u.as_str())),
+            PathIdentity::Host => (empty(), empty(), empty()),
+        };
+        let labels: LabelSet = Arc::from(vec![
+            (LABELS[0], Arc::from(names.namespace.as_str())),
+            (LABELS[1], Arc::from(names.pod.as_str())),
+            (LABELS[2], pod_uid),
+            (LABELS[3], Arc::from(names.container.as_str())),
+            (LABELS[4], container_id),
+            (LABELS[5], unit),
+        ]);
+        Self {
+            identity,
+            names,
+            labels,
+        }
+    }
+
+    /// The per-workload label set, built once.
+    pub fn labels(&self) -> &LabelSet {
+        &self.labels
+    }
+
+    pub fn container_id(&self) -> Option<&str> {
+        match &self.identity {
+            PathIdentity::Container(c) => Some(&c.container_id),
+            _ => None,
+        }
+    }
+}
+
+/// Why a pid could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum PidError {
+    /// The process exited before or while its cgroup file was read.
+    #[error("process {pid} is gone")]
+    Gone { pid: u32 },
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Resolves cgroups and pids to shared [`Workload`]s, caching by cgroup id.
+#[derive(Debug)]
+pub struct Identity {
+    proc_root: PathBuf,
+    layout: Layout,
+    by_cgroup: HashMap<u64, Arc<Workload>>,
+    cri: Option<cri::CriHandle>,
+}
+
+impl Identity {
+    pub fn new(proc_root: &Path, layout: Layout, cri: Option<cri::CriHandle>) -> Self {
+        Self {
+            proc_root: proc_root.to_path_buf(),
+            layout,
+            by_cgroup: HashMap::new(),
+            cri,
+        }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The workload of the cgroup with id `cgroup_id`, whose path relative to its hierarchy root
+    /// is `rel_path`. Cached; a container's CRI names are filled in as soon as CRI knows them.
+    pub fn workload(&mut self, cgroup_id: u64, identity: PathIdentity) -> Arc<Workload> {
+        if let Some(w) = self.by_cgroup.get(&cgroup_id) {
+            let named = !w.names.container.is_empty() || w.container_id().is_none();
+            if w.identity == identity && named {
+                return w.clone();
+            }
+        }
+        let names = self.names_for(&identity);
+        let w = Arc::new(Workload::new(identity, names));
+        self.by_cgroup.insert(cgroup_id, w.clone());
+        w
+    }
+
+    fn names_for(&self, identity: &PathIdentity) -> Names {
+        let (Some(cri), PathIdentity::Container(c)) = (&self.cri, identity) else {
+            return Names::default();
+        };
+        cri.lookup(&c.container_id).unwrap_or_default()
+    }
+
+    /// Forgets every cgroup id not in `live`.
+    pub fn retain(&mut self, live: impl Fn(u64) -> bool) {
+        self.by_cgroup.retain(|id, _| live(*id));
+    }
+
+    pub fn cached(&self) -> usize {
+        self.by_cgroup.len()
+    }
+
+    /// The workload a process belongs to, from `/proc/<pid>/cgroup`. The first hierarchy whose
+    /// path names a workload wins, the cgroup2 line first.
+    pub fn resolve_pid(&mut self, pid: u32) -> Result<Arc<Workload>, PidError> {
+        let file = self.proc_root.join(pid.to_string()).join("cgroup");
+        let text =
+            std::fs::read_to_string(&file).map_err(|source| match source.raw_os_error() {
+                Some(libc::ENOENT) | Some(libc::ESRCH) => PidError::Gone { pid },
+                _ => PidError::Read { path: file, source },
+            })?;
+        let mut lines: Vec<(bool, &str)> = text
+            .lines()
+            .filter_map(|line| {
+                let mut parts = line.splitn(3, ':');
+                let (hid, _controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                Some((hid == "0", path))
+            })
+            .collect();
+        lines.sort_by_key(|(v2, _)| !v2);
+        for (v2, path) in lines {
+            let (identity, len) = path::resolve(path);
+            if identity == PathIdentity::Host {
+                continue;
+            }
+            let rel = &path[..len];
+            let dir = match (v2, &self.layout.unified) {
+                (true, Some(unified)) => unified.join(rel.trim_start_matches('/')),
+                _ => match self
+                    .layout
+                    .roots()
+                    .map(|r| r.join(rel.trim_start_matches('/')))
+                    .find(|d| d.is_dir())
+                {
+                    Some(d) => d,
+                    None => continue,
+                },
+            };
+            let Ok(id) = tally_ebpf::cgroup_id(&dir) else {
+                continue;
+            };
+            return Ok(self.workload(id, identity));
+        }
+        Ok(Arc::new(Workload::new(
+            PathIdentity::Host,
+            Names::default(),
+        )))
+    }
+}

@@ -1,0 +1,10 @@
+//! The Tally node agent: workload identity, the ledger, budgets, the HTTP API and the CLI.
+//!
+//! It joins what the source crates measure (`tally-ebpf` by cgroup id, `tally-gpu` by device and
+//! pid, cgroupfs by path) into per-workload counters, and never touches BPF maps or NVML handles
+//! itself.
+
+pub mod cgroupfs;
+pub mod check;
+pub mod config;
+pub mod identity;

@@ -1,0 +1,11 @@
+//! Tally's metric snapshot model and its encoders.
+//!
+//! A [`Snapshot`] is what one agent tick measured, already attributed to workloads: families of
+//! counters and gauges with their label sets. It knows nothing of how the numbers were measured.
+//! Encoders turn it into wire formats: [`prometheus_text`] renders the Prometheus text exposition
+//! format (plain and gzip) once per tick so that a scrape only copies bytes.
+
+pub mod prometheus_text;
+mod snapshot;
+
+pub use snapshot::{Family, Kind, LabelSet, Sample, Snapshot};

@@ -1,0 +1,135 @@
+//! Prometheus text exposition (format 0.0.4), encoded with the `prometheus` crate's model and
+//! encoder, plus a gzip copy made at the same time so that a scrape never compresses.
+
+use std::io::Write;
+
+use flate2::{write::GzEncoder, Compression};
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::{Encoder, TextEncoder};
+
+use crate::{Family, Kind, Snapshot};
+
+/// `Content-Type` of [`Rendered::text`].
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A snapshot encoded once, served many times.
+#[derive(Debug, Clone, Default)]
+pub struct Rendered {
+    pub text: Vec<u8>,
+    pub gzip: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("prometheus text encoding failed")]
+    Encode(#[source] prometheus::Error),
+    #[error("gzip compression failed")]
+    Gzip(#[source] std::io::Error),
+}
+
+/// Encodes `snapshot` as Prometheus text and its gzip.
+pub fn render(snapshot: &Snapshot) -> Result<Rendered, EncodeError> {
+    let families: Vec<MetricFamily> = snapshot
+        .families
+        .iter()
+        .filter(|f| !f.samples.is_empty())
+        .map(to_proto)
+        .collect();
+    let mut text = Vec::with_capacity(64 * 1024);
+    TextEncoder::new()
+        .encode(&families, &mut text)
+        .map_err(EncodeError::Encode)?;
+    let mut gz = GzEncoder::new(Vec::with_capacity(text.len() / 4), Compression::fast());
+    gz.write_all(&text).map_err(EncodeError::Gzip)?;
+    let gzip = gz.finish().map_err(EncodeError::Gzip)?;
+    Ok(Rendered { text, gzip })
+}
+
+fn to_proto(family: &Family) -> MetricFamily {
+    let mut mf = MetricFamily::default();
+    mf.set_name(family.name.to_owned());
+    mf.set_help(family.help.to_owned());
+    mf.set_field_type(match family.kind {
+        Kind::Counter => MetricType::COUNTER,
+        Kind::Gauge => MetricType::GAUGE,
+    });
+    let metrics = family
+        .samples
+        .iter()
+        .map(|sample| {
+            let mut m = Metric::default();
+            let labels = sample
+                .labels
+                .iter()
+                .chain(sample.extra.iter())
+                .map(|(name, value)| {
+                    let mut pair = LabelPair::default();
+                    pair.set_name((*name).to_owned());
+                    pair.set_value(value.to_string());
+                    pair
+                })
+                .collect();
+            m.set_label(labels);
+            match family.kind {
+                Kind::Counter => {
+                    let mut c = Counter::default();
+                    c.set_value(sample.value);
+                    m.set_counter(c);
+                }
+                Kind::Gauge => {
+                    let mut g = Gauge::default();
+                    g.set_value(sample.value);
+                    m.set_gauge(g);
+                }
+            }
+            m
+        })
+        .collect();
+    mf.set_metric(metrics);
+    mf
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::LabelSet;
+
+    #[test]
+    fn renders_counters_and_gauges_with_labels_in_order() {
+        let labels: LabelSet = Arc::from(vec![
+            ("namespace", Arc::from("ml")),
+            ("pod", Arc::from("train-0")),
+            ("container", Arc::from("a\"b")),
+        ]);
+        let mut cpu = Family::new(
+            "tally_workload_cpu_seconds_total",
+            "CPU time.",
+            Kind::Counter,
+        );
+        cpu.push(&labels, 1.5);
+        let mut mem = Family::new("tally_workload_memory_bytes", "Memory.", Kind::Gauge);
+        mem.push(&labels, 4096.0);
+        let empty = Family::new("tally_nothing", "Never shown.", Kind::Gauge);
+        let snapshot = Snapshot {
+            families: vec![cpu, mem, empty],
+        };
+        let rendered = render(&snapshot).unwrap();
+        let text = String::from_utf8(rendered.text.clone()).unwrap();
+        assert!(text.contains("# TYPE tally_workload_cpu_seconds_total counter\n"));
+        assert!(text.contains(
+            "tally_workload_cpu_seconds_total{namespace=\"ml\",pod=\"train-0\",container=\"a\\\"b\"} 1.5\n"
+        ));
+        assert!(text.contains("tally_workload_memory_bytes{namespace=\"ml\",pod=\"train-0\",container=\"a\\\"b\"} 4096\n"));
+        assert!(!text.contains("tally_nothing"));
+
+        let mut unzipped = String::new();
+        std::io::Read::read_to_string(
+            &mut flate2::read::GzDecoder::new(&rendered.gzip[..]),
+            &mut unzipped,
+        )
+        .unwrap();
+        assert_eq!(unzipped, text);
+    }
+}

@@ -1,0 +1,72 @@
+use std::sync::Arc;
+
+/// Ordered label names and values of one series. Values are shared so that the per-workload label
+/// set is built once per workload, not once per series and tick.
+pub type LabelSet = Arc<[(&'static str, Arc<str>)]>;
+
+/// Whether a family is a monotonic counter or a gauge (Prometheus `TYPE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// One series: a label set and its value at the end of the tick.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Labels shared by every family of the same workload (may be empty).
+    pub labels: LabelSet,
+    /// Labels of this family only (`collector`, `reason`, `state`...), appended after `labels`.
+    pub extra: Vec<(&'static str, Arc<str>)>,
+    pub value: f64,
+}
+
+/// A metric family: one name, one help text, one type, many series.
+#[derive(Debug, Clone)]
+pub struct Family {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    pub samples: Vec<Sample>,
+}
+
+impl Family {
+    pub fn new(name: &'static str, help: &'static str, kind: Kind) -> Self {
+        Self {
+            name,
+            help,
+            kind,
+            samples: Vec::new(),
+        }
+    }
+
+    /// Adds a series with the shared label set and no family-specific labels.
+    pub fn push(&mut self, labels: &LabelSet, value: f64) {
+        self.samples.push(Sample {
+            labels: labels.clone(),
+            extra: Vec::new(),
+            value,
+        });
+    }
+
+    /// Adds a series with family-specific labels only.
+    pub fn push_labeled(&mut self, extra: Vec<(&'static str, Arc<str>)>, value: f64) {
+        self.samples.push(Sample {
+            labels: Arc::from([]),
+            extra,
+            value,
+        });
+    }
+}
+
+/// Everything one tick measured, ready to be encoded.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub families: Vec<Family>,
+}
+
+impl Snapshot {
+    pub fn family(&self, name: &str) -> Option<&Family> {
+        self.families.iter().find(|f| f.name == name)
+    }
+}
