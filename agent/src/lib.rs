@@ -7,4 +7,10 @@
 pub mod cgroupfs;
 pub mod check;
 pub mod config;
+pub mod errors;
+pub mod health;
 pub mod identity;
+pub mod ledger;
+pub mod runtime;
+pub mod server;
+pub mod tick;

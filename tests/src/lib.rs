@@ -1,1 +1,11 @@
-//! placeholder
+//! Test harness for Tally's end-to-end tests.
+#![expect(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test harness: a failed setup is a failed test, with its message"
+)]
+
+pub mod agent;
+pub mod cgroup;
+pub mod fake_cri;
+pub mod require;

@@ -1,14 +1,810 @@
-//! CRI client: pod namespace, pod and container names from the container runtime (placeholder,
-//! being written).
+//! CRI client: pod namespace, pod and container names from the container runtime.
+//!
+//! The cgroup path only carries ids; the runtime's CRI socket (containerd, CRI-O) knows the names.
+//! [`spawn`] runs one background task that lists containers and pod sandboxes, and publishes the
+//! joined result in a [`CriHandle`], so the tick reads names from memory and never waits on the
+//! socket.
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::codec::ProstCodec;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tracing::{debug, info, warn};
 
 use super::Names;
+use crate::config::CriConfig;
 
-/// Shared view of what the runtime reported.
+/// The subset of `k8s.io/cri-api/pkg/apis/runtime/v1/api.proto` that Tally reads.
+///
+/// Hand-written because the build has no `protoc`; tags are the upstream field numbers, and
+/// prost skips the fields left out, so a full runtime answer decodes into these.
+pub mod proto {
+    use std::collections::HashMap;
+
+    /// gRPC service name, as runtimes register it.
+    pub const SERVICE: &str = "runtime.v1.RuntimeService";
+    pub const LIST_CONTAINERS: &str = "/runtime.v1.RuntimeService/ListContainers";
+    pub const LIST_POD_SANDBOX: &str = "/runtime.v1.RuntimeService/ListPodSandbox";
+
+    /// Labels the kubelet sets on every container and sandbox it creates.
+    pub const LABEL_NAMESPACE: &str = "io.kubernetes.pod.namespace";
+    pub const LABEL_POD_NAME: &str = "io.kubernetes.pod.name";
+    pub const LABEL_POD_UID: &str = "io.kubernetes.pod.uid";
+    pub const LABEL_CONTAINER_NAME: &str = "io.kubernetes.container.name";
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+    #[repr(i32)]
+    pub enum ContainerState {
+        ContainerCreated = 0,
+        ContainerRunning = 1,
+        ContainerExited = 2,
+        ContainerUnknown = 3,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+    #[repr(i32)]
+    pub enum PodSandboxState {
+        SandboxReady = 0,
+        SandboxNotready = 1,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ContainerFilter {
+        #[prost(string, tag = "1")]
+        pub id: String,
+        #[prost(string, tag = "3")]
+        pub pod_sandbox_id: String,
+        #[prost(map = "string, string", tag = "4")]
+        pub label_selector: HashMap<String, String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ListContainersRequest {
+        #[prost(message, optional, tag = "1")]
+        pub filter: Option<ContainerFilter>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ListContainersResponse {
+        #[prost(message, repeated, tag = "1")]
+        pub containers: Vec<Container>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ContainerMetadata {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(uint32, tag = "2")]
+        pub attempt: u32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Container {
+        #[prost(string, tag = "1")]
+        pub id: String,
+        #[prost(string, tag = "2")]
+        pub pod_sandbox_id: String,
+        #[prost(message, optional, tag = "3")]
+        pub metadata: Option<ContainerMetadata>,
+        #[prost(enumeration = "ContainerState", tag = "6")]
+        pub state: i32,
+        #[prost(map = "string, string", tag = "8")]
+        pub labels: HashMap<String, String>,
+        #[prost(map = "string, string", tag = "9")]
+        pub annotations: HashMap<String, String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PodSandboxFilter {
+        #[prost(string, tag = "1")]
+        pub id: String,
+        #[prost(map = "string, string", tag = "3")]
+        pub label_selector: HashMap<String, String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ListPodSandboxRequest {
+        #[prost(message, optional, tag = "1")]
+        pub filter: Option<PodSandboxFilter>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ListPodSandboxResponse {
+        #[prost(message, repeated, tag = "1")]
+        pub items: Vec<PodSandbox>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PodSandboxMetadata {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(string, tag = "2")]
+        pub uid: String,
+        #[prost(string, tag = "3")]
+        pub namespace: String,
+        #[prost(uint32, tag = "4")]
+        pub attempt: u32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PodSandbox {
+        #[prost(string, tag = "1")]
+        pub id: String,
+        #[prost(message, optional, tag = "2")]
+        pub metadata: Option<PodSandboxMetadata>,
+        #[prost(enumeration = "PodSandboxState", tag = "3")]
+        pub state: i32,
+        #[prost(map = "string, string", tag = "5")]
+        pub labels: HashMap<String, String>,
+        #[prost(map = "string, string", tag = "6")]
+        pub annotations: HashMap<String, String>,
+    }
+}
+
+/// Container name given to a pod sandbox id, as the kubelet and cAdvisor name the pause container.
+pub const SANDBOX_CONTAINER: &str = "POD";
+
+/// Reasons [`CriHandle::errors`] counts, a fixed set so they can be metric labels.
+pub const ERROR_REASONS: [&str; 3] = ["connect", "list", "timeout"];
+
+/// kubelet's limit for CRI answers; tonic's default of 4 MiB is too small for a ListContainers on a
+/// node with a few thousand containers (exited ones included).
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Listings triggered by [`CriHandle::request_refresh`] are at least this far apart, because a
+/// container the runtime does not know (not a CRI container) is requested again on every tick.
+const MIN_LIST_GAP: Duration = Duration::from_secs(1);
+
+/// First retry delay when no endpoint answers; doubles up to the refresh interval.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+
+/// A failed CRI call; the variant names the call.
+#[derive(Debug, thiserror::Error)]
+pub enum CriError {
+    #[error("no CRI endpoint configured")]
+    NoEndpoints,
+    #[error("connecting to CRI socket {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("calling ListContainers on {path}")]
+    ListContainers {
+        path: PathBuf,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error("calling ListPodSandbox on {path}")]
+    ListPodSandbox {
+        path: PathBuf,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error("call {call} on {path} got no answer within {timeout_ms} ms")]
+    Timeout {
+        call: &'static str,
+        path: PathBuf,
+        timeout_ms: u64,
+    },
+    /// Every endpoint failed; `last` is the failure of the last one tried.
+    #[error("none of {tried} CRI endpoints answered")]
+    Unreachable {
+        tried: usize,
+        #[source]
+        last: Box<CriError>,
+    },
+}
+
+impl CriError {
+    /// The counter label of this failure, one of [`ERROR_REASONS`].
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CriError::NoEndpoints | CriError::Connect { .. } => "connect",
+            CriError::ListContainers { .. } | CriError::ListPodSandbox { .. } => "list",
+            CriError::Timeout { .. } => "timeout",
+            CriError::Unreachable { last, .. } => last.reason(),
+        }
+    }
+}
+
+/// Displays an error and its sources, `a: b: c`, since our Display impls leave the source out.
+struct Chain<'a>(&'a (dyn StdError + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// A connection to one CRI socket that answered.
+#[derive(Debug, Clone)]
+pub struct CriClient {
+    endpoint: PathBuf,
+    grpc: tonic::client::Grpc<Channel>,
+    timeout: Duration,
+}
+
+impl CriClient {
+    /// Connects to the socket at `path` and checks that it answers a ListPodSandbox call; `timeout`
+    /// bounds the connection and the check together, and every later call.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<Self, CriError> {
+        tokio::time::timeout(timeout, Self::connect_inner(path, timeout))
+            .await
+            .map_err(|_| CriError::Timeout {
+                call: "ListPodSandbox",
+                path: path.to_path_buf(),
+                timeout_ms: millis(timeout),
+            })?
+    }
+
+    async fn connect_inner(path: &Path, timeout: Duration) -> Result<Self, CriError> {
+        let socket = path.to_path_buf();
+        let connector = tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map(TokioIo::new)
+            }
+        });
+        // The URI is required by the HTTP/2 client but never resolved: the connector above
+        // ignores it and dials the socket.
+        let channel = Endpoint::from_static("http://[::]:50051")
+            .connect_timeout(timeout)
+            .connect_with_connector(connector)
+            .await
+            .map_err(|source| CriError::Connect {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let client = Self {
+            endpoint: path.to_path_buf(),
+            grpc: tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            timeout,
+        };
+        client.list_pod_sandboxes().await?;
+        Ok(client)
+    }
+
+    /// Connects to the first of `endpoints` that answers, trying them in order.
+    pub async fn connect_first(endpoints: &[PathBuf], timeout: Duration) -> Result<Self, CriError> {
+        let mut last = None;
+        for path in endpoints {
+            match Self::connect(path, timeout).await {
+                Ok(client) => return Ok(client),
+                Err(e) => {
+                    debug!(endpoint = %path.display(), error = %Chain(&e), "CRI endpoint did not answer");
+                    last = Some(e);
+                }
+            }
+        }
+        match last {
+            None => Err(CriError::NoEndpoints),
+            Some(last) => Err(CriError::Unreachable {
+                tried: endpoints.len(),
+                last: Box::new(last),
+            }),
+        }
+    }
+
+    /// The socket this client talks to.
+    pub fn endpoint(&self) -> &Path {
+        &self.endpoint
+    }
+
+    async fn unary<Req, Resp>(
+        &self,
+        call: &'static str,
+        path: &'static str,
+        request: Req,
+    ) -> Result<Resp, CallError>
+    where
+        Req: prost::Message + Send + Sync + 'static,
+        Resp: prost::Message + Default + Send + Sync + 'static,
+    {
+        // Grpc needs `&mut` to poll readiness; a clone shares the channel, so `&self` suffices.
+        let mut grpc = self.grpc.clone();
+        let call_fut = async move {
+            grpc.ready()
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("channel not ready: {e}")))?;
+            let codec = ProstCodec::<Req, Resp>::default();
+            grpc.unary(
+                tonic::Request::new(request),
+                PathAndQuery::from_static(path),
+                codec,
+            )
+            .await
+            .map(tonic::Response::into_inner)
+        };
+        match tokio::time::timeout(self.timeout, call_fut).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(status)) => Err(CallError::Status(status)),
+            Err(_) => Err(CallError::Timeout(CriError::Timeout {
+                call,
+                path: self.endpoint.clone(),
+                timeout_ms: millis(self.timeout),
+            })),
+        }
+    }
+
+    /// Every container the runtime knows, exited ones included.
+    pub async fn list_containers(&self) -> Result<Vec<proto::Container>, CriError> {
+        let resp: proto::ListContainersResponse = self
+            .unary(
+                "ListContainers",
+                proto::LIST_CONTAINERS,
+                proto::ListContainersRequest::default(),
+            )
+            .await
+            .map_err(|e| {
+                e.into_cri(|source| CriError::ListContainers {
+                    path: self.endpoint.clone(),
+                    source,
+                })
+            })?;
+        Ok(resp.containers)
+    }
+
+    /// Every pod sandbox the runtime knows, not-ready ones included.
+    pub async fn list_pod_sandboxes(&self) -> Result<Vec<proto::PodSandbox>, CriError> {
+        let resp: proto::ListPodSandboxResponse = self
+            .unary(
+                "ListPodSandbox",
+                proto::LIST_POD_SANDBOX,
+                proto::ListPodSandboxRequest::default(),
+            )
+            .await
+            .map_err(|e| {
+                e.into_cri(|source| CriError::ListPodSandbox {
+                    path: self.endpoint.clone(),
+                    source,
+                })
+            })?;
+        Ok(resp.items)
+    }
+
+    /// Names keyed by container id and by pod sandbox id (see [`join_names`]).
+    pub async fn list(&self) -> Result<HashMap<String, Names>, CriError> {
+        // Sandboxes first, so a container created between the two calls is still listed (named
+        // from its labels) rather than missed until the next listing.
+        let sandboxes = self.list_pod_sandboxes().await?;
+        let containers = self.list_containers().await?;
+        Ok(join_names(&sandboxes, &containers))
+    }
+}
+
+/// How one call failed before it is named: a status, or the deadline.
+enum CallError {
+    Status(tonic::Status),
+    Timeout(CriError),
+}
+
+impl CallError {
+    fn into_cri(self, named: impl FnOnce(tonic::Status) -> CriError) -> CriError {
+        match self {
+            CallError::Status(status) => named(status),
+            CallError::Timeout(e) => e,
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX)
+}
+
+fn label<'a>(labels: &'a HashMap<String, String>, key: &str) -> &'a str {
+    labels.get(key).map(String::as_str).unwrap_or("")
+}
+
+fn or_label(value: &str, labels: &HashMap<String, String>, key: &str) -> String {
+    if value.is_empty() {
+        label(labels, key).to_owned()
+    } else {
+        value.to_owned()
+    }
+}
+
+/// Joins containers to their sandboxes: namespace and pod name come from the sandbox metadata, the
+/// container name from the container metadata; the kubelet's `io.kubernetes.*` labels fill in
+/// what is missing (a sandbox not listed, empty metadata). Sandbox ids map to container
+/// [`SANDBOX_CONTAINER`], since the pause container's cgroup is named by the sandbox id.
+pub fn join_names(
+    sandboxes: &[proto::PodSandbox],
+    containers: &[proto::Container],
+) -> HashMap<String, Names> {
+    let mut names = HashMap::with_capacity(sandboxes.len() + containers.len());
+    for sandbox in sandboxes {
+        let meta = sandbox.metadata.clone().unwrap_or_default();
+        names.insert(
+            sandbox.id.clone(),
+            Names {
+                namespace: or_label(&meta.namespace, &sandbox.labels, proto::LABEL_NAMESPACE),
+                pod: or_label(&meta.name, &sandbox.labels, proto::LABEL_POD_NAME),
+                container: SANDBOX_CONTAINER.to_owned(),
+            },
+        );
+    }
+    for container in containers {
+        let (namespace, pod) = match names.get(&container.pod_sandbox_id) {
+            Some(pod) if !container.pod_sandbox_id.is_empty() => {
+                (pod.namespace.clone(), pod.pod.clone())
+            }
+            _ => (
+                label(&container.labels, proto::LABEL_NAMESPACE).to_owned(),
+                label(&container.labels, proto::LABEL_POD_NAME).to_owned(),
+            ),
+        };
+        let meta_name = container
+            .metadata
+            .as_ref()
+            .map(|m| m.name.as_str())
+            .unwrap_or("");
+        let container_name = or_label(meta_name, &container.labels, proto::LABEL_CONTAINER_NAME);
+        names.insert(
+            container.id.clone(),
+            Names {
+                namespace,
+                pod,
+                container: container_name,
+            },
+        );
+    }
+    names
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// Swapped whole on each listing; readers clone the inner `Arc` and never wait on I/O.
+    names: RwLock<Arc<HashMap<String, Names>>>,
+    up: AtomicBool,
+    /// Indexed like [`ERROR_REASONS`].
+    errors: [AtomicU64; ERROR_REASONS.len()],
+    endpoint: RwLock<Option<PathBuf>>,
+    refresh: Notify,
+    listings: AtomicU64,
+}
+
+/// Shared view of what the runtime reported, cheap to clone. The default handle is down and
+/// knows no names.
 #[derive(Debug, Clone, Default)]
-pub struct CriHandle {}
+pub struct CriHandle {
+    shared: Arc<Shared>,
+}
 
 impl CriHandle {
-    pub fn lookup(&self, _container_id: &str) -> Option<Names> {
-        None
+    /// Names of a container or pod sandbox id, from the last successful listing.
+    pub fn lookup(&self, container_id: &str) -> Option<Names> {
+        self.snapshot().get(container_id).cloned()
+    }
+
+    /// The whole map of the last successful listing.
+    pub fn snapshot(&self) -> Arc<HashMap<String, Names>> {
+        self.shared
+            .names
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Asks the background task for a listing now (rate-limited to one a second), for a container
+    /// id [`lookup`](Self::lookup) did not know.
+    pub fn request_refresh(&self) {
+        self.shared.refresh.notify_one();
+    }
+
+    /// Whether the last connection attempt or listing succeeded.
+    pub fn up(&self) -> bool {
+        self.shared.up.load(Ordering::Relaxed)
+    }
+
+    /// Failures so far, by reason; every reason of [`ERROR_REASONS`] is present.
+    pub fn errors(&self) -> Vec<(&'static str, u64)> {
+        ERROR_REASONS
+            .iter()
+            .zip(&self.shared.errors)
+            .map(|(reason, n)| (*reason, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Successful listings so far.
+    pub fn listings(&self) -> u64 {
+        self.shared.listings.load(Ordering::Relaxed)
+    }
+
+    /// The socket in use, once one answered.
+    pub fn endpoint(&self) -> Option<PathBuf> {
+        self.shared
+            .endpoint
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn count_error(&self, e: &CriError) {
+        let reason = e.reason();
+        if let Some(i) = ERROR_REASONS.iter().position(|r| *r == reason) {
+            self.shared.errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn publish(&self, names: HashMap<String, Names>) {
+        *self
+            .shared
+            .names
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(names);
+        self.shared.listings.fetch_add(1, Ordering::Relaxed);
+        self.shared.up.store(true, Ordering::Relaxed);
+    }
+
+    /// After a failure: down, and no endpoint until one answers again.
+    fn set_down(&self) {
+        self.shared.up.store(false, Ordering::Relaxed);
+        self.set_endpoint(None);
+    }
+
+    fn set_endpoint(&self, endpoint: Option<PathBuf>) {
+        *self
+            .shared
+            .endpoint
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = endpoint;
+    }
+}
+
+/// Starts the background task that keeps a [`CriHandle`] filled, until `cancel` fires.
+///
+/// With no endpoints configured nothing is started and the handle stays down. Must be called
+/// from within a tokio runtime.
+pub fn spawn(config: &CriConfig, cancel: CancellationToken) -> CriHandle {
+    let handle = CriHandle::default();
+    if config.endpoints.is_empty() {
+        info!("no CRI endpoints configured, pod and container names stay empty");
+        return handle;
+    }
+    tokio::spawn(run(config.clone(), handle.clone(), cancel));
+    handle
+}
+
+async fn run(config: CriConfig, handle: CriHandle, cancel: CancellationToken) {
+    let timeout = Duration::from_millis(config.timeout_ms.max(1));
+    let interval = Duration::from_secs(config.refresh_interval_secs.max(1));
+    let mut client: Option<CriClient> = None;
+    let mut backoff = FIRST_BACKOFF;
+    // An outage lasts from the first failure to the next published listing; it logs one WARN,
+    // and its retries log at DEBUG.
+    let mut in_outage = false;
+    loop {
+        let started = Instant::now();
+        let attempt = async {
+            let current = match client.take() {
+                Some(c) => c,
+                None => {
+                    let c = CriClient::connect_first(&config.endpoints, timeout).await?;
+                    info!(endpoint = %c.endpoint().display(), "connected to CRI runtime");
+                    handle.set_endpoint(Some(c.endpoint().to_path_buf()));
+                    c
+                }
+            };
+            let names = current.list().await?;
+            Ok::<_, CriError>((current, names))
+        };
+        match cancel.run_until_cancelled(attempt).await {
+            None => return,
+            Some(Ok((current, names))) => {
+                debug!(entries = names.len(), "CRI listing published");
+                handle.publish(names);
+                client = Some(current);
+                backoff = FIRST_BACKOFF;
+                in_outage = false;
+            }
+            Some(Err(e)) => {
+                // The old names stay: running containers keep their names across a runtime
+                // restart, and empty labels would split their series.
+                handle.count_error(&e);
+                handle.set_down();
+                if in_outage {
+                    debug!(error = %Chain(&e), retry_in = ?backoff, "CRI still failing");
+                } else {
+                    warn!(
+                        error = %Chain(&e),
+                        "CRI runtime unavailable, keeping the last names and retrying"
+                    );
+                    in_outage = true;
+                }
+                // Also after a failed listing on a connection that answered its probe, so a
+                // runtime that fails only ListContainers is not called in a tight loop.
+                if cancel
+                    .run_until_cancelled(tokio::time::sleep(backoff))
+                    .await
+                    .is_none()
+                {
+                    return;
+                }
+                backoff = (backoff * 2).min(interval);
+                continue;
+            }
+        }
+
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+            () = handle.shared.refresh.notified() => {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep_until(started + MIN_LIST_GAP) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proto::*;
+    use super::*;
+
+    fn sandbox(id: &str, namespace: &str, name: &str) -> PodSandbox {
+        PodSandbox {
+            id: id.into(),
+            metadata: Some(PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: namespace.into(),
+                attempt: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn container(id: &str, sandbox_id: &str, name: &str) -> Container {
+        Container {
+            id: id.into(),
+            pod_sandbox_id: sandbox_id.into(),
+            metadata: Some(ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            state: ContainerState::ContainerRunning as i32,
+            ..Default::default()
+        }
+    }
+
+    fn names(namespace: &str, pod: &str, container: &str) -> Names {
+        Names {
+            namespace: namespace.into(),
+            pod: pod.into(),
+            container: container.into(),
+        }
+    }
+
+    #[test]
+    fn joins_container_to_its_sandbox() {
+        let map = join_names(
+            &[
+                sandbox("s1", "ml", "trainer-0"),
+                sandbox("s2", "web", "api"),
+            ],
+            &[
+                container("c1", "s1", "worker"),
+                container("c2", "s2", "nginx"),
+            ],
+        );
+        assert_eq!(map.get("c1"), Some(&names("ml", "trainer-0", "worker")));
+        assert_eq!(map.get("c2"), Some(&names("web", "api", "nginx")));
+    }
+
+    #[test]
+    fn sandbox_id_is_named_pod() {
+        let map = join_names(&[sandbox("s1", "ml", "trainer-0")], &[]);
+        assert_eq!(map.get("s1"), Some(&names("ml", "trainer-0", "POD")));
+        assert_eq!(map.len(), 1);
+    }
+
+    #[test]
+    fn missing_sandbox_falls_back_to_labels() {
+        let mut c = container("c1", "gone", "");
+        c.metadata = None;
+        c.labels = HashMap::from([
+            (LABEL_NAMESPACE.to_owned(), "batch".to_owned()),
+            (LABEL_POD_NAME.to_owned(), "job-x".to_owned()),
+            (LABEL_CONTAINER_NAME.to_owned(), "main".to_owned()),
+        ]);
+        let map = join_names(&[], &[c]);
+        assert_eq!(map.get("c1"), Some(&names("batch", "job-x", "main")));
+    }
+
+    #[test]
+    fn sandbox_without_metadata_uses_its_labels() {
+        let s = PodSandbox {
+            id: "s1".into(),
+            labels: HashMap::from([
+                (LABEL_NAMESPACE.to_owned(), "ml".to_owned()),
+                (LABEL_POD_NAME.to_owned(), "p".to_owned()),
+            ]),
+            ..Default::default()
+        };
+        let map = join_names(&[s], &[container("c1", "s1", "w")]);
+        assert_eq!(map.get("c1"), Some(&names("ml", "p", "w")));
+        assert_eq!(map.get("s1"), Some(&names("ml", "p", "POD")));
+    }
+
+    #[test]
+    fn unknown_container_without_labels_has_empty_names() {
+        let map = join_names(&[], &[container("c1", "", "w")]);
+        assert_eq!(map.get("c1"), Some(&names("", "", "w")));
+    }
+
+    #[test]
+    fn decodes_fields_by_upstream_tag() -> Result<(), prost::DecodeError> {
+        use prost::Message;
+        // Container.id (1), metadata (3) { name (1) }, plus an unknown field 4 (image) that must be
+        // skipped, encoded by hand so the test does not depend on our own encoder.
+        let bytes = [
+            0x0a, 0x02, b'c', b'1', // 1: "c1"
+            0x1a, 0x03, 0x0a, 0x01, b'w', // 3: { 1: "w" }
+            0x22, 0x00, // 4: {} (ImageSpec, unknown here)
+            0x30, 0x01, // 6: RUNNING
+        ];
+        let c = Container::decode(&bytes[..])?;
+        assert_eq!(c.id, "c1");
+        assert_eq!(c.metadata.map(|m| m.name), Some("w".to_owned()));
+        assert_eq!(c.state, ContainerState::ContainerRunning as i32);
+        Ok(())
+    }
+
+    #[test]
+    fn error_reasons_are_in_the_fixed_set() {
+        let timeout = CriError::Timeout {
+            call: "ListContainers",
+            path: "/x".into(),
+            timeout_ms: 5,
+        };
+        let wrapped = CriError::Unreachable {
+            tried: 2,
+            last: Box::new(CriError::ListPodSandbox {
+                path: "/x".into(),
+                source: tonic::Status::unavailable("down"),
+            }),
+        };
+        for e in [&CriError::NoEndpoints, &timeout, &wrapped] {
+            assert!(ERROR_REASONS.contains(&e.reason()), "{e}");
+        }
+        assert_eq!(wrapped.reason(), "list");
+        let chain = Chain(&wrapped).to_string();
+        assert!(
+            chain.starts_with("none of 2 CRI endpoints answered: calling ListPodSandbox on /x: "),
+            "{chain}"
+        );
+        assert!(chain.contains("down"), "{chain}");
+    }
+
+    #[test]
+    fn default_handle_is_down_and_empty() {
+        let h = CriHandle::default();
+        assert!(!h.up());
+        assert_eq!(h.lookup("c1"), None);
+        assert_eq!(h.endpoint(), None);
+        assert!(h.errors().iter().all(|(_, n)| *n == 0));
+        assert_eq!(h.errors().len(), ERROR_REASONS.len());
     }
 }

@@ -123,13 +123,12 @@ impl Identity {
     /// The workload of the cgroup with id `cgroup_id`, whose path relative to its hierarchy root
     /// is `rel_path`. Cached; a container's CRI names are filled in as soon as CRI knows them.
     pub fn workload(&mut self, cgroup_id: u64, identity: PathIdentity) -> Arc<Workload> {
+        let names = self.names_for(&identity);
         if let Some(w) = self.by_cgroup.get(&cgroup_id) {
-            let named = !w.names.container.is_empty() || w.container_id().is_none();
-            if w.identity == identity && named {
+            if w.identity == identity && w.names == names {
                 return w.clone();
             }
         }
-        let names = self.names_for(&identity);
         let w = Arc::new(Workload::new(identity, names));
         self.by_cgroup.insert(cgroup_id, w.clone());
         w

@@ -1,0 +1,247 @@
+//! The daemon's life: start-up, the tick thread, the HTTP server, signals, reload and shutdown.
+//!
+//! Signals map to intent here and only here: TERM or INT drains (readiness turns 503, sd_notify
+//! STOPPING, tasks stop, exit 0 within the drain deadline), a second one exits at once, HUP
+//! reloads the configuration (an invalid file leaves the running one in place).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::health::Shared;
+use crate::identity::cri;
+use crate::tick::Ticker;
+
+/// How long draining may take before the process exits anyway.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Where the running configuration came from, so HUP can read it again.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// No file: embedded defaults; HUP looks for the default path again.
+    Defaults,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub source: ConfigSource,
+    /// `--listen` / `TALLY_LISTEN`, which wins over the file on every (re)load.
+    pub listen_override: Option<SocketAddr>,
+}
+
+enum Command {
+    Reload(Box<Config>),
+    Stop,
+}
+
+/// Runs the agent until a signal stops it.
+pub fn run(config: Config, options: Options) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tally-rt")
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(serve(config, options))
+}
+
+async fn serve(config: Config, options: Options) -> anyhow::Result<()> {
+    let listen = effective_listen(&config, &options)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listen = listener.local_addr().unwrap_or(listen);
+
+    let cancel = CancellationToken::new();
+    let shared = Arc::new(Shared::default());
+    let cri =
+        (!config.cri.endpoints.is_empty()).then(|| cri::spawn(&config.cri, cancel.child_token()));
+    let ticker = Ticker::new(&config, cri).context("detecting cgroup hierarchies")?;
+
+    let (commands, inbox) = mpsc::channel();
+    let tick_thread = {
+        let shared = shared.clone();
+        let interval = config.tick_interval();
+        std::thread::Builder::new()
+            .name("tally-tick".into())
+            .spawn(move || tick_loop(ticker, interval, shared, inbox))
+            .context("starting the tick thread")?
+    };
+
+    let server = {
+        let cancel = cancel.clone();
+        let app = crate::server::router(shared.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(cancel.cancelled_owned())
+                .await
+        })
+    };
+    tracing::info!(%listen, version = env!("CARGO_PKG_VERSION"), "tally agent started");
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut current = config;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                if let Some(next) = reload(&current, &options) {
+                    current = next;
+                    let _ = commands.send(Command::Reload(Box::new(current.clone())));
+                }
+            }
+        }
+    }
+
+    tracing::info!("draining");
+    shared.start_draining();
+    notify(&[("STOPPING", "1")]);
+    // A second signal means now.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::warn!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
+    cancel.cancel();
+    let _ = commands.send(Command::Stop);
+    let deadline = Instant::now() + DRAIN_DEADLINE;
+    match tokio::time::timeout(DRAIN_DEADLINE, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server stopped with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "http server task failed"),
+        Err(_) => tracing::warn!("http server did not stop within the drain deadline"),
+    }
+    let joined = tokio::task::spawn_blocking(move || tick_thread.join());
+    let left = deadline.saturating_duration_since(Instant::now());
+    if tokio::time::timeout(left, joined).await.is_err() {
+        tracing::warn!("tick thread did not stop within the drain deadline");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn effective_listen(config: &Config, options: &Options) -> anyhow::Result<SocketAddr> {
+    match options.listen_override {
+        Some(addr) => Ok(addr),
+        None => config
+            .listen_addr()
+            .with_context(|| format!("`agent.listen` = `{}`", config.agent.listen)),
+    }
+}
+
+/// Reads the configuration again; on any error logs every one and returns `None`.
+fn reload(current: &Config, options: &Options) -> Option<Config> {
+    let (path, text) = match &options.source {
+        ConfigSource::File(path) => (path.clone(), std::fs::read_to_string(path)),
+        ConfigSource::Defaults => {
+            let path = PathBuf::from(crate::config::DEFAULT_PATH);
+            if !path.exists() {
+                tracing::info!("reload: no configuration file, staying on embedded defaults");
+                return None;
+            }
+            (path.clone(), std::fs::read_to_string(&path))
+        }
+    };
+    let parsed = text
+        .map_err(|e| {
+            crate::config::ConfigErrors(vec![crate::config::ConfigError {
+                path: String::new(),
+                line: None,
+                message: format!("cannot read {}: {e}", path.display()),
+            }])
+        })
+        .and_then(|text| Config::parse(&text));
+    match parsed {
+        Ok(next) => {
+            if next.agent.listen != current.agent.listen && options.listen_override.is_none() {
+                tracing::warn!(
+                    old = %current.agent.listen,
+                    new = %next.agent.listen,
+                    "`agent.listen` changed: takes effect at the next restart"
+                );
+            }
+            tracing::info!(path = %path.display(), "configuration reloaded");
+            Some(next)
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                tracing::error!(path = %path.display(), error = %e, "invalid configuration on reload");
+            }
+            tracing::error!(
+                count = errors.0.len(),
+                "reload refused: keeping the running configuration"
+            );
+            None
+        }
+    }
+}
+
+fn tick_loop(
+    mut ticker: Ticker,
+    mut interval: Duration,
+    shared: Arc<Shared>,
+    inbox: mpsc::Receiver<Command>,
+) {
+    let watchdog = std::env::var_os("WATCHDOG_USEC").is_some();
+    let mut first = true;
+    let mut next = Instant::now();
+    loop {
+        let snapshot = ticker.tick();
+        match tally_exporters::prometheus_text::render(&snapshot) {
+            Ok(rendered) => shared.publish(rendered),
+            Err(e) => {
+                tracing::error!(error = %e, "rendering /metrics failed; serving the previous tick")
+            }
+        }
+        shared.beat("tick", (interval * 3).max(Duration::from_secs(5)));
+        if first {
+            notify(&[("READY", "1")]);
+            first = false;
+        } else if watchdog {
+            notify(&[("WATCHDOG", "1")]);
+        }
+        next += interval;
+        let now = Instant::now();
+        if next < now {
+            // Fell behind (a slow tick or a suspended VM): skip the missed ticks, keep the phase.
+            next = now + interval;
+        }
+        loop {
+            match inbox.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                Ok(Command::Reload(config)) => {
+                    if let Err(e) = ticker.reconfigure(&config) {
+                        tracing::error!(error = %e, "reload: keeping the previous cgroup layout");
+                    }
+                    interval = config.tick_interval();
+                    next = next.min(Instant::now() + interval);
+                }
+                Ok(Command::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+            }
+        }
+    }
+}
+
+/// sd_notify when running under systemd (`NOTIFY_SOCKET` set); a no-op otherwise.
+fn notify(state: &[(&str, &str)]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = systemd::daemon::notify(false, state.iter()) {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}

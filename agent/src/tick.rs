@@ -1,0 +1,258 @@
+//! One agent tick: discover workloads, read their sources, update the ledger, build the snapshot.
+//! Runs on its own thread; everything here may block on file I/O.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tally_exporters::{Family, Kind, LabelSet, Snapshot};
+
+use crate::cgroupfs::layout::{Layout, NoHierarchy};
+use crate::cgroupfs::Collector;
+use crate::config::Config;
+use crate::errors::ErrorCounts;
+use crate::identity::{cri::CriHandle, Identity, PathIdentity};
+use crate::ledger::{CounterId, Ledger};
+
+/// The tick's state, owned by the tick thread.
+#[derive(Debug)]
+pub struct Ticker {
+    collector: Collector,
+    identity: Identity,
+    ledger: Ledger,
+    errors: ErrorCounts,
+    cri: Option<CriHandle>,
+    /// Container ids CRI was already asked about, so a container CRI does not know (plain
+    /// Docker) triggers one listing, not one a second.
+    asked_cri: std::collections::HashSet<String>,
+    ticks: u64,
+    last_duration: Duration,
+}
+
+impl Ticker {
+    pub fn new(config: &Config, cri: Option<CriHandle>) -> Result<Self, NoHierarchy> {
+        let layout = Layout::detect(&config.paths.cgroup_root)?;
+        Ok(Self {
+            collector: Collector::new(layout.clone()),
+            identity: Identity::new(&config.paths.proc_root, layout, cri.clone()),
+            ledger: Ledger::new(config.grace_period()),
+            errors: ErrorCounts::default(),
+            cri,
+            asked_cri: Default::default(),
+            ticks: 0,
+            last_duration: Duration::ZERO,
+        })
+    }
+
+    /// Applies a reloaded configuration. Host roots that changed re-detect the layout; the
+    /// ledger is kept so nothing counted so far is lost.
+    pub fn reconfigure(&mut self, config: &Config) -> Result<(), NoHierarchy> {
+        let layout = Layout::detect(&config.paths.cgroup_root)?;
+        if &layout != self.collector.layout() {
+            self.collector = Collector::new(layout.clone());
+            self.identity = Identity::new(&config.paths.proc_root, layout, self.cri.clone());
+        }
+        self.ledger.set_grace(config.grace_period());
+        Ok(())
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    pub fn errors(&self) -> &ErrorCounts {
+        &self.errors
+    }
+
+    /// Reads every source once and returns the snapshot of the ledger afterwards.
+    pub fn tick(&mut self) -> Snapshot {
+        let started = Instant::now();
+        let found = self.collector.discover(&mut self.errors);
+        let mut unknown_container = false;
+        for f in &found {
+            let workload = self.identity.workload(f.cgroup_id, f.identity.clone());
+            if let Some(id) = workload.container_id() {
+                if workload.names.container.is_empty() && !self.asked_cri.contains(id) {
+                    self.asked_cri.insert(id.to_owned());
+                    unknown_container = true;
+                }
+            }
+            let reading = self.collector.read(&f.rel, &mut self.errors);
+            self.ledger.observe(workload, f.cgroup_id, &reading);
+        }
+        let live: std::collections::HashSet<u64> = found.iter().map(|f| f.cgroup_id).collect();
+        self.identity.retain(|id| live.contains(&id));
+        let live_containers: std::collections::HashSet<&str> = found
+            .iter()
+            .filter_map(|f| match &f.identity {
+                PathIdentity::Container(c) => Some(c.container_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        self.asked_cri
+            .retain(|id| live_containers.contains(id.as_str()));
+        self.ledger.end_tick(Instant::now());
+        if let Some(cri) = &self.cri {
+            if unknown_container {
+                cri.request_refresh();
+            }
+            for (reason, n) in cri.errors() {
+                self.errors.set_external("cri", reason, n);
+            }
+        }
+        self.ticks += 1;
+        self.last_duration = started.elapsed();
+        self.snapshot()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut cpu = Family::new(
+            "tally_workload_cpu_seconds_total",
+            "CPU time used by the workload's cgroup, in seconds.",
+            Kind::Counter,
+        );
+        let mut memory = Family::new(
+            "tally_workload_memory_bytes",
+            "Memory charged to the workload's cgroup, in bytes.",
+            Kind::Gauge,
+        );
+        let mut disk_read = Family::new(
+            "tally_workload_disk_read_bytes_total",
+            "Bytes the workload's cgroup read from block devices.",
+            Kind::Counter,
+        );
+        let mut disk_write = Family::new(
+            "tally_workload_disk_write_bytes_total",
+            "Bytes the workload's cgroup wrote to block devices.",
+            Kind::Counter,
+        );
+        let mut info = Family::new(
+            "tally_workload_info",
+            "Workloads the ledger holds (1), with their runtime, QoS class and whether they still run.",
+            Kind::Gauge,
+        );
+        let (mut live, mut exited) = (0u64, 0u64);
+        for entry in self.ledger.entries() {
+            let labels = entry.workload.labels();
+            push_counter(&mut cpu, labels, entry.counter(CounterId::CpuSeconds));
+            push_counter(
+                &mut disk_read,
+                labels,
+                entry.counter(CounterId::DiskReadBytes),
+            );
+            push_counter(
+                &mut disk_write,
+                labels,
+                entry.counter(CounterId::DiskWriteBytes),
+            );
+            if let Some(m) = entry.memory_bytes {
+                memory.push(labels, m);
+            }
+            let (runtime, qos) = match &entry.workload.identity {
+                PathIdentity::Container(c) => {
+                    (c.runtime.as_str(), c.qos.map_or("", |q| q.as_str()))
+                }
+                PathIdentity::Unit(_) => ("systemd", ""),
+                PathIdentity::Host => ("", ""),
+            };
+            let state = if entry.is_live() { "running" } else { "exited" };
+            info.samples.push(tally_exporters::Sample {
+                labels: labels.clone(),
+                extra: vec![
+                    ("runtime", Arc::from(runtime)),
+                    ("qos_class", Arc::from(qos)),
+                    ("state", Arc::from(state)),
+                ],
+                value: 1.0,
+            });
+            if entry.is_live() {
+                live += 1;
+            } else {
+                exited += 1;
+            }
+        }
+        for family in [
+            &mut cpu,
+            &mut memory,
+            &mut disk_read,
+            &mut disk_write,
+            &mut info,
+        ] {
+            // Stable output order makes diffs and tests readable; the map order is random.
+            family.samples.sort_by(|a, b| a.labels.cmp(&b.labels));
+        }
+        let mut families = vec![cpu, memory, disk_read, disk_write, info];
+        families.extend(self.self_metrics(live, exited));
+        Snapshot { families }
+    }
+
+    fn self_metrics(&self, live: u64, exited: u64) -> Vec<Family> {
+        let mut build = Family::new(
+            "tally_build_info",
+            "Version of the running agent (always 1).",
+            Kind::Gauge,
+        );
+        build.push_labeled(vec![("version", Arc::from(env!("CARGO_PKG_VERSION")))], 1.0);
+
+        let mut workloads = Family::new(
+            "tally_workloads",
+            "Workloads in the ledger, by state.",
+            Kind::Gauge,
+        );
+        workloads.push_labeled(vec![("state", Arc::from("running"))], live as f64);
+        workloads.push_labeled(vec![("state", Arc::from("exited"))], exited as f64);
+
+        let mut errors = Family::new(
+            "tally_collector_errors_total",
+            "Failures of the agent's collectors, by collector and reason.",
+            Kind::Counter,
+        );
+        for (collector, reason, n) in self.errors.iter() {
+            errors.push_labeled(
+                vec![
+                    ("collector", Arc::from(collector)),
+                    ("reason", Arc::from(reason)),
+                ],
+                n as f64,
+            );
+        }
+
+        let mut probes = Family::new(
+            "tally_probe_up",
+            "Whether a measurement source works (1) or not (0), by probe and the method in use.",
+            Kind::Gauge,
+        );
+        probes.push_labeled(
+            vec![
+                ("probe", Arc::from("cgroupfs")),
+                ("method", Arc::from(self.collector.layout().mode.as_str())),
+            ],
+            1.0,
+        );
+        if let Some(cri) = &self.cri {
+            probes.push_labeled(
+                vec![("probe", Arc::from("cri")), ("method", Arc::from("grpc"))],
+                if cri.up() { 1.0 } else { 0.0 },
+            );
+        }
+
+        let mut ticks = Family::new(
+            "tally_ticks_total",
+            "Ticks the agent has completed.",
+            Kind::Counter,
+        );
+        ticks.push_labeled(Vec::new(), self.ticks as f64);
+        let mut duration = Family::new(
+            "tally_tick_duration_seconds",
+            "How long the last tick took to read every source, in seconds.",
+            Kind::Gauge,
+        );
+        duration.push_labeled(Vec::new(), self.last_duration.as_secs_f64());
+        vec![build, workloads, errors, probes, ticks, duration]
+    }
+}
+
+fn push_counter(family: &mut Family, labels: &LabelSet, value: Option<f64>) {
+    if let Some(v) = value {
+        family.push(labels, v);
+    }
+}

@@ -1,0 +1,133 @@
+//! Real cgroups for tests: created under the node's hierarchies, processes moved in, and removed
+//! again (processes killed first) by a `Drop` guard.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Cgroup directories (the same relative path in one or more hierarchies) and the processes the
+/// test put in them.
+#[derive(Debug)]
+pub struct TestCgroup {
+    pub dirs: Vec<PathBuf>,
+    children: Vec<Child>,
+}
+
+impl TestCgroup {
+    /// Creates `rel` (e.g. `/kubepods/besteffort/pod…/…`) under each hierarchy root.
+    pub fn create(roots: &[PathBuf], rel: &str) -> TestCgroup {
+        let dirs: Vec<PathBuf> = roots
+            .iter()
+            .map(|root| root.join(rel.trim_start_matches('/')))
+            .collect();
+        for dir in &dirs {
+            std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        }
+        TestCgroup {
+            dirs,
+            children: Vec::new(),
+        }
+    }
+
+    /// Starts `sh -c script` and moves it into every directory of this cgroup.
+    pub fn spawn(&mut self, script: &str) -> u32 {
+        let child = Command::new("sh")
+            .args(["-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sh");
+        let pid = child.id();
+        self.children.push(child);
+        self.add(pid);
+        pid
+    }
+
+    /// A busy loop in this cgroup.
+    pub fn burn(&mut self) -> u32 {
+        self.spawn("while :; do :; done")
+    }
+
+    pub fn add(&self, pid: u32) {
+        for dir in &self.dirs {
+            std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+                .unwrap_or_else(|e| panic!("moving {pid} into {}: {e}", dir.display()));
+        }
+    }
+
+    /// Kills the processes and removes the directories (deepest first, so only ours).
+    pub fn remove(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.children.clear();
+        for dir in &self.dirs {
+            rmdir_when_empty(dir);
+        }
+        self.dirs.clear();
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// rmdir, retrying while the kernel still counts exiting tasks in the cgroup.
+fn rmdir_when_empty(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if Instant::now() > deadline => {
+                eprintln!(
+                    "warning: could not remove test cgroup {}: {e}",
+                    dir.display()
+                );
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Removes `rel`'s directory and then each empty parent up to (not including) `stop` levels,
+/// for tests that created a chain like `/kubepods/besteffort/pod…/…`.
+pub fn remove_parents(roots: &[PathBuf], rel: &str, levels: usize) {
+    let mut rel = PathBuf::from(rel.trim_start_matches('/'));
+    for _ in 0..levels {
+        if !rel.pop() || rel.as_os_str().is_empty() {
+            return;
+        }
+        for root in roots {
+            let _ = std::fs::remove_dir(root.join(&rel));
+        }
+    }
+}
+
+/// A random lowercase hex string of `len` digits, for ids that do not collide between runs.
+pub fn random_hex(len: usize) -> String {
+    let mut bytes = vec![0u8; len.div_ceil(2)];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    assert!(ok.is_ok(), "reading /dev/urandom");
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    hex[..len].to_owned()
+}
+
+/// A random pod UID in the 8-4-4-4-12 form.
+pub fn random_uid() -> String {
+    let h = random_hex(32);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}

@@ -1,0 +1,181 @@
+//! The binary as a black box: readiness, scrape, health, gzip, SIGTERM drain, SIGHUP reload.
+
+use std::io::Read;
+use std::time::Duration;
+
+use tally_tests::agent::{http_get, sample, Agent};
+use tally_tests::require;
+
+#[test]
+fn starts_serves_and_drains_on_sigterm() {
+    let mut agent = Agent::start("[agent]\ntick_interval_ms = 200\n");
+    let text = agent.scrape();
+    assert_eq!(
+        sample(&text, "tally_build_info", &["version=\""]),
+        Some(1.0)
+    );
+    assert!(sample(&text, "tally_ticks_total", &[]).unwrap() >= 1.0);
+    assert_eq!(
+        sample(&text, "tally_probe_up", &["probe=\"cgroupfs\""]),
+        Some(1.0),
+        "{text}"
+    );
+
+    let r = agent.get("/metrics").unwrap();
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+
+    let gz = http_get(
+        agent.port,
+        "/metrics",
+        &[("Accept-Encoding", "gzip, deflate")],
+    )
+    .unwrap();
+    assert_eq!(gz.status, 200);
+    assert_eq!(gz.header("content-encoding"), Some("gzip"));
+    let mut unzipped = String::new();
+    flate2::read::GzDecoder::new(&gz.body[..])
+        .read_to_string(&mut unzipped)
+        .unwrap();
+    assert!(unzipped.contains("# TYPE tally_build_info gauge"));
+
+    let health = agent.get("/healthz").unwrap();
+    assert_eq!(health.status, 200);
+    let json: serde_json::Value = serde_json::from_slice(&health.body).unwrap();
+    assert_eq!(json["status"], "ok");
+    assert_eq!(json["components"]["tick"]["healthy"], true);
+
+    agent.signal(libc::SIGTERM);
+    let status = agent
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no exit within 5 s after SIGTERM; log:\n{}", agent.log()));
+    assert_eq!(status.code(), Some(0), "log:\n{}", agent.log());
+    assert!(agent.log().contains("draining"), "{}", agent.log());
+}
+
+#[test]
+fn sigint_drains_too() {
+    let mut agent = Agent::start("");
+    agent.signal(libc::SIGINT);
+    let status = agent
+        .wait_exit(Duration::from_secs(5))
+        .expect("exit after SIGINT");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn sighup_reloads_a_valid_config_and_keeps_running_on_an_invalid_one() {
+    let agent = Agent::start("[agent]\ntick_interval_ms = 200\n");
+    let listen = format!("listen = \"127.0.0.1:{}\"", agent.port);
+
+    std::fs::write(
+        &agent.config,
+        "[agent]\nnot_a_key = 1\ntick_interval_ms = -5\n",
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !agent.log().contains("reload refused") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = agent.log();
+    assert!(log.contains("agent.not_a_key"), "{log}");
+    assert!(log.contains("agent.tick_interval_ms"), "{log}");
+    assert_eq!(agent.get("/readyz").unwrap().status, 200);
+
+    std::fs::write(
+        &agent.config,
+        format!("[agent]\n{listen}\ntick_interval_ms = 100\n[ledger]\ngrace_period_secs = 1\n"),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !agent.log().contains("configuration reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The faster tick is in force: ticks advance by more than 5 in one second.
+    let before = sample(&agent.scrape(), "tally_ticks_total", &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let after = sample(&agent.scrape(), "tally_ticks_total", &[]).unwrap();
+    assert!(after - before >= 6.0, "ticks {before} → {after}");
+}
+
+#[test]
+fn sd_notify_ready_and_stopping_reach_the_notify_socket() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let port = tally_tests::agent::free_port();
+    let mut child = std::process::Command::new(tally_tests::agent::tally_bin())
+        .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+        .env_remove("TALLY_CONFIG")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("READY=1 within 10 s");
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "READY=1");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let n = socket.recv(&mut buf).expect("STOPPING=1");
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn readiness_is_503_until_the_first_tick_and_the_port_is_configurable_by_env() {
+    // A tick interval is not a delay before the first tick, so readiness comes at once; what this
+    // checks is that TALLY_LISTEN wins over the file and that the endpoint answers there.
+    let port = tally_tests::agent::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("t.toml");
+    std::fs::write(&config, "[agent]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+    let mut child = std::process::Command::new(tally_tests::agent::tally_bin())
+        .args(["agent", "--config"])
+        .arg(&config)
+        .env("TALLY_LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match http_get(port, "/readyz", &[]) {
+            Ok(r) if r.status == 200 => break,
+            Ok(r) => assert_eq!(r.status, 503),
+            Err(_) => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready on TALLY_LISTEN port"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn strict_mode_turns_skips_into_failures() {
+    let strict = std::env::var(require::STRICT_VAR).is_ok_and(|v| v == "1");
+    let result = std::panic::catch_unwind(|| require::skip("probe", "testing the skip itself"));
+    assert_eq!(result.is_err(), strict);
+}
