@@ -21,7 +21,7 @@ impl TestCgroup {
             .map(|root| root.join(rel.trim_start_matches('/')))
             .collect();
         for dir in &dirs {
-            std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            create_dir_retrying(dir);
         }
         TestCgroup {
             dirs,
@@ -130,4 +130,17 @@ pub fn random_uid() -> String {
         &h[16..20],
         &h[20..]
     )
+}
+
+/// `create_dir_all`, retried: another test may remove a shared empty parent (`kubepods.slice`)
+/// between our creating it and creating its child.
+fn create_dir_retrying(dir: &Path) {
+    let mut tries = 0;
+    loop {
+        match std::fs::create_dir_all(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 20 => tries += 1,
+            Err(e) => panic!("mkdir {}: {e}", dir.display()),
+        }
+    }
 }

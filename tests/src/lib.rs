@@ -8,4 +8,5 @@
 pub mod agent;
 pub mod cgroup;
 pub mod fake_cri;
+pub mod prometheus;
 pub mod require;
