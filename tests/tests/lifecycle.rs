@@ -179,3 +179,72 @@ fn strict_mode_turns_skips_into_failures() {
     let result = std::panic::catch_unwind(|| require::skip("probe", "testing the skip itself"));
     assert_eq!(result.is_err(), strict);
 }
+
+/// A client stuck halfway through a request holds the graceful drain open: the agent still exits
+/// 0 within 5 s, and a second signal ends it at once.
+#[test]
+fn a_stuck_client_cannot_hold_the_drain_and_a_second_signal_exits_at_once() {
+    use std::io::Write;
+    for second_signal in [false, true] {
+        let mut agent = Agent::start("");
+        let mut stuck = std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+        stuck
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let started = std::time::Instant::now();
+        agent.signal(libc::SIGTERM);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            agent.child.try_wait().unwrap().is_none(),
+            "the drain should be waiting on the stuck client"
+        );
+        if second_signal {
+            agent.signal(libc::SIGTERM);
+            let status = agent
+                .wait_exit(Duration::from_secs(1))
+                .expect("exit at once");
+            assert_eq!(status.code(), Some(130));
+            assert!(agent.log().contains("second signal"), "{}", agent.log());
+        } else {
+            let status = agent
+                .wait_exit(Duration::from_secs(5).saturating_sub(started.elapsed()))
+                .unwrap_or_else(|| panic!("no exit within 5 s; log:\n{}", agent.log()));
+            assert_eq!(status.code(), Some(0), "{}", agent.log());
+        }
+        drop(stuck);
+    }
+}
+
+#[test]
+fn check_reports_this_node_as_json() {
+    let out = std::process::Command::new(tally_tests::agent::tally_bin())
+        .args(["check", "--json"])
+        .env_remove("TALLY_CONFIG")
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(
+        out.status.code(),
+        json["exit_code"].as_i64().map(|c| c as i32)
+    );
+    let items = json["items"].as_array().unwrap();
+    for name in [
+        "kernel",
+        "btf",
+        "cgroup mode",
+        "bpf programs",
+        "nvml",
+        "rdma",
+        "privileges",
+    ] {
+        assert!(
+            items.iter().any(|i| i["name"] == name),
+            "item {name} missing: {json:#}"
+        );
+    }
+    let kernel = items.iter().find(|i| i["name"] == "kernel").unwrap();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(kernel["detail"], release.trim());
+}
