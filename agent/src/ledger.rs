@@ -5,7 +5,7 @@
 //! counter never goes down, keeps an exited workload's final values for a grace period (a job that
 //! lived between two scrapes is still billed), then forgets it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,19 +13,20 @@ use crate::cgroupfs::Reading;
 use crate::identity::{PathIdentity, Workload};
 
 /// The monotonic counters kept per workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CounterId {
     CpuSeconds,
     DiskReadBytes,
     DiskWriteBytes,
-}
-
-impl CounterId {
-    pub const ALL: [CounterId; 3] = [
-        CounterId::CpuSeconds,
-        CounterId::DiskReadBytes,
-        CounterId::DiskWriteBytes,
-    ];
+    /// Network bytes by direction and scope (`tally_ebpf_common::{direction, scope}` values).
+    NetBytes {
+        direction: u32,
+        scope: u32,
+    },
+    NetPackets {
+        direction: u32,
+        scope: u32,
+    },
 }
 
 /// A cumulative source value made monotonic across resets.
@@ -52,6 +53,11 @@ impl Monotonic {
         }
     }
 
+    /// A source that reports increments (BPF maps, whose entries come and go per cgroup id).
+    fn add(&mut self, delta: f64) {
+        self.base += delta;
+    }
+
     fn value(&self) -> Option<f64> {
         self.last
             .map(|l| self.base + l)
@@ -64,7 +70,7 @@ impl Monotonic {
 pub struct Entry {
     pub workload: Arc<Workload>,
     cgroup_id: u64,
-    counters: [Monotonic; 3],
+    counters: BTreeMap<CounterId, Monotonic>,
     pub memory_bytes: Option<f64>,
     /// When the workload was last seen; `exited` once a tick did not see it.
     pub exited_at: Option<Instant>,
@@ -72,7 +78,14 @@ pub struct Entry {
 
 impl Entry {
     pub fn counter(&self, id: CounterId) -> Option<f64> {
-        self.counters[id as usize].value()
+        self.counters.get(&id).and_then(Monotonic::value)
+    }
+
+    /// Every counter with a value, in a stable order.
+    pub fn counters(&self) -> impl Iterator<Item = (CounterId, f64)> + '_ {
+        self.counters
+            .iter()
+            .filter_map(|(id, m)| m.value().map(|v| (*id, v)))
     }
 
     pub fn is_live(&self) -> bool {
@@ -103,31 +116,58 @@ impl Ledger {
     /// Records what a workload's cgroup said this tick.
     pub fn observe(&mut self, workload: Arc<Workload>, cgroup_id: u64, reading: &Reading) {
         let key = workload.identity.clone();
-        let entry = self.entries.entry(key.clone()).or_insert_with(|| Entry {
-            workload: workload.clone(),
-            cgroup_id,
-            counters: Default::default(),
-            memory_bytes: None,
-            exited_at: None,
-        });
-        if entry.cgroup_id != cgroup_id {
-            entry.counters.iter_mut().for_each(Monotonic::rebase);
-            entry.cgroup_id = cgroup_id;
-        }
-        entry.workload = workload;
-        entry.exited_at = None;
+        let entry = self.entry(workload, Some(cgroup_id));
         let raw = [
-            reading.cpu_seconds,
-            reading.disk_read_bytes,
-            reading.disk_write_bytes,
+            (CounterId::CpuSeconds, reading.cpu_seconds),
+            (CounterId::DiskReadBytes, reading.disk_read_bytes),
+            (CounterId::DiskWriteBytes, reading.disk_write_bytes),
         ];
-        for (counter, value) in entry.counters.iter_mut().zip(raw) {
+        for (id, value) in raw {
             if let Some(v) = value {
-                counter.observe(v);
+                entry.counters.entry(id).or_default().observe(v);
             }
         }
         entry.memory_bytes = reading.memory_bytes;
         self.seen.push(key);
+    }
+
+    /// Adds an increment from a source that reports deltas. Does not change whether the workload
+    /// is live: an exited workload's last bytes still count.
+    pub fn add(&mut self, workload: Arc<Workload>, counter: CounterId, delta: f64) {
+        self.entry(workload, None)
+            .counters
+            .entry(counter)
+            .or_default()
+            .add(delta);
+    }
+
+    /// Keeps a workload live without a cgroupfs reading (the host row of per-cgroup-id sources).
+    pub fn touch(&mut self, workload: Arc<Workload>) {
+        let key = workload.identity.clone();
+        self.entry(workload, None).exited_at = None;
+        self.seen.push(key);
+    }
+
+    fn entry(&mut self, workload: Arc<Workload>, cgroup_id: Option<u64>) -> &mut Entry {
+        let entry = self
+            .entries
+            .entry(workload.identity.clone())
+            .or_insert_with(|| Entry {
+                workload: workload.clone(),
+                cgroup_id: cgroup_id.unwrap_or(0),
+                counters: BTreeMap::new(),
+                memory_bytes: None,
+                exited_at: None,
+            });
+        if let Some(id) = cgroup_id {
+            if entry.cgroup_id != id {
+                entry.counters.values_mut().for_each(Monotonic::rebase);
+                entry.cgroup_id = id;
+            }
+            entry.exited_at = None;
+            entry.workload = workload;
+        }
+        entry
     }
 
     /// Ends a tick: workloads not observed since the last call have exited (their final values

@@ -4,6 +4,7 @@
 //! pid, cgroupfs by path) into per-workload counters, and never touches BPF maps or NVML handles
 //! itself.
 
+pub mod bpf;
 pub mod cgroupfs;
 pub mod check;
 pub mod config;

@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use tally_exporters::{Family, Kind, LabelSet, Snapshot};
 
+use crate::bpf::{scope_name, BpfSources};
 use crate::cgroupfs::layout::{Layout, NoHierarchy};
 use crate::cgroupfs::Collector;
 use crate::config::Config;
 use crate::errors::ErrorCounts;
-use crate::identity::{cri::CriHandle, Identity, PathIdentity};
+use crate::identity::{cri::CriHandle, Identity, Names, PathIdentity, Workload};
 use crate::ledger::{CounterId, Ledger};
 
 /// The tick's state, owned by the tick thread.
@@ -20,18 +21,24 @@ pub struct Ticker {
     identity: Identity,
     ledger: Ledger,
     errors: ErrorCounts,
+    bpf: BpfSources,
+    /// The row for what runs in no workload's cgroup (per-cgroup-id sources only).
+    host: Arc<Workload>,
     cri: Option<CriHandle>,
     /// Container ids CRI was already asked about, so a container CRI does not know (plain
     /// Docker) triggers one listing, not one a second.
     asked_cri: std::collections::HashSet<String>,
     ticks: u64,
     last_duration: Duration,
+    lost: Vec<(&'static str, u64)>,
 }
 
 impl Ticker {
     pub fn new(config: &Config, cri: Option<CriHandle>) -> Result<Self, NoHierarchy> {
         let layout = Layout::detect(&config.paths.cgroup_root)?;
         Ok(Self {
+            bpf: BpfSources::start(config, &layout),
+            host: Arc::new(Workload::new(PathIdentity::Host, Names::default())),
             collector: Collector::new(layout.clone()),
             identity: Identity::new(&config.paths.proc_root, layout, cri.clone()),
             ledger: Ledger::new(config.grace_period()),
@@ -40,6 +47,7 @@ impl Ticker {
             asked_cri: Default::default(),
             ticks: 0,
             last_duration: Duration::ZERO,
+            lost: Vec::new(),
         })
     }
 
@@ -52,6 +60,7 @@ impl Ticker {
             self.identity = Identity::new(&config.paths.proc_root, layout, self.cri.clone());
         }
         self.ledger.set_grace(config.grace_period());
+        self.bpf.reconfigure(config, &mut self.errors);
         Ok(())
     }
 
@@ -66,9 +75,11 @@ impl Ticker {
     /// Reads every source once and returns the snapshot of the ledger afterwards.
     pub fn tick(&mut self) -> Snapshot {
         let started = Instant::now();
-        let found = self.collector.discover(&mut self.errors);
+        let discovery = self.collector.discover(&mut self.errors);
+        let found = &discovery.found;
         let mut unknown_container = false;
-        for f in &found {
+        let mut workloads = Vec::with_capacity(found.len());
+        for f in found {
             let workload = self.identity.workload(f.cgroup_id, f.identity.clone());
             if let Some(id) = workload.container_id() {
                 if workload.names.container.is_empty() && !self.asked_cri.contains(id) {
@@ -77,8 +88,16 @@ impl Ticker {
                 }
             }
             let reading = self.collector.read(&f.rel, &mut self.errors);
-            self.ledger.observe(workload, f.cgroup_id, &reading);
+            self.ledger.observe(workload.clone(), f.cgroup_id, &reading);
+            workloads.push(workload);
         }
+        self.bpf.collect(
+            &discovery,
+            &workloads,
+            &self.host,
+            &mut self.ledger,
+            &mut self.errors,
+        );
         let live: std::collections::HashSet<u64> = found.iter().map(|f| f.cgroup_id).collect();
         self.identity.retain(|id| live.contains(&id));
         let live_containers: std::collections::HashSet<&str> = found
@@ -99,6 +118,7 @@ impl Ticker {
                 self.errors.set_external("cri", reason, n);
             }
         }
+        self.lost = self.bpf.lost(&mut self.errors);
         self.ticks += 1;
         self.last_duration = started.elapsed();
         self.snapshot()
@@ -130,9 +150,11 @@ impl Ticker {
             "Workloads the ledger holds (1), with their runtime, QoS class and whether they still run.",
             Kind::Gauge,
         );
+        let mut net = NetFamilies::new();
         let (mut live, mut exited) = (0u64, 0u64);
         for entry in self.ledger.entries() {
             let labels = entry.workload.labels();
+            net.push(labels, entry);
             push_counter(&mut cpu, labels, entry.counter(CounterId::CpuSeconds));
             push_counter(
                 &mut disk_read,
@@ -170,17 +192,15 @@ impl Ticker {
                 exited += 1;
             }
         }
-        for family in [
-            &mut cpu,
-            &mut memory,
-            &mut disk_read,
-            &mut disk_write,
-            &mut info,
-        ] {
+        let mut families = vec![cpu, memory, disk_read, disk_write];
+        families.extend(net.families);
+        families.push(info);
+        for family in &mut families {
             // Stable output order makes diffs and tests readable; the map order is random.
-            family.samples.sort_by(|a, b| a.labels.cmp(&b.labels));
+            family
+                .samples
+                .sort_by(|a, b| a.labels.cmp(&b.labels).then_with(|| a.extra.cmp(&b.extra)));
         }
-        let mut families = vec![cpu, memory, disk_read, disk_write, info];
         families.extend(self.self_metrics(live, exited));
         Snapshot { families }
     }
@@ -228,6 +248,15 @@ impl Ticker {
             ],
             1.0,
         );
+        for status in self.bpf.statuses() {
+            probes.push_labeled(
+                vec![
+                    ("probe", Arc::from(status.probe)),
+                    ("method", Arc::from(status.method)),
+                ],
+                if status.up { 1.0 } else { 0.0 },
+            );
+        }
         if let Some(cri) = &self.cri {
             probes.push_labeled(
                 vec![("probe", Arc::from("cri")), ("method", Arc::from("grpc"))],
@@ -247,12 +276,93 @@ impl Ticker {
             Kind::Gauge,
         );
         duration.push_labeled(Vec::new(), self.last_duration.as_secs_f64());
-        vec![build, workloads, errors, probes, ticks, duration]
+        let mut run_seconds = Family::new(
+            "tally_ebpf_program_run_seconds_total",
+            "Time the kernel spent running each of the agent's BPF programs (bpf_stats).",
+            Kind::Counter,
+        );
+        let mut runs = Family::new(
+            "tally_ebpf_program_runs_total",
+            "Runs of each of the agent's BPF programs (bpf_stats).",
+            Kind::Counter,
+        );
+        for stats in self.bpf.program_stats() {
+            let label = vec![("program", Arc::from(stats.program))];
+            run_seconds.push_labeled(label.clone(), stats.run_time_ns as f64 / 1e9);
+            runs.push_labeled(label, stats.run_count as f64);
+        }
+        let mut lost = Family::new(
+            "tally_ebpf_map_updates_lost_total",
+            "Counter updates the BPF programs dropped because a map was full.",
+            Kind::Counter,
+        );
+        for (map, n) in &self.lost {
+            lost.push_labeled(vec![("map", Arc::from(*map))], *n as f64);
+        }
+        vec![
+            build,
+            workloads,
+            errors,
+            probes,
+            ticks,
+            duration,
+            run_seconds,
+            runs,
+            lost,
+        ]
     }
 }
 
 fn push_counter(family: &mut Family, labels: &LabelSet, value: Option<f64>) {
     if let Some(v) = value {
         family.push(labels, v);
+    }
+}
+
+/// `tally_workload_network_{transmit,receive}_{bytes,packets}_total{scope}`.
+struct NetFamilies {
+    families: Vec<Family>,
+}
+
+impl NetFamilies {
+    fn new() -> Self {
+        let family = |name, help| Family::new(name, help, Kind::Counter);
+        Self {
+            families: vec![
+                family(
+                    "tally_workload_network_receive_bytes_total",
+                    "Bytes the workload's sockets received (IP header and up), by where the sender is.",
+                ),
+                family(
+                    "tally_workload_network_transmit_bytes_total",
+                    "Bytes the workload's sockets sent (IP header and up), by where the receiver is.",
+                ),
+                family(
+                    "tally_workload_network_receive_packets_total",
+                    "Packets the workload's sockets received, by where the sender is.",
+                ),
+                family(
+                    "tally_workload_network_transmit_packets_total",
+                    "Packets the workload's sockets sent, by where the receiver is.",
+                ),
+            ],
+        }
+    }
+
+    fn push(&mut self, labels: &LabelSet, entry: &crate::ledger::Entry) {
+        for (id, value) in entry.counters() {
+            let (index, scope) = match id {
+                CounterId::NetBytes { direction, scope } => (direction as usize, scope),
+                CounterId::NetPackets { direction, scope } => (2 + direction as usize, scope),
+                _ => continue,
+            };
+            if let Some(family) = self.families.get_mut(index) {
+                family.samples.push(tally_exporters::Sample {
+                    labels: labels.clone(),
+                    extra: vec![("scope", Arc::from(scope_name(scope)))],
+                    value,
+                });
+            }
+        }
     }
 }

@@ -1,19 +1,101 @@
 //! Tally's eBPF loader: loads the kernel-side programs, attaches them, and reads their per-cgroup
 //! counters. It knows cgroup ids, pids and sockets, never containers or pods.
 //!
-//! Until the programs land, this crate provides the one fact both sides share: how a cgroup
-//! directory maps to the id the kernel reports for it.
+//! The programs are compiled ahead of time (`ebpf/build.sh`) and the debug-stripped objects in
+//! `ebpf/bpf/` are embedded, so building the agent needs stable Rust only. Every source is
+//! optional: one that cannot load on this kernel is reported as down with the reason, and the rest
+//! of the agent keeps running.
+
+pub mod net;
+pub mod stats;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-pub use tally_ebpf_common::CgroupKey;
+pub use tally_ebpf_common::{direction, scope, CgroupKey, NetKey, NetValue};
+
+/// The Rust programs (`ebpf/programs`), built by `ebpf/build.sh`.
+pub static TALLY_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/tally.bpf.o");
 
 /// The cgroup id of a cgroup v2 directory: its kernfs inode number, the same number
 /// `bpf_get_current_cgroup_id()` returns for tasks inside it (kernel/cgroup/cgroup.c,
 /// `cgroup_id()` is `kernfs_node` id, which `kernfs_ino()` exposes as the inode).
 pub fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
     Ok(std::fs::metadata(dir)?.ino())
+}
+
+/// What went wrong loading or using a BPF source.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("loading BPF object {object}")]
+    Load {
+        object: &'static str,
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("BPF object {object} has no program `{program}`")]
+    MissingProgram {
+        object: &'static str,
+        program: &'static str,
+    },
+    #[error("BPF object {object} has no map `{map}`")]
+    MissingMap {
+        object: &'static str,
+        map: &'static str,
+    },
+    #[error("program `{program}`: {action}")]
+    Program {
+        program: &'static str,
+        action: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map `{map}`: {action}")]
+    Map {
+        map: &'static str,
+        action: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("opening cgroup {path}")]
+    OpenCgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("enabling bpf_stats")]
+    Stats(#[source] aya::sys::SyscallError),
+}
+
+/// Whether a measurement works, and how: one row of `tally_probe_up{probe,method}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeStatus {
+    pub probe: &'static str,
+    /// The attach method in use, or the best one tried when none loaded.
+    pub method: &'static str,
+    pub up: bool,
+    /// Why it is down (every method tried, in order).
+    pub error: Option<String>,
+}
+
+/// Runtime statistics of one loaded program (`bpf_stats`; zero while stats are off).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub program: &'static str,
+    pub run_time_ns: u64,
+    pub run_count: u64,
+}
+
+/// Formats an error with its sources, for probe status lines and logs.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 #[cfg(test)]
@@ -27,5 +109,15 @@ mod tests {
         assert_eq!(id, std::fs::metadata(dir.path()).unwrap().ino());
         let err = cgroup_id(&dir.path().join("gone")).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn the_embedded_object_is_a_bpf_elf() {
+        assert_eq!(&TALLY_OBJECT[..4], b"\x7fELF");
+        // e_machine at offset 18: EM_BPF = 247.
+        assert_eq!(
+            u16::from_le_bytes([TALLY_OBJECT[18], TALLY_OBJECT[19]]),
+            247
+        );
     }
 }

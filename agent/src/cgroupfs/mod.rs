@@ -14,7 +14,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use layout::Layout;
-pub use walk::Found;
+pub use walk::{Discovery, Found};
 
 use crate::errors::ErrorCounts;
 
@@ -45,8 +45,8 @@ impl Collector {
         &self.layout
     }
 
-    /// Every workload cgroup on the node.
-    pub fn discover(&self, errors: &mut ErrorCounts) -> Vec<Found> {
+    /// Every workload cgroup on the node, and every cgroup v2 id with the workload it belongs to.
+    pub fn discover(&self, errors: &mut ErrorCounts) -> Discovery {
         walk::discover(&self.layout, errors)
     }
 

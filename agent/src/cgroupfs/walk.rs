@@ -1,7 +1,10 @@
-//! Finding workload cgroups: a walk of each hierarchy that stops at the first directory naming a
-//! workload, merged across hierarchies by relative path.
+//! Finding workload cgroups: a walk of each hierarchy that stops classifying at the first
+//! directory naming a workload, merged across hierarchies by relative path. In the cgroup v2
+//! hierarchy it also records every directory's id, and which workload each id below a workload
+//! belongs to, so per-cgroup-id sources (BPF) can be joined and their removed cgroups recognised.
 
 use std::collections::HashMap;
+use std::os::unix::fs::DirEntryExt;
 use std::path::Path;
 
 use super::layout::Layout;
@@ -19,63 +22,137 @@ pub struct Found {
     pub identity: PathIdentity,
 }
 
-/// Walks the unified hierarchy and the v1 cpuacct and memory ones (blkio mirrors them).
-pub fn discover(layout: &Layout, errors: &mut ErrorCounts) -> Vec<Found> {
-    let mut found: HashMap<String, Found> = HashMap::new();
-    let roots = [&layout.unified, &layout.cpuacct, &layout.memory];
-    for root in roots.into_iter().flatten() {
-        let mut out = Vec::new();
-        walk(root, root, &Context::default(), &mut out, errors);
-        for (rel, identity, id) in out {
-            found.entry(rel.clone()).or_insert(Found {
-                cgroup_id: id,
-                rel,
-                identity,
-            });
-        }
-    }
-    let mut found: Vec<Found> = found.into_values().collect();
-    found.sort_by(|a, b| a.rel.cmp(&b.rel));
-    found
+/// What one walk of every hierarchy found.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    pub found: Vec<Found>,
+    /// Every cgroup v2 directory's id → the index in `found` of the workload it belongs to (the
+    /// workload's own directory and everything below it), or `None` (root, slices, other).
+    pub v2_ids: HashMap<u64, Option<usize>>,
 }
 
-type Out = Vec<(String, PathIdentity, u64)>;
+/// Walks the unified hierarchy and the v1 cpuacct and memory ones (blkio mirrors them).
+pub fn discover(layout: &Layout, errors: &mut ErrorCounts) -> Discovery {
+    let mut by_rel: HashMap<String, (PathIdentity, u64)> = HashMap::new();
+    let mut v2_owner: HashMap<u64, Option<String>> = HashMap::new();
+    if let Some(root) = &layout.unified {
+        if let Ok(meta) = std::fs::metadata(root) {
+            v2_owner.insert(std::os::unix::fs::MetadataExt::ino(&meta), None);
+        }
+    }
+    let roots = [&layout.unified, &layout.cpuacct, &layout.memory];
+    for (i, root) in roots.into_iter().enumerate() {
+        let Some(root) = root else { continue };
+        let mut walker = Walker {
+            root,
+            out: Vec::new(),
+            ids: (i == 0).then_some(&mut v2_owner),
+            errors,
+        };
+        walker.walk(root, Below::Classify(&Context::default()), None);
+        for (rel, identity, id) in walker.out {
+            by_rel.entry(rel).or_insert((identity, id));
+        }
+    }
+    let mut found: Vec<Found> = by_rel
+        .into_iter()
+        .map(|(rel, (identity, cgroup_id))| Found {
+            cgroup_id,
+            rel,
+            identity,
+        })
+        .collect();
+    found.sort_by(|a, b| a.rel.cmp(&b.rel));
+    let index: HashMap<&str, usize> = found
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.rel.as_str(), i))
+        .collect();
+    let v2_ids = v2_owner
+        .into_iter()
+        .map(|(id, owner)| (id, owner.and_then(|rel| index.get(rel.as_str()).copied())))
+        .collect();
+    Discovery { found, v2_ids }
+}
 
-fn walk(root: &Path, dir: &Path, ctx: &Context, out: &mut Out, errors: &mut ErrorCounts) {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        // Removed between listing its parent and reading it.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-        Err(e) => {
-            errors.record(COLLECTOR, "walk", || {
-                format!("listing {}: {e}", dir.display())
-            });
-            return;
-        }
-    };
-    for entry in entries.flatten() {
-        // cgroupfs has only directories and regular files; `file_type` costs no extra syscall.
-        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let child = entry.path();
-        match path::classify(ctx, name) {
-            Step::Workload(identity) => {
-                let Some(rel) = relative(root, &child) else {
+struct Walker<'a> {
+    root: &'a Path,
+    out: Vec<(String, PathIdentity, u64)>,
+    /// Set for the cgroup v2 hierarchy only: id → relative path of the owning workload.
+    ids: Option<&'a mut HashMap<u64, Option<String>>>,
+    errors: &'a mut ErrorCounts,
+}
+
+/// How a walk treats the directories below the one being listed.
+enum Below<'c> {
+    /// Classify each name in this context.
+    Classify(&'c Context),
+    /// Inside a container: every directory belongs to it; record ids only.
+    IdsOnly,
+}
+
+impl Walker<'_> {
+    /// `owner` is the relative path of the workload `dir` belongs to, if any.
+    fn walk(&mut self, dir: &Path, below: Below<'_>, owner: Option<&str>) {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            // Removed between listing its parent and reading it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                self.errors.record(COLLECTOR, "walk", || {
+                    format!("listing {}: {e}", dir.display())
+                });
+                return;
+            }
+        };
+        for entry in entries.flatten() {
+            // cgroupfs has only directories and regular files; `file_type` and `ino` come from
+            // the directory listing itself, no extra syscall.
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let child = entry.path();
+            let id = entry.ino();
+            let ctx = match below {
+                Below::IdsOnly => {
+                    self.record_id(id, owner);
+                    self.walk(&child, Below::IdsOnly, owner);
                     continue;
-                };
-                let Ok(meta) = entry.metadata() else { continue };
-                let unit = matches!(identity, PathIdentity::Unit(_));
-                out.push((rel, identity, std::os::unix::fs::MetadataExt::ino(&meta)));
-                if unit {
-                    // Runtimes nested in a unit (kind nodes) put containers below it.
-                    walk(root, &child, &path::below_unit(), out, errors);
+                }
+                Below::Classify(ctx) => ctx,
+            };
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            match path::classify(ctx, name) {
+                Step::Workload(identity) => self.workload(&child, identity, id),
+                Step::Ignore => self.record_id(id, owner),
+                Step::Descend(next) => {
+                    self.record_id(id, owner);
+                    self.walk(&child, Below::Classify(&next), owner);
                 }
             }
-            Step::Ignore => {}
-            Step::Descend(next) => walk(root, &child, &next, out, errors),
+        }
+    }
+
+    fn workload(&mut self, dir: &Path, identity: PathIdentity, id: u64) {
+        let Some(rel) = relative(self.root, dir) else {
+            return;
+        };
+        self.record_id(id, Some(&rel));
+        let unit = matches!(identity, PathIdentity::Unit(_));
+        self.out.push((rel.clone(), identity, id));
+        if unit {
+            // Runtimes nested in a unit (kind nodes) put containers below it; the unit owns the
+            // rest.
+            self.walk(dir, Below::Classify(&path::below_unit()), Some(&rel));
+        } else if self.ids.is_some() {
+            self.walk(dir, Below::IdsOnly, Some(&rel));
+        }
+    }
+
+    fn record_id(&mut self, id: u64, owner: Option<&str>) {
+        if let Some(ids) = self.ids.as_deref_mut() {
+            ids.insert(id, owner.map(str::to_owned));
         }
     }
 }

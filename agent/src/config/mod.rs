@@ -32,6 +32,105 @@ pub struct Config {
     pub cri: CriConfig,
     /// NVML.
     pub gpu: GpuConfig,
+    /// eBPF sources: which load, and their map sizes.
+    pub ebpf: EbpfConfig,
+    /// Destination scopes of network traffic.
+    pub network: NetworkConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EbpfConfig {
+    /// Load the eBPF sources at all. Off: network and TCP metrics are absent, cgroupfs still works.
+    pub enabled: bool,
+    /// Entries of the network counter map: one per cgroup × direction × scope seen between two
+    /// ticks (64–4194304). When full, updates are counted in `tally_ebpf_map_updates_lost_total`.
+    pub max_net_entries: u32,
+    /// Attach methods never to use, e.g. `["tp_btf"]` to force the fallback
+    /// (`fentry`, `tp_btf`, `raw_tracepoint`, `tracepoint`, `kprobe`, `cgroup_skb`).
+    pub disabled_methods: Vec<String>,
+}
+
+impl Default for EbpfConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_net_entries: 16384,
+            disabled_methods: Vec::new(),
+        }
+    }
+}
+
+/// Where remote addresses are, for `tally_workload_network_*{scope}`. Loopback and the node's
+/// own addresses are always `node`; an address no range matches is `internet`. The most specific
+/// range wins.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Extra `node` ranges (`addr/len`), besides loopback and the interfaces' addresses.
+    pub node_cidrs: Vec<String>,
+    /// Pod and service CIDRs.
+    pub cluster_cidrs: Vec<String>,
+    /// The zone's ranges: traffic here is cheap.
+    pub zone_cidrs: Vec<String>,
+    /// The region's ranges: cross-zone traffic, billed.
+    pub region_cidrs: Vec<String>,
+}
+
+/// The method names `ebpf.disabled_methods` accepts.
+pub const ATTACH_METHODS: [&str; 6] = [
+    "fentry",
+    "tp_btf",
+    "raw_tracepoint",
+    "tracepoint",
+    "kprobe",
+    "cgroup_skb",
+];
+
+/// An `addr/len` range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix_len: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not a CIDR (addr/len)"))?;
+        let addr: std::net::IpAddr = addr
+            .parse()
+            .map_err(|e| format!("`{s}`: bad address: {e}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?;
+        Ok(Cidr { addr, prefix_len })
+    }
+}
+
+impl NetworkConfig {
+    /// Every configured range with its scope name, in config order; invalid ones are skipped
+    /// (validation reports them).
+    pub fn ranges(&self) -> Vec<(&'static str, Cidr)> {
+        [
+            ("node", &self.node_cidrs),
+            ("cluster", &self.cluster_cidrs),
+            ("zone", &self.zone_cidrs),
+            ("region", &self.region_cidrs),
+        ]
+        .into_iter()
+        .flat_map(|(scope, list)| {
+            list.iter()
+                .filter_map(move |s| s.parse::<Cidr>().ok().map(|c| (scope, c)))
+        })
+        .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

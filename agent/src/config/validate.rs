@@ -174,6 +174,38 @@ fn semantic_errors(config: &Config) -> Vec<(&'static str, String)> {
             format!("{} is out of range 10..=60000", config.cri.timeout_ms),
         ));
     }
+    if !(64..=4_194_304).contains(&config.ebpf.max_net_entries) {
+        errors.push((
+            "ebpf.max_net_entries",
+            format!(
+                "{} is out of range 64..=4194304",
+                config.ebpf.max_net_entries
+            ),
+        ));
+    }
+    for method in &config.ebpf.disabled_methods {
+        if !super::ATTACH_METHODS.contains(&method.as_str()) {
+            errors.push((
+                "ebpf.disabled_methods",
+                format!(
+                    "unknown attach method `{method}`, expected one of {}",
+                    super::ATTACH_METHODS.join(", ")
+                ),
+            ));
+        }
+    }
+    for (name, list) in [
+        ("network.node_cidrs", &config.network.node_cidrs),
+        ("network.cluster_cidrs", &config.network.cluster_cidrs),
+        ("network.zone_cidrs", &config.network.zone_cidrs),
+        ("network.region_cidrs", &config.network.region_cidrs),
+    ] {
+        for cidr in list {
+            if let Err(e) = cidr.parse::<super::Cidr>() {
+                errors.push((name, e));
+            }
+        }
+    }
     for (name, path) in [
         ("paths.proc_root", &config.paths.proc_root),
         ("paths.sys_root", &config.paths.sys_root),

@@ -2,23 +2,85 @@
 //!
 //! Every type here is `#[repr(C)]`, `Copy`, built from fixed-width fields with no implicit padding,
 //! so that both sides agree on the layout byte for byte. The `user` feature adds what only the
-//! loader needs. The programs themselves arrive with the eBPF network and disk work.
+//! loader needs (`aya::Pod`).
 #![no_std]
 
-/// Key of the per-cgroup counter maps: the cgroup v2 id (`bpf_get_current_cgroup_id()`, the inode
-/// of the cgroup directory).
+/// Key of the per-cgroup counter maps that need nothing else: the cgroup v2 id
+/// (`bpf_skb_cgroup_id()` / `bpf_get_current_cgroup_id()`, the inode of the cgroup directory).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CgroupKey {
     pub cgroup_id: u64,
 }
 
+/// Key of `NET_STATS`: traffic of one cgroup, one direction, one destination scope.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NetKey {
+    pub cgroup_id: u64,
+    /// [`direction::INGRESS`] or [`direction::EGRESS`].
+    pub direction: u32,
+    /// One of [`scope`]'s values.
+    pub scope: u32,
+}
+
+/// Value of `NET_STATS` (per CPU): bytes from the IP header on, and packets.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetValue {
+    pub bytes: u64,
+    pub packets: u64,
+}
+
+/// Value of `BENCH_COUNTS`, the reference counter the benchmark compares against.
+pub type CounterValue = NetValue;
+
+/// Traffic direction as the cgroup sees it.
+pub mod direction {
+    pub const INGRESS: u32 = 0;
+    pub const EGRESS: u32 = 1;
+}
+
+/// Where the remote end of a packet is. The scope maps (`SCOPES_V4`, `SCOPES_V6`, LPM tries)
+/// hold the first four; an address they do not match is [`INTERNET`].
+pub mod scope {
+    /// Loopback and the node's own addresses.
+    pub const NODE: u32 = 0;
+    /// Pod and service CIDRs.
+    pub const CLUSTER: u32 = 1;
+    /// The node's zone.
+    pub const ZONE: u32 = 2;
+    /// The node's region.
+    pub const REGION: u32 = 3;
+    /// Everything else.
+    pub const INTERNET: u32 = 4;
+    /// How many scopes there are.
+    pub const COUNT: usize = 5;
+}
+
+/// Index of the single slot of the per-CPU `*_LOST` arrays: updates dropped because a map was full.
+pub const LOST_SLOT: u32 = 0;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` integers with no padding (asserted in the tests below), valid for
+    // every bit pattern.
+    unsafe impl aya::Pod for super::CgroupKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetValue {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use core::mem::size_of;
 
     #[test]
-    fn cgroup_key_has_no_padding() {
-        assert_eq!(core::mem::size_of::<CgroupKey>(), 8);
+    fn shared_types_have_no_padding() {
+        assert_eq!(size_of::<CgroupKey>(), 8);
+        assert_eq!(size_of::<NetKey>(), 16);
+        assert_eq!(size_of::<NetValue>(), 16);
     }
 }

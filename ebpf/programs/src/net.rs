@@ -1,0 +1,143 @@
+//! Per-cgroup network bytes and packets by direction and destination scope, from `cgroup_skb`
+//! programs attached at the cgroup v2 root (so every socket in every cgroup passes through them).
+//!
+//! The cgroup is the socket's (`bpf_skb_cgroup_id`), not the current task's: ingress runs in
+//! softirq context on whatever task was interrupted. The remote address is the destination on
+//! egress and the source on ingress; the scope LPM tries, filled by the agent from config, say
+//! where it is. The skb data of a `cgroup_skb` program starts at the network header, so
+//! `skb->len` counts the IP header, transport header and payload.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::bpf_skb_cgroup_id,
+    macros::{cgroup_skb, map},
+    maps::{lpm_trie::Key, LpmTrie, PerCpuArray, PerCpuHashMap},
+    programs::SkBuffContext,
+};
+use tally_ebpf_common::{direction, scope, CgroupKey, CounterValue, NetKey, NetValue, LOST_SLOT};
+
+/// Sized by the loader from config (`ebpf.max_net_entries`); this is only the default.
+#[map]
+static NET_STATS: PerCpuHashMap<NetKey, NetValue> = PerCpuHashMap::with_max_entries(16384, 0);
+
+#[map]
+static NET_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static SCOPES_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(1024, 0);
+
+#[map]
+static SCOPES_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(1024, 0);
+
+/// The reference counter of the benchmark: what any per-cgroup meter must at least do.
+#[map]
+static BENCH_COUNTS: PerCpuHashMap<CgroupKey, CounterValue> =
+    PerCpuHashMap::with_max_entries(16384, 0);
+
+const ETH_P_IP: u32 = 0x0800u16.to_be() as u32;
+const ETH_P_IPV6: u32 = 0x86DDu16.to_be() as u32;
+/// Offsets of the source address in the IPv4 and IPv6 headers; the destination follows it.
+const IPV4_SADDR: usize = 12;
+const IPV6_SADDR: usize = 8;
+
+/// Allow the packet: metering never drops.
+const PASS: i32 = 1;
+
+#[cgroup_skb(egress)]
+pub fn net_egress(ctx: SkBuffContext) -> i32 {
+    account(&ctx, direction::EGRESS);
+    PASS
+}
+
+#[cgroup_skb(ingress)]
+pub fn net_ingress(ctx: SkBuffContext) -> i32 {
+    account(&ctx, direction::INGRESS);
+    PASS
+}
+
+/// Does nothing: the floor of what a `cgroup_skb` program costs, for the benchmark.
+#[cgroup_skb(egress)]
+pub fn bench_empty(_ctx: SkBuffContext) -> i32 {
+    PASS
+}
+
+/// A per-CPU hash keyed by cgroup id, bytes and packets: the benchmark's minimal counter.
+#[cgroup_skb(egress)]
+pub fn bench_counter(ctx: SkBuffContext) -> i32 {
+    // SAFETY: the helper only reads the skb the kernel handed us.
+    let key = CgroupKey {
+        cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
+    };
+    add(&BENCH_COUNTS, &key, u64::from(ctx.len()));
+    PASS
+}
+
+#[inline(always)]
+fn account(ctx: &SkBuffContext, dir: u32) {
+    // SAFETY: as in `bench_counter`.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let key = NetKey {
+        cgroup_id,
+        direction: dir,
+        scope: remote_scope(ctx, dir),
+    };
+    if !add(&NET_STATS, &key, u64::from(ctx.len())) {
+        if let Some(lost) = NET_LOST.get_ptr_mut(LOST_SLOT) {
+            // SAFETY: a per-CPU slot; nothing else on this CPU runs this program concurrently.
+            unsafe { *lost += 1 };
+        }
+    }
+}
+
+#[inline(always)]
+fn remote_scope(ctx: &SkBuffContext, dir: u32) -> u32 {
+    let protocol = ctx.skb.protocol();
+    if protocol == ETH_P_IP {
+        let offset = if dir == direction::EGRESS { IPV4_SADDR + 4 } else { IPV4_SADDR };
+        match ctx.load::<[u8; 4]>(offset) {
+            Ok(addr) => SCOPES_V4.get(Key::new(32, addr)).copied().unwrap_or(scope::INTERNET),
+            Err(_) => scope::INTERNET,
+        }
+    } else if protocol == ETH_P_IPV6 {
+        let offset = if dir == direction::EGRESS { IPV6_SADDR + 16 } else { IPV6_SADDR };
+        match ctx.load::<[u8; 16]>(offset) {
+            Ok(addr) => SCOPES_V6.get(Key::new(128, addr)).copied().unwrap_or(scope::INTERNET),
+            Err(_) => scope::INTERNET,
+        }
+    } else {
+        scope::INTERNET
+    }
+}
+
+/// Adds one packet of `len` bytes under `key`; false when the map is full and the update is lost.
+#[inline(always)]
+fn add<K>(map: &PerCpuHashMap<K, NetValue>, key: &K, len: u64) -> bool {
+    if let Some(value) = map.get_ptr_mut(key) {
+        // SAFETY: this CPU's copy of the value; BPF programs are not preempted by themselves on
+        // one CPU, so the read-modify-write is not torn.
+        unsafe {
+            (*value).bytes += len;
+            (*value).packets += 1;
+        }
+        return true;
+    }
+    let first = NetValue {
+        bytes: len,
+        packets: 1,
+    };
+    match map.insert(key, &first, u64::from(BPF_NOEXIST)) {
+        Ok(()) => true,
+        // Inserted meanwhile by a nested run on this CPU: add to it.
+        Err(_) => match map.get_ptr_mut(key) {
+            Some(value) => {
+                // SAFETY: as above.
+                unsafe {
+                    (*value).bytes += len;
+                    (*value).packets += 1;
+                }
+                true
+            }
+            None => false,
+        },
+    }
+}
