@@ -44,6 +44,32 @@ impl TestCgroup {
         pid
     }
 
+    /// Runs `program args…` inside this cgroup from its first instruction: the child moves itself
+    /// (writes `0` to `cgroup.procs`) between fork and exec, so even the sockets it opens at once
+    /// belong to the cgroup. Waits for it and returns its output.
+    pub fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
+        use std::os::unix::process::CommandExt;
+        let procs: Vec<PathBuf> = self.dirs.iter().map(|d| d.join("cgroup.procs")).collect();
+        let mut command = Command::new(program);
+        command.args(args);
+        // SAFETY: the closure only calls async-signal-safe functions (open/write/close through
+        // std::fs::write, which allocates nothing more than the path it was given beforehand).
+        unsafe {
+            command.pre_exec(move || {
+                for p in &procs {
+                    std::fs::write(p, b"0")?;
+                }
+                Ok(())
+            });
+        }
+        command.output().expect("run in cgroup")
+    }
+
+    /// The cgroup id of the first directory (the cgroup v2 one, when created there first).
+    pub fn id(&self) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&self.dirs[0]).expect("cgroup dir"))
+    }
+
     /// A busy loop in this cgroup.
     pub fn burn(&mut self) -> u32 {
         self.spawn("while :; do :; done")
