@@ -177,6 +177,7 @@ struct Netns {
 }
 
 impl Netns {
+    #[expect(clippy::unwrap_used, reason = "test helper")]
     fn create(octet: u8) -> Netns {
         let tag = random_hex(6);
         let (name, host_if, peer_if) = (
@@ -275,7 +276,8 @@ fn traffic_into_configured_cidrs_lands_in_their_scopes() {
     assert_eq!(net(&text, "transmit_bytes", &unit, "internet"), None);
 }
 
-/// Keys (as bpftool prints them) of every NET_STATS map on the machine that hold `cgroup_id`.
+/// Whether any NET_STATS map on the machine holds a key of `cgroup_id` (bpftool's JSON dump).
+#[expect(clippy::unwrap_used, reason = "test helper")]
 fn map_holds(cgroup_id: u64) -> bool {
     let out = Command::new("bpftool")
         .args(["-j", "map", "dump", "name", "NET_STATS"])
