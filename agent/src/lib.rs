@@ -12,6 +12,7 @@ pub mod errors;
 pub mod health;
 pub mod identity;
 pub mod ledger;
+pub mod otlp;
 pub mod runtime;
 pub mod server;
 pub mod tick;

@@ -18,10 +18,14 @@ use crate::config::Config;
 use crate::health::Shared;
 use crate::identity::cri;
 use crate::tick::Ticker;
+use tally_exporters::Snapshot;
 
 /// How long draining may take before the process exits anyway: a second under the 5 s that
 /// operators are promised, for the tick thread and the exit itself.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(4);
+
+/// How long the OTLP push may take to deliver the last tick on shutdown.
+const OTLP_FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Where the running configuration came from, so HUP can read it again.
 #[derive(Debug, Clone)]
@@ -65,7 +69,19 @@ async fn serve(config: Config, options: Options) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::default());
     let cri =
         (!config.cri.endpoints.is_empty()).then(|| cri::spawn(&config.cri, cancel.child_token()));
-    let ticker = Ticker::new(&config, cri).context("detecting cgroup hierarchies")?;
+    let otlp_stats = Arc::new(tally_exporters::otlp::OtlpStats::default());
+    let otlp_pusher = match crate::otlp::settings(&config) {
+        None => None,
+        Some(settings) => Some(
+            tally_exporters::otlp::Pusher::new(settings, otlp_stats.clone())
+                .context("configuring the OTLP exporter")?,
+        ),
+    };
+    let mut ticker = Ticker::new(&config, cri).context("detecting cgroup hierarchies")?;
+    if otlp_pusher.is_some() {
+        ticker.set_otlp_stats(otlp_stats);
+    }
+    let (snapshots_tx, snapshots) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
 
     let (commands, inbox) = mpsc::channel();
     let tick_thread = {
@@ -73,7 +89,7 @@ async fn serve(config: Config, options: Options) -> anyhow::Result<()> {
         let interval = config.tick_interval();
         std::thread::Builder::new()
             .name("tally-tick".into())
-            .spawn(move || tick_loop(ticker, interval, shared, inbox))
+            .spawn(move || tick_loop(ticker, interval, shared, inbox, snapshots_tx))
             .context("starting the tick thread")?
     };
 
@@ -86,6 +102,16 @@ async fn serve(config: Config, options: Options) -> anyhow::Result<()> {
                 .await
         })
     };
+    let otlp_task = otlp_pusher.map(|pusher| {
+        let interval = Duration::from_secs(config.otlp.interval_secs);
+        tokio::spawn(crate::otlp::run(
+            pusher,
+            interval,
+            snapshots,
+            cancel.clone(),
+            OTLP_FLUSH_DEADLINE,
+        ))
+    });
     tracing::info!(%listen, version = env!("CARGO_PKG_VERSION"), "tally agent started");
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -125,6 +151,12 @@ async fn serve(config: Config, options: Options) -> anyhow::Result<()> {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server stopped with an error"),
         Ok(Err(e)) => tracing::warn!(error = %e, "http server task failed"),
         Err(_) => tracing::warn!("http server did not stop within the drain deadline"),
+    }
+    if let Some(task) = otlp_task {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, task).await.is_err() {
+            tracing::warn!("OTLP flush did not finish within the drain deadline");
+        }
     }
     let joined = tokio::task::spawn_blocking(move || tick_thread.join());
     let left = deadline.saturating_duration_since(Instant::now());
@@ -196,6 +228,7 @@ fn tick_loop(
     mut interval: Duration,
     shared: Arc<Shared>,
     inbox: mpsc::Receiver<Command>,
+    snapshots: tokio::sync::watch::Sender<Arc<Snapshot>>,
 ) {
     let watchdog = std::env::var_os("WATCHDOG_USEC").is_some();
     let mut first = true;
@@ -208,6 +241,8 @@ fn tick_loop(
                 tracing::error!(error = %e, "rendering /metrics failed; serving the previous tick")
             }
         }
+        // No receiver (OTLP off) is fine.
+        let _ = snapshots.send(Arc::new(snapshot));
         shared.beat("tick", (interval * 3).max(Duration::from_secs(5)));
         if first {
             notify(&[("READY", "1")]);

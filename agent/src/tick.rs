@@ -31,6 +31,7 @@ pub struct Ticker {
     ticks: u64,
     last_duration: Duration,
     lost: Vec<(&'static str, u64)>,
+    otlp: Option<Arc<tally_exporters::otlp::OtlpStats>>,
 }
 
 impl Ticker {
@@ -48,6 +49,7 @@ impl Ticker {
             ticks: 0,
             last_duration: Duration::ZERO,
             lost: Vec::new(),
+            otlp: None,
         })
     }
 
@@ -62,6 +64,11 @@ impl Ticker {
         self.ledger.set_grace(config.grace_period());
         self.bpf.reconfigure(config, &mut self.errors);
         Ok(())
+    }
+
+    /// Exports the OTLP pusher's counters with the agent's own metrics.
+    pub fn set_otlp_stats(&mut self, stats: Arc<tally_exporters::otlp::OtlpStats>) {
+        self.otlp = Some(stats);
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -299,7 +306,7 @@ impl Ticker {
         for (map, n) in &self.lost {
             lost.push_labeled(vec![("map", Arc::from(*map))], *n as f64);
         }
-        vec![
+        let mut families = vec![
             build,
             workloads,
             errors,
@@ -309,7 +316,11 @@ impl Ticker {
             run_seconds,
             runs,
             lost,
-        ]
+        ];
+        if let Some(otlp) = &self.otlp {
+            families.extend(otlp_families(otlp));
+        }
+        families
     }
 }
 
@@ -365,4 +376,34 @@ impl NetFamilies {
             }
         }
     }
+}
+
+fn otlp_families(stats: &tally_exporters::otlp::OtlpStats) -> Vec<Family> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut batches = Family::new(
+        "tally_otlp_batches_total",
+        "OTLP batches by outcome: exported, or dropped from a full queue while the collector was unreachable.",
+        Kind::Counter,
+    );
+    batches.push_labeled(
+        vec![("result", Arc::from("exported"))],
+        stats.exported.load(Relaxed) as f64,
+    );
+    batches.push_labeled(
+        vec![("result", Arc::from("dropped"))],
+        stats.dropped.load(Relaxed) as f64,
+    );
+    let mut failures = Family::new(
+        "tally_otlp_export_failures_total",
+        "OTLP export attempts that failed or timed out.",
+        Kind::Counter,
+    );
+    failures.push_labeled(Vec::new(), stats.failed_attempts.load(Relaxed) as f64);
+    let mut queued = Family::new(
+        "tally_otlp_queue_batches",
+        "OTLP batches waiting for the collector.",
+        Kind::Gauge,
+    );
+    queued.push_labeled(Vec::new(), stats.queued.load(Relaxed) as f64);
+    vec![batches, failures, queued]
 }

@@ -5,6 +5,7 @@
 //! Encoders turn it into wire formats: [`prometheus_text`] renders the Prometheus text exposition
 //! format (plain and gzip) once per tick so that a scrape only copies bytes.
 
+pub mod otlp;
 pub mod prometheus_text;
 mod snapshot;
 

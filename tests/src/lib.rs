@@ -8,5 +8,6 @@
 pub mod agent;
 pub mod cgroup;
 pub mod fake_cri;
+pub mod otlp_receiver;
 pub mod prometheus;
 pub mod require;

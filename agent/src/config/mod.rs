@@ -36,6 +36,48 @@ pub struct Config {
     pub ebpf: EbpfConfig,
     /// Destination scopes of network traffic.
     pub network: NetworkConfig,
+    /// OTLP push of the same metrics `/metrics` serves.
+    pub otlp: OtlpConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpConfig {
+    /// Collector endpoint, `http://host:4317` (gRPC) or `http://host:4318` (HTTP; `/v1/metrics`
+    /// is appended). Empty disables the push.
+    pub endpoint: String,
+    /// `grpc` or `http/protobuf`.
+    pub protocol: OtlpProtocol,
+    /// Seconds between pushes (1–3600).
+    pub interval_secs: u64,
+    /// Deadline of one export in milliseconds (10–60000).
+    pub timeout_ms: u64,
+    /// Batches kept while the collector is unreachable (1–1000); beyond, the oldest is dropped
+    /// and counted.
+    pub queue_batches: usize,
+    /// Attempts per batch and push (1–10).
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            protocol: OtlpProtocol::Grpc,
+            interval_secs: 10,
+            timeout_ms: 5000,
+            queue_batches: 16,
+            max_attempts: 3,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -206,6 +206,33 @@ fn semantic_errors(config: &Config) -> Vec<(&'static str, String)> {
             }
         }
     }
+    let otlp = &config.otlp;
+    let scheme_ok = ["http://", "https://"]
+        .iter()
+        .any(|scheme| otlp.endpoint.starts_with(scheme));
+    if !otlp.endpoint.is_empty() && !scheme_ok {
+        errors.push((
+            "otlp.endpoint",
+            format!("`{}` must start with http:// or https://", otlp.endpoint),
+        ));
+    }
+    for (name, value, range) in [
+        ("otlp.interval_secs", otlp.interval_secs, 1..=3600),
+        ("otlp.timeout_ms", otlp.timeout_ms, 10..=60_000),
+        ("otlp.queue_batches", otlp.queue_batches as u64, 1..=1000),
+        ("otlp.max_attempts", u64::from(otlp.max_attempts), 1..=10),
+    ] {
+        if !range.contains(&value) {
+            errors.push((
+                name,
+                format!(
+                    "{value} is out of range {}..={}",
+                    range.start(),
+                    range.end()
+                ),
+            ));
+        }
+    }
     for (name, path) in [
         ("paths.proc_root", &config.paths.proc_root),
         ("paths.sys_root", &config.paths.sys_root),
