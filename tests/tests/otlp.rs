@@ -1,6 +1,11 @@
 //! OTLP push against a real receiver (opentelemetry-proto types over tonic, and HTTP/protobuf):
 //! names, attributes and values match `/metrics`; a down collector costs dropped batches, never
 //! the scrape; the last tick is flushed on SIGTERM.
+#![expect(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "integration test: its helpers fail the test with the error"
+)]
 
 use std::collections::BTreeMap;
 use std::time::Duration;
