@@ -16,6 +16,8 @@ pub struct Shared {
     rendered: RwLock<Arc<Body>>,
     ready: AtomicBool,
     draining: AtomicBool,
+    /// Set by the first scrape that asks for gzip; from then on every tick compresses.
+    gzip_wanted: AtomicBool,
     beats: Mutex<BTreeMap<&'static str, Beat>>,
 }
 
@@ -64,6 +66,15 @@ impl Shared {
     /// Ready once the first tick has been published, until draining starts.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+
+    /// A scraper asked for gzip: render it from the next tick on.
+    pub fn want_gzip(&self) {
+        self.gzip_wanted.store(true, Ordering::Relaxed);
+    }
+
+    pub fn gzip_wanted(&self) -> bool {
+        self.gzip_wanted.load(Ordering::Relaxed)
     }
 
     pub fn start_draining(&self) {

@@ -49,6 +49,7 @@ enum Command {
 
 /// Runs the agent until a signal stops it.
 pub fn run(config: Config, options: Options) -> anyhow::Result<()> {
+    raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tally-rt")
@@ -235,7 +236,7 @@ fn tick_loop(
     let mut next = Instant::now();
     loop {
         let snapshot = ticker.tick();
-        match tally_exporters::prometheus_text::render(&snapshot) {
+        match tally_exporters::prometheus_text::render(&snapshot, shared.gzip_wanted()) {
             Ok(rendered) => shared.publish(rendered),
             Err(e) => {
                 tracing::error!(error = %e, "rendering /metrics failed; serving the previous tick")
@@ -280,4 +281,29 @@ fn notify(state: &[(&str, &str)]) {
     if let Err(e) = systemd::daemon::notify(false, state.iter()) {
         tracing::warn!(error = %e, "sd_notify failed");
     }
+}
+
+/// The collector keeps three cgroup files open per workload; lift the soft descriptor limit to
+/// the hard one (the usual 1024 soft limit is too low for a node with hundreds of containers).
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    tracing::debug!(limit = limit.rlim_cur, "open file limit");
 }

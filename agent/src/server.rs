@@ -35,7 +35,12 @@ async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respo
         });
     let content_type = (header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
     let vary = (header::VARY, HeaderValue::from_static("accept-encoding"));
-    if gzip {
+    if gzip && rendered.gzip.is_empty() {
+        // Not compressed this tick because nobody had asked: plain text is always acceptable,
+        // and the next tick compresses.
+        shared.want_gzip();
+    }
+    if gzip && !rendered.gzip.is_empty() {
         let encoding = (header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         ([content_type, encoding, vary], rendered.gzip.clone()).into_response()
     } else {

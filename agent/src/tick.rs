@@ -98,6 +98,7 @@ impl Ticker {
             self.ledger.observe(workload.clone(), f.cgroup_id, &reading);
             workloads.push(workload);
         }
+        self.collector.end_tick();
         self.bpf.collect(
             &discovery,
             &workloads,

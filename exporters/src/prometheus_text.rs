@@ -12,7 +12,7 @@ use crate::{Family, Kind, Snapshot};
 /// `Content-Type` of [`Rendered::text`].
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// A snapshot encoded once, served many times.
+/// A snapshot encoded once, served many times. `gzip` is empty when it was not asked for.
 #[derive(Debug, Clone, Default)]
 pub struct Rendered {
     pub text: Vec<u8>,
@@ -27,8 +27,9 @@ pub enum EncodeError {
     Gzip(#[source] std::io::Error),
 }
 
-/// Encodes `snapshot` as Prometheus text and its gzip.
-pub fn render(snapshot: &Snapshot) -> Result<Rendered, EncodeError> {
+/// Encodes `snapshot` as Prometheus text, and its gzip when `gzip` (compressing a large
+/// exposition is most of the render cost, so it is skipped while nobody asks for it).
+pub fn render(snapshot: &Snapshot, gzip: bool) -> Result<Rendered, EncodeError> {
     let families: Vec<MetricFamily> = snapshot
         .families
         .iter()
@@ -39,9 +40,13 @@ pub fn render(snapshot: &Snapshot) -> Result<Rendered, EncodeError> {
     TextEncoder::new()
         .encode(&families, &mut text)
         .map_err(EncodeError::Encode)?;
-    let mut gz = GzEncoder::new(Vec::with_capacity(text.len() / 4), Compression::fast());
-    gz.write_all(&text).map_err(EncodeError::Gzip)?;
-    let gzip = gz.finish().map_err(EncodeError::Gzip)?;
+    let gzip = if gzip {
+        let mut gz = GzEncoder::new(Vec::with_capacity(text.len() / 4), Compression::fast());
+        gz.write_all(&text).map_err(EncodeError::Gzip)?;
+        gz.finish().map_err(EncodeError::Gzip)?
+    } else {
+        Vec::new()
+    };
     Ok(Rendered { text, gzip })
 }
 
@@ -115,7 +120,8 @@ mod tests {
         let snapshot = Snapshot {
             families: vec![cpu, mem, empty],
         };
-        let rendered = render(&snapshot).unwrap();
+        assert!(render(&snapshot, false).unwrap().gzip.is_empty());
+        let rendered = render(&snapshot, true).unwrap();
         let text = String::from_utf8(rendered.text.clone()).unwrap();
         assert!(text.contains("# TYPE tally_workload_cpu_seconds_total counter\n"));
         assert!(text.contains(

@@ -71,8 +71,8 @@ fn udp_bytes_are_exact_and_tcp_within_the_header_bound_per_cgroup() {
     // Three workloads with different, known amounts.
     let plans = [
         (5usize, 100usize, 10_000usize),
-        (10, 1000, 100_000),
-        (20, 1400, 1_000_000),
+        (10, 1000, 50_000),
+        (20, 1400, 200_000),
     ];
     let mut cgroups = Vec::new();
     for (i, (count, size, tcp_bytes)) in plans.iter().enumerate() {

@@ -5,14 +5,20 @@
 //! once: CPU from v1 `cpuacct.usage` where the workload has a cpuacct cgroup, else v2 `cpu.stat`
 //! (a core file, present even with no controller enabled); memory from v2 `memory.current`, else
 //! v1 `memory.usage_in_bytes`; disk from v2 `io.stat`, else v1 `blkio.throttle.io_service_bytes`.
+//!
+//! Which files a workload has is decided once, when it is first seen, and the files stay open:
+//! each tick is one `pread` at offset 0 per file (cgroup files are seq_files, regenerated when read
+//! from the start: fs/seq_file.c, `seq_read_iter`), not a path lookup, open, read and close. A
+//! workload whose cgroup is gone gets `ENODEV` from its open files and is dropped.
 
+mod files;
 pub mod layout;
 mod parse;
 mod walk;
 
-use std::io;
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
 
+use files::WorkloadFiles;
 use layout::Layout;
 pub use walk::{Discovery, Found};
 
@@ -31,14 +37,27 @@ pub struct Reading {
 #[derive(Debug)]
 pub struct Collector {
     layout: Layout,
+    /// Open files by workload path, with the tick they were last read in.
+    files: HashMap<String, (WorkloadFiles, u64)>,
+    tick: u64,
+    buf: Vec<u8>,
 }
 
 /// The collector label of every error this module counts.
 const COLLECTOR: &str = "cgroupfs";
 
+/// A workload missing some file is looked at again this often (ticks): a controller may have been
+/// enabled for it after it was first seen.
+const RESOLVE_MISSING_EVERY: u64 = 30;
+
 impl Collector {
     pub fn new(layout: Layout) -> Self {
-        Self { layout }
+        Self {
+            layout,
+            files: HashMap::new(),
+            tick: 0,
+            buf: vec![0; 4096],
+        }
     }
 
     pub fn layout(&self) -> &Layout {
@@ -46,84 +65,34 @@ impl Collector {
     }
 
     /// Every workload cgroup on the node, and every cgroup v2 id with the workload it belongs to.
-    pub fn discover(&self, errors: &mut ErrorCounts) -> Discovery {
+    pub fn discover(&mut self, errors: &mut ErrorCounts) -> Discovery {
+        self.tick += 1;
         walk::discover(&self.layout, errors)
     }
 
     /// Reads the files of the workload at `rel` (relative to each hierarchy root). A file that
     /// vanished with its cgroup is not an error; any other failure is counted.
-    pub fn read(&self, rel: &str, errors: &mut ErrorCounts) -> Reading {
-        let rel = rel.trim_start_matches('/');
-        let v2 = self.layout.unified.as_deref().map(|r| r.join(rel));
-        let v1 = |root: &Option<PathBuf>| root.as_deref().map(|r| r.join(rel));
-        let cpu_seconds = match v1(&self.layout.cpuacct).filter(|d| d.is_dir()) {
-            Some(dir) => read_with(
-                &dir.join("cpuacct.usage"),
-                parse::cpuacct_usage_seconds,
-                errors,
-            ),
-            None => v2
-                .as_ref()
-                .and_then(|dir| read_with(&dir.join("cpu.stat"), parse::cpu_stat_seconds, errors)),
-        };
-
-        let memory_current = v2.as_ref().map(|d| d.join("memory.current"));
-        let memory_bytes = match memory_current.filter(|f| f.exists()) {
-            Some(file) => read_with(&file, parse::single, errors),
-            None => v1(&self.layout.memory).and_then(|dir| {
-                read_with(&dir.join("memory.usage_in_bytes"), parse::single, errors)
-            }),
+    pub fn read(&mut self, rel: &str, errors: &mut ErrorCounts) -> Reading {
+        let tick = self.tick;
+        let (files, last) = self
+            .files
+            .entry(rel.to_owned())
+            .or_insert_with(|| (WorkloadFiles::resolve(&self.layout, rel, errors), tick));
+        if files.incomplete() && tick % RESOLVE_MISSING_EVERY == 0 {
+            *files = WorkloadFiles::resolve(&self.layout, rel, errors);
         }
-        .map(|b| b as f64);
-
-        let io_stat = v2.as_ref().map(|d| d.join("io.stat"));
-        let disk = match io_stat.filter(|f| f.exists()) {
-            Some(file) => read_with(&file, parse::io_stat_bytes, errors),
-            None => v1(&self.layout.blkio).and_then(|dir| {
-                read_with(
-                    &dir.join("blkio.throttle.io_service_bytes"),
-                    parse::blkio_bytes,
-                    errors,
-                )
-            }),
-        };
-        Reading {
-            cpu_seconds,
-            memory_bytes,
-            disk_read_bytes: disk.map(|(read, _)| read as f64),
-            disk_write_bytes: disk.map(|(_, write)| write as f64),
-        }
+        *last = tick;
+        files.read(&mut self.buf, errors)
     }
-}
 
-/// Reads and parses one file; a missing file (the cgroup went away, or the controller is not
-/// there) is `None` without an error, anything else is counted by reason.
-fn read_with<T>(
-    path: &Path,
-    parse: impl Fn(&str) -> Option<T>,
-    errors: &mut ErrorCounts,
-) -> Option<T> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let value = parse(&text);
-            if value.is_none() {
-                errors.record(COLLECTOR, "parse", || {
-                    format!("malformed {}", path.display())
-                });
-            }
-            value
-        }
-        Err(e) if is_gone(&e) => None,
-        Err(e) => {
-            errors.record(COLLECTOR, "read", || {
-                format!("reading {}: {e}", path.display())
-            });
-            None
-        }
+    /// Closes the files of workloads not read this tick (their cgroups are gone).
+    pub fn end_tick(&mut self) {
+        let tick = self.tick;
+        self.files.retain(|_, (_, last)| *last == tick);
     }
-}
 
-/// ENOENT, or ENODEV which cgroupfs returns for a file of a cgroup being removed.
-fn is_gone(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
+    /// Workloads whose files are open.
+    pub fn open_workloads(&self) -> usize {
+        self.files.len()
+    }
 }

@@ -40,7 +40,15 @@ pub fn discover(layout: &Layout, errors: &mut ErrorCounts) -> Discovery {
             v2_owner.insert(std::os::unix::fs::MetadataExt::ino(&meta), None);
         }
     }
-    let roots = [&layout.unified, &layout.cpuacct, &layout.memory];
+    // Runtimes and systemd create a cgroup in every v1 controller they use, so the memory tree
+    // mirrors cpuacct; it is walked only when there is no cpuacct hierarchy. A v1 directory is a
+    // dozen files to list, so this halves the walk on hybrid nodes.
+    let memory = if layout.cpuacct.is_some() {
+        &None
+    } else {
+        &layout.memory
+    };
+    let roots = [&layout.unified, &layout.cpuacct, memory];
     for (i, root) in roots.into_iter().enumerate() {
         let Some(root) = root else { continue };
         let mut walker = Walker {
@@ -113,10 +121,19 @@ impl Walker<'_> {
             }
             let child = entry.path();
             let id = entry.ino();
+            // A directory's link count is 2 plus its subdirectories (kernfs sets it so:
+            // fs/kernfs/inode.c, `kernfs_refresh_inode`). Most cgroups are leaves, and listing
+            // one means generating a dozen or more control-file entries for nothing, so leaves
+            // are not listed. The stat is relative to the open parent, no path lookup.
+            let has_subdirs = entry
+                .metadata()
+                .map_or(true, |m| std::os::unix::fs::MetadataExt::nlink(&m) > 2);
             let ctx = match below {
                 Below::IdsOnly => {
                     self.record_id(id, owner);
-                    self.walk(&child, Below::IdsOnly, owner);
+                    if has_subdirs {
+                        self.walk(&child, Below::IdsOnly, owner);
+                    }
                     continue;
                 }
                 Below::Classify(ctx) => ctx,
@@ -124,23 +141,28 @@ impl Walker<'_> {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             match path::classify(ctx, name) {
-                Step::Workload(identity) => self.workload(&child, identity, id),
+                Step::Workload(identity) => self.workload(&child, identity, id, has_subdirs),
                 Step::Ignore => self.record_id(id, owner),
                 Step::Descend(next) => {
                     self.record_id(id, owner);
-                    self.walk(&child, Below::Classify(&next), owner);
+                    if has_subdirs {
+                        self.walk(&child, Below::Classify(&next), owner);
+                    }
                 }
             }
         }
     }
 
-    fn workload(&mut self, dir: &Path, identity: PathIdentity, id: u64) {
+    fn workload(&mut self, dir: &Path, identity: PathIdentity, id: u64, has_subdirs: bool) {
         let Some(rel) = relative(self.root, dir) else {
             return;
         };
         self.record_id(id, Some(&rel));
         let unit = matches!(identity, PathIdentity::Unit(_));
         self.out.push((rel.clone(), identity, id));
+        if !has_subdirs {
+            return;
+        }
         if unit {
             // Runtimes nested in a unit (kind nodes) put containers below it; the unit owns the
             // rest.
