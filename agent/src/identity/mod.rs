@@ -6,6 +6,7 @@
 //! cgroup disappears.
 
 pub mod cri;
+mod grpc;
 pub mod path;
 
 use std::collections::HashMap;

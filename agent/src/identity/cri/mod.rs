@@ -13,13 +13,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::ProstCodec;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use super::Names;
@@ -131,20 +130,7 @@ impl CriClient {
     }
 
     async fn connect_inner(path: &Path, timeout: Duration) -> Result<Self, CriError> {
-        let socket = path.to_path_buf();
-        let connector = tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                tokio::net::UnixStream::connect(socket)
-                    .await
-                    .map(TokioIo::new)
-            }
-        });
-        // The URI is required by the HTTP/2 client but never resolved: the connector above
-        // ignores it and dials the socket.
-        let channel = Endpoint::from_static("http://[::]:50051")
-            .connect_timeout(timeout)
-            .connect_with_connector(connector)
+        let channel = super::grpc::unix_channel(path, timeout)
             .await
             .map_err(|source| CriError::Connect {
                 path: path.to_path_buf(),
