@@ -193,6 +193,7 @@ impl Ticker {
                     ("state", Arc::from(state)),
                 ],
                 value: 1.0,
+                histogram: None,
             });
             if entry.is_live() {
                 live += 1;
@@ -373,6 +374,7 @@ impl NetFamilies {
                     labels: labels.clone(),
                     extra: vec![("scope", Arc::from(scope_name(scope)))],
                     value,
+                    histogram: None,
                 });
             }
         }

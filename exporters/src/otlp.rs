@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime};
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_otlp::{MetricExporter, Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::metrics::data::{
-    DataPoint, Gauge, Metric, ResourceMetrics, ScopeMetrics, Sum,
+    DataPoint, Gauge, Histogram as OtlpHistogram, HistogramDataPoint, Metric, ResourceMetrics,
+    ScopeMetrics, Sum,
 };
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::Temporality;
@@ -204,33 +205,73 @@ impl Pusher {
             .iter()
             .filter(|f| !f.samples.is_empty())
             .map(|family| {
-                let points: Vec<DataPoint<f64>> = family
-                    .samples
-                    .iter()
-                    .map(|sample| DataPoint {
-                        // An empty label is an absent label in Prometheus; send it the same way.
-                        attributes: sample
-                            .labels
-                            .iter()
-                            .chain(sample.extra.iter())
-                            .filter(|(_, v)| !v.is_empty())
-                            .map(|(k, v)| KeyValue::new(*k, v.to_string()))
-                            .collect(),
-                        start_time: Some(self.start),
-                        time: Some(now),
-                        value: sample.value,
-                        exemplars: Vec::new(),
-                    })
-                    .collect();
+                let attributes = |sample: &crate::Sample| -> Vec<KeyValue> {
+                    // An empty label is an absent label in Prometheus; send it the same way.
+                    sample
+                        .labels
+                        .iter()
+                        .chain(sample.extra.iter())
+                        .filter(|(_, v)| !v.is_empty())
+                        .map(|(k, v)| KeyValue::new(*k, v.to_string()))
+                        .collect()
+                };
+                let points = || -> Vec<DataPoint<f64>> {
+                    family
+                        .samples
+                        .iter()
+                        .map(|sample| DataPoint {
+                            attributes: attributes(sample),
+                            start_time: Some(self.start),
+                            time: Some(now),
+                            value: sample.value,
+                            exemplars: Vec::new(),
+                        })
+                        .collect()
+                };
                 let data: Box<dyn opentelemetry_sdk::metrics::data::Aggregation> = match family.kind
                 {
                     Kind::Counter => Box::new(Sum {
-                        data_points: points,
+                        data_points: points(),
                         temporality: Temporality::Cumulative,
                         is_monotonic: true,
                     }),
                     Kind::Gauge => Box::new(Gauge {
-                        data_points: points,
+                        data_points: points(),
+                    }),
+                    Kind::Histogram => Box::new(OtlpHistogram {
+                        temporality: Temporality::Cumulative,
+                        data_points: family
+                            .samples
+                            .iter()
+                            .filter_map(|sample| {
+                                let h = sample.histogram.as_ref()?;
+                                // OTLP buckets are per-bucket counts with an overflow bucket;
+                                // Prometheus' are cumulative.
+                                let mut previous = 0;
+                                let mut bucket_counts: Vec<u64> = h
+                                    .buckets
+                                    .iter()
+                                    .map(|(_, c)| {
+                                        let n = c.saturating_sub(previous);
+                                        previous = *c;
+                                        n
+                                    })
+                                    .collect();
+                                bucket_counts.push(h.count.saturating_sub(previous));
+                                Some(HistogramDataPoint {
+                                    attributes: attributes(sample),
+                                    start_time: self.start,
+                                    time: now,
+                                    count: h.count,
+                                    bounds: h.buckets.iter().map(|(le, _)| *le).collect(),
+                                    bucket_counts,
+                                    min: None,
+                                    max: None,
+                                    sum: h.sum,
+                                    exemplars: Vec::new(),
+                                })
+                            })
+                            .collect(),
                     }),
                 };
                 Metric {

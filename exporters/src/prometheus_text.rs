@@ -4,7 +4,9 @@
 use std::io::Write;
 
 use flate2::{write::GzEncoder, Compression};
-use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
 use prometheus::{Encoder, TextEncoder};
 
 use crate::{Family, Kind, Snapshot};
@@ -57,6 +59,7 @@ fn to_proto(family: &Family) -> MetricFamily {
     mf.set_field_type(match family.kind {
         Kind::Counter => MetricType::COUNTER,
         Kind::Gauge => MetricType::GAUGE,
+        Kind::Histogram => MetricType::HISTOGRAM,
     });
     let metrics = family
         .samples
@@ -85,6 +88,25 @@ fn to_proto(family: &Family) -> MetricFamily {
                     let mut g = Gauge::default();
                     g.set_value(sample.value);
                     m.set_gauge(g);
+                }
+                Kind::Histogram => {
+                    let mut h = Histogram::default();
+                    if let Some(hist) = &sample.histogram {
+                        h.set_sample_count(hist.count);
+                        h.set_sample_sum(hist.sum);
+                        let buckets = hist
+                            .buckets
+                            .iter()
+                            .map(|(le, count)| {
+                                let mut b = Bucket::default();
+                                b.set_upper_bound(*le);
+                                b.set_cumulative_count(*count);
+                                b
+                            })
+                            .collect();
+                        h.set_bucket(buckets);
+                    }
+                    m.set_histogram(h);
                 }
             }
             m
@@ -117,8 +139,22 @@ mod tests {
         let mut mem = Family::new("tally_workload_memory_bytes", "Memory.", Kind::Gauge);
         mem.push(&labels, 4096.0);
         let empty = Family::new("tally_nothing", "Never shown.", Kind::Gauge);
+        let mut latency = Family::new(
+            "tally_workload_disk_io_latency_seconds",
+            "Latency.",
+            Kind::Histogram,
+        );
+        latency.push_histogram(
+            &labels,
+            vec![("op", Arc::from("write"))],
+            crate::Histogram {
+                buckets: vec![(0.001, 2), (0.002, 5)],
+                sum: 0.0075,
+                count: 6,
+            },
+        );
         let snapshot = Snapshot {
-            families: vec![cpu, mem, empty],
+            families: vec![cpu, mem, empty, latency],
         };
         assert!(render(&snapshot, false).unwrap().gzip.is_empty());
         let rendered = render(&snapshot, true).unwrap();
@@ -129,6 +165,10 @@ mod tests {
         ));
         assert!(text.contains("tally_workload_memory_bytes{namespace=\"ml\",pod=\"train-0\",container=\"a\\\"b\"} 4096\n"));
         assert!(!text.contains("tally_nothing"));
+        assert!(text.contains("# TYPE tally_workload_disk_io_latency_seconds histogram\n"));
+        assert!(text.contains("tally_workload_disk_io_latency_seconds_bucket{namespace=\"ml\",pod=\"train-0\",container=\"a\\\"b\",op=\"write\",le=\"0.002\"} 5\n"), "{text}");
+        assert!(text.contains("le=\"+Inf\"} 6\n"));
+        assert!(text.contains("tally_workload_disk_io_latency_seconds_sum{namespace=\"ml\",pod=\"train-0\",container=\"a\\\"b\",op=\"write\"} 0.0075\n"));
 
         let mut unzipped = String::new();
         std::io::Read::read_to_string(

@@ -4,11 +4,22 @@ use std::sync::Arc;
 /// set is built once per workload, not once per series and tick.
 pub type LabelSet = Arc<[(&'static str, Arc<str>)]>;
 
-/// Whether a family is a monotonic counter or a gauge (Prometheus `TYPE`).
+/// Whether a family is a monotonic counter, a gauge or a histogram (Prometheus `TYPE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Counter,
     Gauge,
+    /// Every sample carries a [`Histogram`]; `value` is unused.
+    Histogram,
+}
+
+/// A cumulative histogram: counts of observations at or below each upper bound.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    /// `(upper bound, cumulative count)`, bounds ascending; `+Inf` is implied by `count`.
+    pub buckets: Vec<(f64, u64)>,
+    pub sum: f64,
+    pub count: u64,
 }
 
 /// One series: a label set and its value at the end of the tick.
@@ -19,6 +30,8 @@ pub struct Sample {
     /// Labels of this family only (`collector`, `reason`, `state`...), appended after `labels`.
     pub extra: Vec<(&'static str, Arc<str>)>,
     pub value: f64,
+    /// Set on histogram families only.
+    pub histogram: Option<Histogram>,
 }
 
 /// A metric family: one name, one help text, one type, many series.
@@ -46,6 +59,22 @@ impl Family {
             labels: labels.clone(),
             extra: Vec::new(),
             value,
+            histogram: None,
+        });
+    }
+
+    /// Adds a histogram series with the shared label set and extra labels.
+    pub fn push_histogram(
+        &mut self,
+        labels: &LabelSet,
+        extra: Vec<(&'static str, Arc<str>)>,
+        histogram: Histogram,
+    ) {
+        self.samples.push(Sample {
+            labels: labels.clone(),
+            extra,
+            value: 0.0,
+            histogram: Some(histogram),
         });
     }
 
@@ -55,6 +84,7 @@ impl Family {
             labels: Arc::from([]),
             extra,
             value,
+            histogram: None,
         });
     }
 }
