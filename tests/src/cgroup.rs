@@ -82,8 +82,12 @@ impl TestCgroup {
         }
     }
 
-    /// Kills the processes and removes the directories (deepest first, so only ours).
+    /// Kills every process in the cgroup (the children the test started and whatever they
+    /// forked) and removes the directories.
     pub fn remove(&mut self) {
+        for dir in &self.dirs {
+            kill_all_in(dir);
+        }
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
@@ -168,5 +172,25 @@ fn create_dir_retrying(dir: &Path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 20 => tries += 1,
             Err(e) => panic!("mkdir {}: {e}", dir.display()),
         }
+    }
+}
+
+/// SIGKILLs every process listed in `dir/cgroup.procs`, until the list is empty or a deadline.
+fn kill_all_in(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pids: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        if pids.is_empty() || Instant::now() > deadline {
+            return;
+        }
+        for pid in pids {
+            // SAFETY: kill(2) with a pid read from our own test cgroup.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
