@@ -3,8 +3,27 @@
 //!
 //! NVML is loaded at run time (`libnvidia-ml.so.1`, or a configured path) through `nvml-wrapper`,
 //! so a node without a GPU driver runs the rest of the agent unchanged.
+//!
+//! [`Sampler`] is the entry point: [`Sampler::start`] once, [`Sampler::sample`] each tick (on a
+//! thread of its own: every call blocks on NVML), [`Sampler::take_xids`] for XID errors.
 
 use std::path::Path;
+
+mod device;
+mod error;
+mod events;
+mod mig;
+mod process;
+mod raw;
+mod sample;
+mod sampler;
+mod tick;
+
+pub use error::{error_code, CallError, GpuError, Unavailable};
+pub use sample::{
+    AccountingSample, DeviceSample, GpuSample, MigSample, ProcessSample, UtilSample, XidEvent,
+};
+pub use sampler::{GpuOptions, Sampler};
 
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::Nvml;

@@ -1,0 +1,161 @@
+//! MIG: the mode, the layout (every MIG device with its GPU / compute instance ids), and each
+//! instance's memory. The layout is enumerated when MIG turns on and then once a minute (it only
+//! changes when an operator reconfigures an idle GPU), so a tick costs one call for the mode
+//! plus one per instance.
+
+use std::time::{Duration, Instant};
+
+use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::Nvml;
+use tracing::info;
+
+use crate::device::{device_of, reset_support};
+use crate::raw::{RawDevice, RawNvml};
+use crate::sample::{DeviceSample, MigSample};
+use crate::tick::{DeviceState, Failure, Tick};
+
+const LAYOUT_REFRESH: Duration = Duration::from_secs(60);
+/// More slots than any GPU has (7 on A100 / H100); bounds the enumeration.
+const MAX_SLOTS: u32 = 16;
+
+#[derive(Debug, Default)]
+pub(crate) struct MigState {
+    /// The mode seen last tick.
+    enabled: Option<bool>,
+    instances: Vec<MigInstance>,
+    refreshed: Option<Instant>,
+    /// An instance call failed as if the layout changed: enumerate again next tick.
+    stale: bool,
+}
+
+#[derive(Debug)]
+struct MigInstance {
+    handle: RawDevice,
+    uuid: String,
+    gpu_instance_id: u32,
+    compute_instance_id: u32,
+}
+
+pub(crate) fn sample(
+    tick: &mut Tick<'_>,
+    nvml: &Nvml,
+    raw: &RawNvml,
+    handle: RawDevice,
+    dev: &mut DeviceState,
+    out: &mut DeviceSample,
+) {
+    let Some(mode) = tick.get(dev, "nvmlDeviceGetMigMode", || {
+        device_of(nvml, handle).mig_mode()
+    }) else {
+        // No MIG on this GPU (not supported) or the call failed: keep what we knew.
+        out.mig_enabled = dev.mig.enabled == Some(true);
+        return;
+    };
+    let enabled = mode.current == nvml_wrapper_sys::bindings::NVML_DEVICE_MIG_ENABLE;
+    if dev.mig.enabled != Some(enabled) {
+        if dev.mig.enabled.is_some() {
+            info!(gpu = %dev.uuid, enabled, "MIG mode changed");
+            // What the GPU supports depends on the mode (utilization rates, per-process
+            // utilization): ask again.
+            reset_support(dev);
+        }
+        dev.mig = MigState {
+            enabled: Some(enabled),
+            ..MigState::default()
+        };
+    }
+    out.mig_enabled = enabled;
+    if !enabled {
+        return;
+    }
+    if dev.mig.stale
+        || dev
+            .mig
+            .refreshed
+            .is_none_or(|t| t.elapsed() >= LAYOUT_REFRESH)
+    {
+        refresh_layout(tick, nvml, raw, handle, dev);
+    }
+    let mut stale = false;
+    let mut samples = Vec::with_capacity(dev.mig.instances.len());
+    for i in 0..dev.mig.instances.len() {
+        let instance = &dev.mig.instances[i];
+        let mut sample = MigSample {
+            uuid: instance.uuid.clone(),
+            gpu_instance_id: instance.gpu_instance_id,
+            compute_instance_id: instance.compute_instance_id,
+            ..MigSample::default()
+        };
+        let result = device_of(nvml, instance.handle).memory_info();
+        stale |= matches!(result, Err(NvmlError::InvalidArg | NvmlError::NotFound));
+        match tick.record_uncached(dev, "nvmlDeviceGetMemoryInfo_v2", 1, result) {
+            Ok(memory) => {
+                sample.memory_used_bytes = Some(memory.used);
+                sample.memory_total_bytes = Some(memory.total);
+            }
+            Err(Failure::Lost) => return,
+            Err(_) => {}
+        }
+        samples.push(sample);
+    }
+    dev.mig.stale = stale;
+    out.mig = samples;
+}
+
+/// Enumerates the MIG devices: one call for the slot count, one per slot, three per instance.
+fn refresh_layout(
+    tick: &mut Tick<'_>,
+    nvml: &Nvml,
+    raw: &RawNvml,
+    handle: RawDevice,
+    dev: &mut DeviceState,
+) {
+    const MAX_COUNT: &str = "nvmlDeviceGetMaxMigDeviceCount";
+    const BY_INDEX: &str = "nvmlDeviceGetMigDeviceHandleByIndex";
+    let result = raw.max_mig_device_count(handle);
+    let Ok(slots) = tick.record_uncached(dev, MAX_COUNT, 1, result) else {
+        return;
+    };
+    let mut instances = Vec::new();
+    for slot in 0..slots.min(MAX_SLOTS) {
+        let mig = match raw.mig_device(handle, slot) {
+            // An empty slot.
+            Err(NvmlError::NotFound) => {
+                tick.counted(1);
+                continue;
+            }
+            result => match tick.record_uncached(dev, BY_INDEX, 1, result) {
+                Ok(mig) => mig,
+                Err(Failure::Lost) => return,
+                Err(_) => continue,
+            },
+        };
+        let uuid = device_of(nvml, mig).uuid();
+        let Ok(uuid) = tick.record_uncached(dev, "nvmlDeviceGetUUID", 1, uuid) else {
+            continue;
+        };
+        let gi = raw.gpu_instance_id(mig);
+        let Ok(gpu_instance_id) = tick.record_uncached(dev, "nvmlDeviceGetGpuInstanceId", 1, gi)
+        else {
+            continue;
+        };
+        let ci = raw.compute_instance_id(mig);
+        let Ok(compute_instance_id) =
+            tick.record_uncached(dev, "nvmlDeviceGetComputeInstanceId", 1, ci)
+        else {
+            continue;
+        };
+        instances.push(MigInstance {
+            handle: mig,
+            uuid,
+            gpu_instance_id,
+            compute_instance_id,
+        });
+    }
+    if instances.len() != dev.mig.instances.len() {
+        info!(gpu = %dev.uuid, instances = instances.len(), "MIG layout");
+    }
+    dev.mig.instances = instances;
+    dev.mig.refreshed = Some(Instant::now());
+    dev.mig.stale = false;
+}

@@ -1,0 +1,232 @@
+//! Per-process readings of one GPU: running compute processes, utilization samples chained by
+//! `lastSeenTimeStamp`, and accounting stats.
+
+use std::collections::{BTreeMap, HashSet};
+
+use nvml_wrapper::enums::device::UsedGpuMemory;
+use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::Device;
+
+use crate::sample::{AccountingSample, DeviceSample, ProcessSample, UtilSample};
+use crate::tick::{DeviceState, Failure, Tick};
+
+/// Accounting stats queried per GPU per tick at most (one call each); the rest wait a tick.
+pub(crate) const ACCOUNTING_STATS_PER_TICK: usize = 32;
+
+const RUNNING: &str = "nvmlDeviceGetComputeRunningProcesses_v3";
+const UTILIZATION: &str = "nvmlDeviceGetProcessUtilization";
+const ACCOUNTING_PIDS: &str = "nvmlDeviceGetAccountingPids";
+const ACCOUNTING_STATS: &str = "nvmlDeviceGetAccountingStats";
+
+#[derive(Debug)]
+pub(crate) struct ProcessState {
+    /// The newest utilization sample timestamp delivered (µs); starts at the sampler's start.
+    last_seen_us: u64,
+    /// Exited pids whose final accounting stats were delivered.
+    accounting_final: HashSet<u32>,
+    /// Where the next tick's accounting queries start when there are more than the cap.
+    accounting_cursor: usize,
+    /// The last estimate of the driver's sample period.
+    period_us: Option<u64>,
+}
+
+impl ProcessState {
+    pub(crate) fn new(started_us: u64) -> ProcessState {
+        ProcessState {
+            last_seen_us: started_us,
+            accounting_final: HashSet::new(),
+            accounting_cursor: 0,
+            period_us: None,
+        }
+    }
+}
+
+pub(crate) fn sample(
+    tick: &mut Tick<'_>,
+    device: &Device<'_>,
+    dev: &mut DeviceState,
+    out: &mut DeviceSample,
+) {
+    out.processes = running(tick, device, dev);
+    let (utilization, window) = utilization(tick, device, dev);
+    out.process_utilization = utilization;
+    out.util_window_us = window;
+    out.util_sample_period_us = dev.processes.period_us;
+    out.accounting = accounting(tick, device, dev, &out.processes);
+}
+
+/// NVML calls a wrapper list query made: a count probe, then a fetch unless the list was empty.
+fn list_calls<T>(result: &Result<Vec<T>, NvmlError>) -> u64 {
+    match result {
+        Ok(items) if items.is_empty() => 1,
+        Ok(_) | Err(NvmlError::InsufficientSize(_)) => 2,
+        Err(_) => 1,
+    }
+}
+
+/// Two calls (count probe, fetch), one when none run.
+fn running(tick: &mut Tick<'_>, device: &Device<'_>, dev: &mut DeviceState) -> Vec<ProcessSample> {
+    if tick.skip(dev, RUNNING).is_some() {
+        return Vec::new();
+    }
+    let result = device.running_compute_processes();
+    let calls = list_calls(&result);
+    let Ok(processes) = tick.record(dev, RUNNING, calls, result) else {
+        return Vec::new();
+    };
+    processes
+        .into_iter()
+        .map(|p| ProcessSample {
+            pid: p.pid,
+            used_memory_bytes: match p.used_gpu_memory {
+                UsedGpuMemory::Used(bytes) => Some(bytes),
+                UsedGpuMemory::Unavailable => None,
+            },
+            gpu_instance_id: p.gpu_instance_id,
+            compute_instance_id: p.compute_instance_id,
+        })
+        .collect()
+}
+
+type Utilization = (
+    Result<Vec<UtilSample>, crate::error::Unavailable>,
+    Option<(u64, u64)>,
+);
+
+/// Samples newer than the last delivered one. Two calls (count probe, fetch), one when nothing
+/// is new (`NOT_FOUND`); a retry (two more) if new samples arrived between probe and fetch.
+fn utilization(tick: &mut Tick<'_>, device: &Device<'_>, dev: &mut DeviceState) -> Utilization {
+    if let Some(failure) = tick.skip(dev, UTILIZATION) {
+        return (Err(failure.unavailable()), None);
+    }
+    let last_seen = dev.processes.last_seen_us;
+    let mut retried = false;
+    let result = loop {
+        match device.process_utilization_stats(last_seen) {
+            // Nothing newer than last_seen: not a failure.
+            Err(NvmlError::NotFound) => {
+                tick.counted(1);
+                break Ok(Vec::new());
+            }
+            Err(NvmlError::InsufficientSize(_)) if !retried => {
+                tick.counted(2);
+                retried = true;
+            }
+            result => {
+                let calls = list_calls(&result);
+                break tick.record(dev, UTILIZATION, calls, result);
+            }
+        }
+    };
+    let samples = match result {
+        Ok(samples) => samples,
+        Err(failure) => return (Err(failure.unavailable()), None),
+    };
+    // NVML filters by lastSeenTimeStamp itself; filtering again guarantees no sample is
+    // delivered twice whatever a driver returns (zeroed entries included).
+    let fresh: Vec<UtilSample> = samples
+        .into_iter()
+        .filter(|s| s.timestamp > last_seen)
+        .map(|s| UtilSample {
+            pid: s.pid,
+            timestamp_us: s.timestamp,
+            sm_percent: s.sm_util,
+            memory_percent: s.mem_util,
+        })
+        .collect();
+    let Some(newest) = fresh.iter().map(|s| s.timestamp_us).max() else {
+        return (Ok(fresh), None);
+    };
+    dev.processes.last_seen_us = newest;
+    if let Some(period) = sample_period(&fresh) {
+        dev.processes.period_us = Some(period);
+    }
+    (Ok(fresh), Some((last_seen, newest)))
+}
+
+/// The median spacing of consecutive samples of the same process. Per process, because
+/// different processes' samples need not share timestamps; the median, because a sample
+/// missing (a process idle for a period has none) only doubles one gap.
+fn sample_period(samples: &[UtilSample]) -> Option<u64> {
+    let mut by_pid: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for s in samples {
+        by_pid.entry(s.pid).or_default().push(s.timestamp_us);
+    }
+    let mut gaps: Vec<u64> = Vec::new();
+    for timestamps in by_pid.values_mut() {
+        timestamps.sort_unstable();
+        gaps.extend(
+            timestamps
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .filter(|gap| *gap > 0),
+        );
+    }
+    gaps.sort_unstable();
+    gaps.get(gaps.len() / 2).copied()
+}
+
+/// `None` when accounting mode is off. One or two calls for the pid list, then one per pid
+/// that is running or has not had its final stats delivered, at most
+/// [`ACCOUNTING_STATS_PER_TICK`].
+fn accounting(
+    tick: &mut Tick<'_>,
+    device: &Device<'_>,
+    dev: &mut DeviceState,
+    running: &[ProcessSample],
+) -> Option<Vec<AccountingSample>> {
+    if dev.lost_now {
+        return None;
+    }
+    let result = device.accounting_pids();
+    let calls = list_calls(&result);
+    // NOT_SUPPORTED is how NVML says accounting mode is off; it can be turned on at run time,
+    // so it is asked every tick and not remembered.
+    let pids = tick
+        .record_uncached(dev, ACCOUNTING_PIDS, calls, result)
+        .ok()?;
+    let state = &mut dev.processes;
+    state.accounting_final.retain(|pid| pids.contains(pid));
+    let running: HashSet<u32> = running.iter().map(|p| p.pid).collect();
+    let pending: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|pid| running.contains(pid) || !state.accounting_final.contains(pid))
+        .collect();
+    let take = pending.len().min(ACCOUNTING_STATS_PER_TICK);
+    let start = if pending.is_empty() {
+        0
+    } else {
+        state.accounting_cursor % pending.len()
+    };
+    state.accounting_cursor = start + take;
+    let mut samples = Vec::with_capacity(take);
+    for &pid in pending.iter().cycle().skip(start).take(take) {
+        let result = device.accounting_stats_for(pid);
+        let stats = match result {
+            // Evicted from the driver's circular buffer since the pid list.
+            Err(NvmlError::NotFound) => {
+                tick.counted(1);
+                continue;
+            }
+            result => match tick.record_uncached(dev, ACCOUNTING_STATS, 1, result) {
+                Ok(stats) => stats,
+                Err(Failure::NotSupported | Failure::Lost) => return None,
+                Err(Failure::Failed(_)) => continue,
+            },
+        };
+        if !stats.is_running {
+            dev.processes.accounting_final.insert(pid);
+        }
+        samples.push(AccountingSample {
+            pid,
+            gpu_utilization_percent: stats.gpu_utilization,
+            memory_utilization_percent: stats.memory_utilization,
+            max_memory_usage_bytes: stats.max_memory_usage,
+            time_ms: stats.time,
+            start_time_us: stats.start_time,
+            is_running: stats.is_running,
+        });
+    }
+    Some(samples)
+}

@@ -1,0 +1,66 @@
+//! Cost of one `sample()` on a large node: 8 GPUs × 50 processes on the fake library.
+//! Run with `cargo test -p tally-gpu --release --test bench_sample -- --ignored --nocapture`
+//! (after `cargo build --release -p tally-fake-nvml`; a debug build works too, slower).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use common::{Children, FakeNvml};
+
+fn scenario(children: &Children, accounting: bool) -> serde_json::Value {
+    json!({
+        "devices": (0..8).map(|g| json!({
+            "uuid": format!("GPU-{g:08}-0000-0000-0000-000000000000"),
+            "accounting": accounting,
+            "nvlink_links": 18,
+            "processes": (0..50).map(|p| json!({
+                "pid": children.pid(p),
+                "used_memory_bytes": 1 << 30,
+                "sm_percent": 1 + (p + g) % 20,
+                "memory_percent": 1
+            })).collect::<Vec<_>>()
+        })).collect::<Vec<_>>()
+    })
+}
+
+#[test]
+#[ignore = "measurement; run explicitly with --ignored --nocapture"]
+fn sample_cost_8_gpus_50_processes() {
+    let children = Children::spawn(50);
+    for accounting in [false, true] {
+        let fake = FakeNvml::new(&scenario(&children, accounting));
+        let mut sampler = fake.start();
+        let mut times = Vec::new();
+        let mut calls = Vec::new();
+        // Ticks 200 ms apart: 2 new utilization samples per process per GPU each time.
+        for _ in 0..15 {
+            std::thread::sleep(Duration::from_millis(200));
+            let t = Instant::now();
+            let sample = sampler.sample();
+            times.push(t.elapsed());
+            calls.push(sampler.calls_last_sample());
+            assert_eq!(sample.errors, vec![]);
+            assert_eq!(sample.devices.len(), 8);
+        }
+        // The first tick enumerates and learns what is unsupported; report the steady state.
+        let steady_calls = &calls[1..];
+        let mut steady_times: Vec<Duration> = times[1..].to_vec();
+        steady_times.sort();
+        println!(
+            "accounting {}: first sample {} calls ({:.1}/GPU) in {:?}; steady {}..{} calls \
+             ({:.1}/GPU), sample() median {:?}, max {:?}",
+            if accounting { "on" } else { "off" },
+            calls[0],
+            calls[0] as f64 / 8.0,
+            times[0],
+            steady_calls.iter().min().unwrap(),
+            steady_calls.iter().max().unwrap(),
+            *steady_calls.iter().max().unwrap() as f64 / 8.0,
+            steady_times[steady_times.len() / 2],
+            steady_times[steady_times.len() - 1],
+        );
+    }
+}
