@@ -13,7 +13,7 @@ use crate::cgroupfs::Reading;
 use crate::identity::{PathIdentity, Workload};
 
 /// The monotonic counters kept per workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CounterId {
     CpuSeconds,
     DiskReadBytes,
@@ -27,6 +27,22 @@ pub enum CounterId {
         direction: u32,
         scope: u32,
     },
+    /// A GPU counter on one device or MIG instance (`gpu` is its UUID).
+    Gpu {
+        counter: GpuCounter,
+        gpu: Arc<str>,
+        /// How busy time was attributed (`tally_workload_gpu_seconds_total{method}`); `None` for
+        /// the other GPU counters.
+        method: Option<&'static str>,
+    },
+}
+
+/// The per-workload GPU counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GpuCounter {
+    BusySeconds,
+    EnergyJoules,
+    MemoryByteSeconds,
 }
 
 /// A cumulative source value made monotonic across resets.
@@ -82,10 +98,10 @@ impl Entry {
     }
 
     /// Every counter with a value, in a stable order.
-    pub fn counters(&self) -> impl Iterator<Item = (CounterId, f64)> + '_ {
+    pub fn counters(&self) -> impl Iterator<Item = (&CounterId, f64)> + '_ {
         self.counters
             .iter()
-            .filter_map(|(id, m)| m.value().map(|v| (*id, v)))
+            .filter_map(|(id, m)| m.value().map(|v| (id, v)))
     }
 
     pub fn is_live(&self) -> bool {

@@ -9,6 +9,7 @@ pub mod cgroupfs;
 pub mod check;
 pub mod config;
 pub mod errors;
+pub mod gpu;
 pub mod health;
 pub mod identity;
 pub mod ledger;

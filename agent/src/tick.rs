@@ -22,6 +22,7 @@ pub struct Ticker {
     ledger: Ledger,
     errors: ErrorCounts,
     bpf: BpfSources,
+    gpu: crate::gpu::GpuSource,
     /// The row for what runs in no workload's cgroup (per-cgroup-id sources only).
     host: Arc<Workload>,
     cri: Option<CriHandle>,
@@ -39,6 +40,7 @@ impl Ticker {
         let layout = Layout::detect(&config.paths.cgroup_root)?;
         Ok(Self {
             bpf: BpfSources::start(config, &layout),
+            gpu: crate::gpu::GpuSource::start(config, config.tick_interval()),
             host: Arc::new(Workload::new(PathIdentity::Host, Names::default())),
             collector: Collector::new(layout.clone()),
             identity: Identity::new(&config.paths.proc_root, layout, cri.clone()),
@@ -106,6 +108,8 @@ impl Ticker {
             &mut self.ledger,
             &mut self.errors,
         );
+        self.gpu
+            .collect(&mut self.identity, &self.host, &mut self.ledger);
         let live: std::collections::HashSet<u64> = found.iter().map(|f| f.cgroup_id).collect();
         self.identity.retain(|id| live.contains(&id));
         let live_containers: std::collections::HashSet<&str> = found
@@ -159,10 +163,12 @@ impl Ticker {
             Kind::Gauge,
         );
         let mut net = NetFamilies::new();
+        let mut gpu = crate::gpu::WorkloadGpuFamilies::default();
         let (mut live, mut exited) = (0u64, 0u64);
         for entry in self.ledger.entries() {
             let labels = entry.workload.labels();
             net.push(labels, entry);
+            gpu.push(labels, entry);
             push_counter(&mut cpu, labels, entry.counter(CounterId::CpuSeconds));
             push_counter(
                 &mut disk_read,
@@ -203,6 +209,8 @@ impl Ticker {
         }
         let mut families = vec![cpu, memory, disk_read, disk_write];
         families.extend(net.families);
+        families.extend(gpu.families);
+        families.extend(self.gpu.families());
         families.push(info);
         for family in &mut families {
             // Stable output order makes diffs and tests readable; the map order is random.
@@ -364,7 +372,7 @@ impl NetFamilies {
 
     fn push(&mut self, labels: &LabelSet, entry: &crate::ledger::Entry) {
         for (id, value) in entry.counters() {
-            let (index, scope) = match id {
+            let (index, scope) = match *id {
                 CounterId::NetBytes { direction, scope } => (direction as usize, scope),
                 CounterId::NetPackets { direction, scope } => (2 + direction as usize, scope),
                 _ => continue,

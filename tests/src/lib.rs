@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod fake_cri;
+pub mod fake_nvml;
 pub mod otlp_receiver;
 pub mod prometheus;
 pub mod require;

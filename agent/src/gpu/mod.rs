@@ -1,0 +1,332 @@
+//! GPU metering: the NVML sampler on a thread of its own, and the attribution of each device's
+//! busy time, memory and energy to the workloads whose processes hold it.
+//!
+//! The sampler thread calls NVML (which may block for long on a GPU in trouble) and hands each
+//! sample over a channel; the tick drains what arrived without waiting, so NVML never delays a
+//! tick, a scrape or the async runtime. Process utilization samples are chained by the sampler,
+//! so a sample that arrives a tick late is still counted once.
+
+pub mod attribution;
+mod metrics;
+
+pub use metrics::WorkloadGpuFamilies;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tally_gpu::{DeviceSample, GpuError, GpuOptions, GpuSample, Sampler, XidEvent};
+
+use crate::config::Config;
+use crate::identity::{Identity, PidError, Workload};
+use crate::ledger::{CounterId, GpuCounter, Ledger};
+use attribution::{attribute, DeviceWindow, Holder};
+
+/// One sampler round, stamped when it was taken.
+struct Batch {
+    sample: GpuSample,
+    xids: Vec<XidEvent>,
+    at: Instant,
+    /// NVML calls the round made, all GPUs together.
+    calls: Option<u64>,
+}
+
+/// What the agent keeps per device between samples.
+#[derive(Debug, Default)]
+struct DeviceState {
+    last: Option<DeviceSample>,
+    last_at: Option<Instant>,
+    busy_seconds_total: f64,
+    unattributed_seconds_total: f64,
+    unallocated_joules_total: f64,
+}
+
+/// The GPU source: down (no NVML) or a running sampler thread and the attribution state.
+pub struct GpuSource {
+    batches: Option<mpsc::Receiver<Batch>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    driver_version: Option<String>,
+    devices: BTreeMap<String, DeviceState>,
+    nvml_errors: BTreeMap<(&'static str, &'static str), u64>,
+    xids: BTreeMap<(String, u64), u64>,
+    /// pid → workload for the processes of the last sample (pids are reused, so only those).
+    pids: HashMap<u32, Arc<Workload>>,
+    /// GPU memory held per workload and device, from the latest sample.
+    memory: Vec<(Arc<Workload>, Arc<str>, f64)>,
+    /// Calls the sampler made per GPU in its last round.
+    calls_per_gpu: Option<f64>,
+}
+
+impl std::fmt::Debug for GpuSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuSource")
+            .field("up", &self.batches.is_some())
+            .field("devices", &self.devices.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GpuSource {
+    /// Loads NVML and starts sampling every `interval`; without a library the source is down
+    /// and says so once.
+    pub fn start(config: &Config, interval: Duration) -> GpuSource {
+        let mut source = GpuSource {
+            batches: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: None,
+            driver_version: None,
+            devices: BTreeMap::new(),
+            nvml_errors: BTreeMap::new(),
+            xids: BTreeMap::new(),
+            pids: HashMap::new(),
+            memory: Vec::new(),
+            calls_per_gpu: None,
+        };
+        let options = GpuOptions {
+            library: config.gpu.nvml_library.clone(),
+        };
+        let sampler = match Sampler::start(&options) {
+            Ok(sampler) => sampler,
+            Err(GpuError::LibraryNotFound { path, .. }) => {
+                tracing::info!(library = %path, "no NVML library: GPU metering off");
+                return source;
+            }
+            Err(e) => {
+                tracing::warn!(error = %tally_ebpf::chain(&e), "NVML did not start: GPU metering off");
+                return source;
+            }
+        };
+        source.driver_version = sampler.driver_version().map(str::to_owned);
+        let (tx, rx) = mpsc::channel();
+        let stop = source.stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("tally-gpu".into())
+            .spawn(move || sample_loop(sampler, interval, tx, stop));
+        match thread {
+            Ok(handle) => {
+                source.batches = Some(rx);
+                source.thread = Some(handle);
+            }
+            Err(e) => tracing::warn!(error = %e, "starting the GPU sampler thread failed"),
+        }
+        source
+    }
+
+    pub fn up(&self) -> bool {
+        self.batches.is_some()
+    }
+
+    /// Attributes every sample that arrived since the last tick.
+    pub fn collect(&mut self, identity: &mut Identity, host: &Arc<Workload>, ledger: &mut Ledger) {
+        let Some(batches) = &self.batches else { return };
+        let arrived: Vec<Batch> = batches.try_iter().collect();
+        for batch in arrived {
+            for e in &batch.sample.errors {
+                *self.nvml_errors.entry((e.call, e.code)).or_default() += 1;
+            }
+            for x in batch.xids {
+                *self.xids.entry((x.device_uuid, x.xid)).or_default() += 1;
+            }
+            let gpus = batch.sample.devices.len().max(1) as f64;
+            self.calls_per_gpu = batch.calls.map(|c| c as f64 / gpus);
+            let mut pids = HashMap::new();
+            let mut memory = Vec::new();
+            for device in batch.sample.devices {
+                self.attribute(
+                    device,
+                    batch.at,
+                    identity,
+                    host,
+                    ledger,
+                    &mut pids,
+                    &mut memory,
+                );
+            }
+            self.pids = pids;
+            self.memory = memory;
+        }
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one device's share of the tick's state"
+    )]
+    fn attribute(
+        &mut self,
+        device: DeviceSample,
+        at: Instant,
+        identity: &mut Identity,
+        host: &Arc<Workload>,
+        ledger: &mut Ledger,
+        pids: &mut HashMap<u32, Arc<Workload>>,
+        memory: &mut Vec<(Arc<Workload>, Arc<str>, f64)>,
+    ) {
+        if device.uuid.is_empty() {
+            return;
+        }
+        let mut resolve = |pid: u32| -> Arc<Workload> {
+            if let Some(w) = pids.get(&pid).or_else(|| self.pids.get(&pid)) {
+                let w = w.clone();
+                pids.insert(pid, w.clone());
+                return w;
+            }
+            let w = match identity.resolve_pid(pid) {
+                Ok(w) => w,
+                // Exited before we looked, or hidden (another pid namespace): the host row.
+                Err(PidError::Gone { .. } | PidError::Read { .. }) => host.clone(),
+            };
+            pids.insert(pid, w.clone());
+            w
+        };
+        // Workloads by index, so attribution works on a plain ordered key.
+        let mut keys: Vec<Arc<Workload>> = Vec::new();
+        let mut index = |w: Arc<Workload>| -> usize {
+            match keys.iter().position(|k| k.identity == w.identity) {
+                Some(i) => i,
+                None => {
+                    keys.push(w);
+                    keys.len() - 1
+                }
+            }
+        };
+        let instance_of = |gi: Option<u32>, ci: Option<u32>| {
+            device
+                .mig
+                .iter()
+                .find(|m| {
+                    Some(m.gpu_instance_id) == gi
+                        && (ci.is_none() || Some(m.compute_instance_id) == ci)
+                })
+                .map(|m| m.uuid.clone())
+        };
+        let holders: Vec<Holder<usize>> = device
+            .processes
+            .iter()
+            .map(|p| Holder {
+                workload: index(resolve(p.pid)),
+                memory_bytes: p.used_memory_bytes.unwrap_or(0) as f64,
+                mig_instance: if device.mig_enabled {
+                    instance_of(p.gpu_instance_id, p.compute_instance_id)
+                } else {
+                    None
+                },
+            })
+            .collect();
+        let period_us = device.util_sample_period_us;
+        let sampled: Option<Vec<(usize, f64)>> = match &device.process_utilization {
+            Ok(samples) => Some(
+                samples
+                    .iter()
+                    .map(|s| {
+                        let period = period_us.unwrap_or(0) as f64 / 1e6;
+                        (
+                            index(resolve(s.pid)),
+                            f64::from(s.sm_percent) / 100.0 * period,
+                        )
+                    })
+                    .collect(),
+            ),
+            Err(_) => None,
+        };
+        let uuid: Arc<str> = Arc::from(device.uuid.as_str());
+        let state = self.devices.entry(device.uuid.clone()).or_default();
+        for h in &holders {
+            let gpu = h
+                .mig_instance
+                .as_deref()
+                .map_or_else(|| uuid.clone(), Arc::from);
+            memory.push((keys[h.workload].clone(), gpu, h.memory_bytes));
+        }
+        if let (Some(last_at), Some(last)) = (state.last_at, &state.last) {
+            let seconds = at.saturating_duration_since(last_at).as_secs_f64();
+            let busy_seconds = device
+                .utilization_gpu_percent
+                .map(|u| f64::from(u.min(100)) / 100.0 * seconds);
+            let energy_joules = match (device.energy_joules_total, last.energy_joules_total) {
+                (Some(now), Some(before)) if now >= before => Some(now - before),
+                _ => None,
+            };
+            let window = DeviceWindow {
+                uuid: device.uuid.clone(),
+                seconds,
+                busy_seconds,
+                energy_joules,
+                holders,
+                sampled,
+                mig_enabled: device.mig_enabled,
+            };
+            let outcome = attribute(&window);
+            for share in outcome.shares {
+                let w = keys[share.workload].clone();
+                let gpu: Arc<str> = Arc::from(share.gpu.as_str());
+                let counter = |counter, method| CounterId::Gpu {
+                    counter,
+                    gpu: gpu.clone(),
+                    method,
+                };
+                ledger.add(
+                    w.clone(),
+                    counter(GpuCounter::BusySeconds, Some(share.method.as_str())),
+                    share.busy_seconds,
+                );
+                ledger.add(
+                    w.clone(),
+                    counter(GpuCounter::EnergyJoules, None),
+                    share.energy_joules,
+                );
+                ledger.add(
+                    w,
+                    counter(GpuCounter::MemoryByteSeconds, None),
+                    share.memory_bytes * seconds,
+                );
+            }
+            state.busy_seconds_total += busy_seconds.unwrap_or(0.0);
+            state.unattributed_seconds_total += outcome.unattributed_seconds;
+            state.unallocated_joules_total += outcome.unallocated_joules;
+        }
+        state.last_at = Some(at);
+        state.last = Some(device);
+    }
+}
+
+impl Drop for GpuSource {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.batches = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn sample_loop(
+    mut sampler: Sampler,
+    interval: Duration,
+    tx: mpsc::Sender<Batch>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let sample = sampler.sample();
+        let batch = Batch {
+            xids: sampler.take_xids(),
+            at: Instant::now(),
+            calls: Some(sampler.calls_last_sample()),
+            sample,
+        };
+        if tx.send(batch).is_err() {
+            return;
+        }
+        // Sleep in short steps so a shutdown does not wait a whole interval.
+        while started.elapsed() < interval && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(
+                interval
+                    .saturating_sub(started.elapsed())
+                    .min(Duration::from_millis(50)),
+            );
+        }
+    }
+}

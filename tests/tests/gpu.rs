@@ -1,0 +1,333 @@
+//! GPU attribution end to end: the agent loads the fake libnvidia-ml through its normal path,
+//! the scenario's processes are real processes in real cgroups, and `/metrics` must attribute
+//! each device's busy time, memory and energy to the right workloads — and never more than the
+//! device did (conservation, checked in every scenario).
+#![expect(
+    clippy::unwrap_used,
+    reason = "integration test: its helpers fail the test with the error"
+)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::json;
+use tally_tests::agent::{sample, Agent};
+use tally_tests::cgroup::{random_hex, TestCgroup};
+use tally_tests::fake_nvml::{FakeNvml, FULL, WITHOUT_PROCESS_UTILIZATION};
+use tally_tests::require;
+
+const GPU: &str = "GPU-11111111-2222-3333-4444-555555555555";
+
+/// A systemd-unit workload with one long-sleeping process; its pid goes in scenarios.
+struct Unit {
+    name: String,
+    pid: u32,
+    _cgroup: TestCgroup,
+}
+
+fn unit(unified: &std::path::Path, tag: &str) -> Unit {
+    let name = format!("tally-gpu-{tag}-{}.service", random_hex(6));
+    let mut cgroup = TestCgroup::create(&[unified.to_path_buf()], &format!("/system.slice/{name}"));
+    let pid = cgroup.spawn("exec sleep 600");
+    Unit {
+        name,
+        pid,
+        _cgroup: cgroup,
+    }
+}
+
+fn setup(test: &str) -> Option<PathBuf> {
+    if !require::root(test) {
+        return None;
+    }
+    require::unified(test)
+}
+
+fn start(fake: &FakeNvml) -> Agent {
+    Agent::start(&format!(
+        "[agent]\ntick_interval_ms = 200\n[cri]\nendpoints = []\n[ebpf]\nenabled = false\n{}",
+        fake.config()
+    ))
+}
+
+/// Sum of every series of `family` whose line contains all `needles`.
+fn total(text: &str, family: &str, needles: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} ")))
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn seconds(text: &str, unit: &Unit, extra: &str) -> f64 {
+    total(
+        text,
+        "tally_workload_gpu_seconds_total",
+        &[&format!("unit=\"{}\"", unit.name), extra],
+    )
+}
+
+/// Per device: what workloads were charged never exceeds what the device was busy.
+fn assert_conserved(text: &str, gpu: &str) {
+    let gpu_label = format!("gpu=\"{gpu}\"");
+    let charged = total(text, "tally_workload_gpu_seconds_total", &[&gpu_label]);
+    let busy = total(text, "tally_gpu_busy_seconds_total", &[&gpu_label]);
+    let unattributed = total(text, "tally_gpu_unattributed_seconds_total", &[&gpu_label]);
+    assert!(
+        charged <= busy * (1.0 + 1e-9) + 1e-9,
+        "{gpu}: charged {charged} > busy {busy}"
+    );
+    assert!(
+        (charged + unattributed - busy).abs() <= 1e-6 * busy.max(1.0),
+        "{gpu}: charged {charged} + unattributed {unattributed} != busy {busy}"
+    );
+}
+
+fn device(processes: serde_json::Value) -> serde_json::Value {
+    json!({
+        "uuid": GPU,
+        "name": "NVIDIA H100 80GB HBM3",
+        "memory_total_bytes": 85899345920u64,
+        "power_watts": 400,
+        "energy_start_joules": 1000,
+        "processes": processes
+    })
+}
+
+#[test]
+fn time_sliced_pods_each_get_their_own_share_never_the_device_total() {
+    const TEST: &str = "time_sliced_pods_each_get_their_own_share_never_the_device_total";
+    let Some(unified) = setup(TEST) else { return };
+    let (a, b, c) = (
+        unit(&unified, "a"),
+        unit(&unified, "b"),
+        unit(&unified, "c"),
+    );
+    let fake = FakeNvml::new(
+        FULL,
+        &json!({ "devices": [device(json!([
+            { "pid": a.pid, "used_memory_bytes": 4_000_000_000u64, "sm_percent": 50 },
+            { "pid": b.pid, "used_memory_bytes": 2_000_000_000u64, "sm_percent": 25 },
+            { "pid": c.pid, "used_memory_bytes": 1_000_000_000u64, "sm_percent": 10 }
+        ]))] }),
+    );
+    let agent = start(&fake);
+    let text = agent.scrape_until(Duration::from_secs(15), "3 s of GPU time", |t| {
+        total(t, "tally_gpu_busy_seconds_total", &[]) >= 0.85 * 3.0
+    });
+    let method = "method=\"process_utilization\"";
+    let (sa, sb, sc) = (
+        seconds(&text, &a, method),
+        seconds(&text, &b, method),
+        seconds(&text, &c, method),
+    );
+    let busy = total(&text, "tally_gpu_busy_seconds_total", &[]);
+    assert!(sa > 0.0 && sb > 0.0 && sc > 0.0, "{text}");
+    // Each pod gets its own share (50:25:10 of 85), not the device's.
+    for (got, share) in [(sa, 50.0), (sb, 25.0), (sc, 10.0)] {
+        let want = busy * share / 85.0;
+        assert!(
+            (got - want).abs() <= 0.1 * want + 0.05,
+            "share {share}: {got} vs {want} of {busy}"
+        );
+    }
+    assert!(
+        sa < 0.7 * busy,
+        "a pod got (nearly) the device total: {sa} of {busy}"
+    );
+    assert_conserved(&text, GPU);
+    for (u, bytes) in [(&a, 4e9), (&b, 2e9), (&c, 1e9)] {
+        assert_eq!(
+            sample(
+                &text,
+                "tally_workload_gpu_memory_bytes",
+                &[&format!("unit=\"{}\"", u.name)]
+            ),
+            Some(bytes)
+        );
+    }
+    // Energy: workloads hold all of it (someone always holds the device), never more than spent.
+    let spent = total(&text, "tally_gpu_energy_joules_total", &[]) - 1000.0;
+    let charged = total(&text, "tally_workload_gpu_energy_joules_total", &[]);
+    assert!(
+        charged > 0.0 && charged <= spent + 1e-6,
+        "charged {charged} J of {spent} J"
+    );
+    assert_eq!(
+        total(&text, "tally_gpu_unallocated_energy_joules_total", &[]),
+        0.0
+    );
+}
+
+#[test]
+fn an_exclusive_gpu_goes_to_its_holder_and_an_exiting_process_stops_being_charged() {
+    const TEST: &str =
+        "an_exclusive_gpu_goes_to_its_holder_and_an_exiting_process_stops_being_charged";
+    let Some(unified) = setup(TEST) else { return };
+    let (a, b) = (unit(&unified, "excl"), unit(&unified, "exit"));
+    let fake = FakeNvml::new(
+        FULL,
+        &json!({ "devices": [device(json!([
+            { "pid": a.pid, "used_memory_bytes": 8_000_000_000u64, "sm_percent": 60 },
+            { "pid": b.pid, "used_memory_bytes": 1_000_000_000u64, "sm_percent": 30, "end_ms": 1500 }
+        ]))] }),
+    );
+    let agent = start(&fake);
+    // b leaves the GPU 1.5 s into the scenario: its seconds stop growing, a's go on.
+    let text = agent.scrape_until(Duration::from_secs(15), "4 s of samples", |t| {
+        total(t, "tally_gpu_busy_seconds_total", &[]) >= 0.6 * 4.0
+    });
+    let frozen = seconds(&text, &b, "");
+    assert!(
+        frozen > 0.0 && frozen < 0.3 * 1.6,
+        "b's share of 1.5 s at 30%: {frozen}"
+    );
+    let a_before = seconds(&text, &a, "");
+    let later = agent.scrape_until(Duration::from_secs(10), "a keeps going", |t| {
+        seconds(t, &a, "") >= a_before + 0.6
+    });
+    assert_eq!(
+        seconds(&later, &b, ""),
+        frozen,
+        "an exited process is not charged again"
+    );
+    assert_eq!(
+        sample(
+            &later,
+            "tally_workload_gpu_memory_bytes",
+            &[&format!("unit=\"{}\"", b.name)]
+        ),
+        None,
+        "its memory is released"
+    );
+    assert_conserved(&later, GPU);
+}
+
+#[test]
+fn mig_instances_are_charged_to_their_holders_by_instance() {
+    const TEST: &str = "mig_instances_are_charged_to_their_holders_by_instance";
+    let Some(unified) = setup(TEST) else { return };
+    let (a, b) = (unit(&unified, "mig1"), unit(&unified, "mig2"));
+    let mig = |n: &str| format!("MIG-{n}{n}{n}{n}{n}{n}{n}{n}-0000-0000-0000-000000000000");
+    let mut d = device(json!([
+        { "pid": a.pid, "used_memory_bytes": 5_000_000_000u64, "sm_percent": 70, "gpu_instance_id": 1, "compute_instance_id": 0 },
+        { "pid": b.pid, "used_memory_bytes": 3_000_000_000u64, "sm_percent": 20, "gpu_instance_id": 2, "compute_instance_id": 0 }
+    ]));
+    d["mig"] = json!({ "instances": [
+        { "uuid": mig("a"), "gpu_instance_id": 1, "compute_instance_id": 0, "memory_total_bytes": 40_000_000_000u64 },
+        { "uuid": mig("b"), "gpu_instance_id": 2, "compute_instance_id": 0, "memory_total_bytes": 20_000_000_000u64 }
+    ]});
+    let fake = FakeNvml::new(FULL, &json!({ "devices": [d] }));
+    let agent = start(&fake);
+    let text = agent.scrape_until(Duration::from_secs(15), "MIG time", |t| {
+        seconds(t, &a, "method=\"mig_allocation\"") >= 1.0 && seconds(t, &b, "") >= 1.0
+    });
+    assert!(
+        text.contains(&format!("gpu=\"{}\",method=\"mig_allocation\"", mig("a"))),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "tally_workload_gpu_memory_bytes",
+            &[
+                &format!("unit=\"{}\"", b.name),
+                &format!("gpu=\"{}\"", mig("b"))
+            ]
+        ),
+        Some(3e9)
+    );
+    // Neither holder gets the other's instance.
+    assert_eq!(
+        total(
+            &text,
+            "tally_workload_gpu_seconds_total",
+            &[&format!("unit=\"{}\"", a.name), &mig("b")]
+        ),
+        0.0
+    );
+    assert!(text.contains("mig_mode=\"enabled\""));
+    // Conservation per instance: an instance is charged at most its wall time.
+    let busy = total(&text, "tally_gpu_busy_seconds_total", &[]);
+    let a_s = seconds(&text, &a, "");
+    let ticks_s = sample(&text, "tally_ticks_total", &[]).unwrap() * 0.2 + 1.0;
+    assert!(
+        a_s <= ticks_s,
+        "instance time {a_s} beyond wall {ticks_s} (device busy {busy})"
+    );
+}
+
+#[test]
+fn xids_are_counted_per_device_and_code() {
+    const TEST: &str = "xids_are_counted_per_device_and_code";
+    let Some(unified) = setup(TEST) else { return };
+    let a = unit(&unified, "xid");
+    let fake = FakeNvml::new(
+        FULL,
+        &json!({
+            "devices": [device(json!([{ "pid": a.pid, "used_memory_bytes": 1, "sm_percent": 5 }]))],
+            "xids": [{ "at_ms": 300, "device": 0, "xid": 79 }, { "at_ms": 600, "device": 0, "xid": 79 }, { "at_ms": 700, "device": 0, "xid": 48 }]
+        }),
+    );
+    let agent = start(&fake);
+    let text = agent.scrape_until(Duration::from_secs(10), "xids", |t| {
+        sample(t, "tally_gpu_xid_errors_total", &["xid=\"79\""]) == Some(2.0)
+            && sample(t, "tally_gpu_xid_errors_total", &["xid=\"48\""]) == Some(1.0)
+    });
+    assert!(text.contains(&format!(
+        "tally_gpu_xid_errors_total{{gpu=\"{GPU}\",xid=\"79\"}} 2"
+    )));
+    assert_conserved(&text, GPU);
+}
+
+#[test]
+fn without_process_utilization_the_gpu_is_shared_by_memory_and_the_failure_counted() {
+    const TEST: &str =
+        "without_process_utilization_the_gpu_is_shared_by_memory_and_the_failure_counted";
+    let Some(unified) = setup(TEST) else { return };
+    let (a, b) = (unit(&unified, "mema"), unit(&unified, "memb"));
+    let fake = FakeNvml::new(
+        WITHOUT_PROCESS_UTILIZATION,
+        &json!({ "devices": [device(json!([
+            { "pid": a.pid, "used_memory_bytes": 3_000_000_000u64, "sm_percent": 40 },
+            { "pid": b.pid, "used_memory_bytes": 1_000_000_000u64, "sm_percent": 40 }
+        ]))] }),
+    );
+    let agent = start(&fake);
+    let text = agent.scrape_until(Duration::from_secs(15), "memory-share time", |t| {
+        seconds(t, &a, "method=\"memory_share\"") >= 1.0
+    });
+    let (sa, sb) = (
+        seconds(&text, &a, "method=\"memory_share\""),
+        seconds(&text, &b, "method=\"memory_share\""),
+    );
+    assert!((sa / sb - 3.0).abs() < 0.01, "3:1 by memory: {sa} vs {sb}");
+    assert!(
+        sample(
+            &text,
+            "tally_gpu_nvml_errors_total",
+            &["call=\"nvmlDeviceGetProcessUtilization\""]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "tally_gpu_up", &[]), Some(1.0));
+    assert_conserved(&text, GPU);
+}
+
+#[test]
+fn a_missing_library_leaves_gpu_down_and_the_agent_running() {
+    let agent = Agent::start(
+        "[agent]\ntick_interval_ms = 200\n[cri]\nendpoints = []\n[gpu]\nnvml_library = \"/nonexistent/libnvidia-ml.so.1\"\n",
+    );
+    let text = agent.scrape();
+    assert_eq!(sample(&text, "tally_gpu_up", &[]), Some(0.0));
+    assert!(
+        text.contains("tally_workload_cpu_seconds_total") || text.contains("tally_ticks_total")
+    );
+    agent.scrape_until(Duration::from_secs(5), "ticks go on", |t| {
+        sample(t, "tally_ticks_total", &[]).is_some_and(|n| n >= 3.0)
+    });
+    let log = agent.log();
+    assert_eq!(log.matches("no NVML library").count(), 1, "{log}");
+}
