@@ -49,12 +49,22 @@ pub fn discover(layout: &Layout, errors: &mut ErrorCounts) -> Discovery {
         &layout.memory
     };
     let roots = [&layout.unified, &layout.cpuacct, memory];
+    // Directories of the first hierarchy walked, with their subdirectory counts: a v1 directory
+    // whose twin in the cgroup v2 tree has as many subdirectories is the same subtree (systemd and
+    // runc create both), already walked, and is not listed again.
+    let mut walked: HashMap<String, u64> = HashMap::new();
     for (i, root) in roots.into_iter().enumerate() {
         let Some(root) = root else { continue };
+        let first = i == 0 || (layout.unified.is_none() && walked.is_empty());
         let mut walker = Walker {
             root,
             out: Vec::new(),
             ids: (i == 0).then_some(&mut v2_owner),
+            seen: if first {
+                Seen::Record(&mut walked)
+            } else {
+                Seen::Skip(&walked)
+            },
             errors,
         };
         walker.walk(root, Below::Classify(&Context::default()), None);
@@ -88,7 +98,14 @@ struct Walker<'a> {
     out: Vec<(String, PathIdentity, u64)>,
     /// Set for the cgroup v2 hierarchy only: id → relative path of the owning workload.
     ids: Option<&'a mut HashMap<u64, Option<String>>>,
+    seen: Seen<'a>,
     errors: &'a mut ErrorCounts,
+}
+
+/// Directories already walked in another hierarchy, by relative path, with their link counts.
+enum Seen<'a> {
+    Record(&'a mut HashMap<String, u64>),
+    Skip(&'a HashMap<String, u64>),
 }
 
 /// How a walk treats the directories below the one being listed.
@@ -125,9 +142,23 @@ impl Walker<'_> {
             // fs/kernfs/inode.c, `kernfs_refresh_inode`). Most cgroups are leaves, and listing
             // one means generating a dozen or more control-file entries for nothing, so leaves
             // are not listed. The stat is relative to the open parent, no path lookup.
-            let has_subdirs = entry
+            let nlink = entry
                 .metadata()
-                .map_or(true, |m| std::os::unix::fs::MetadataExt::nlink(&m) > 2);
+                .map_or(u64::MAX, |m| std::os::unix::fs::MetadataExt::nlink(&m));
+            let has_subdirs = nlink > 2;
+            match &mut self.seen {
+                Seen::Record(walked) => {
+                    if let Some(rel) = relative(self.root, &child) {
+                        walked.insert(rel, nlink);
+                    }
+                }
+                Seen::Skip(walked) => {
+                    let twin = relative(self.root, &child).and_then(|rel| walked.get(&rel).copied());
+                    if twin == Some(nlink) {
+                        continue;
+                    }
+                }
+            }
             let ctx = match below {
                 Below::IdsOnly => {
                     self.record_id(id, owner);

@@ -93,19 +93,53 @@ fn account(ctx: &SkBuffContext, dir: u32) {
 fn remote_scope(ctx: &SkBuffContext, dir: u32) -> u32 {
     let protocol = ctx.skb.protocol();
     if protocol == ETH_P_IP {
-        let offset = if dir == direction::EGRESS { IPV4_SADDR + 4 } else { IPV4_SADDR };
-        match ctx.load::<[u8; 4]>(offset) {
-            Ok(addr) => SCOPES_V4.get(Key::new(32, addr)).copied().unwrap_or(scope::INTERNET),
-            Err(_) => scope::INTERNET,
+        let offset = if dir == direction::EGRESS {
+            IPV4_SADDR + 4
+        } else {
+            IPV4_SADDR
+        };
+        match read::<4>(ctx, offset) {
+            // Loopback needs no trie walk: it is always the node.
+            Some(addr) if addr[0] == 127 => scope::NODE,
+            Some(addr) => SCOPES_V4
+                .get(Key::new(32, addr))
+                .copied()
+                .unwrap_or(scope::INTERNET),
+            None => scope::INTERNET,
         }
     } else if protocol == ETH_P_IPV6 {
-        let offset = if dir == direction::EGRESS { IPV6_SADDR + 16 } else { IPV6_SADDR };
-        match ctx.load::<[u8; 16]>(offset) {
-            Ok(addr) => SCOPES_V6.get(Key::new(128, addr)).copied().unwrap_or(scope::INTERNET),
-            Err(_) => scope::INTERNET,
+        let offset = if dir == direction::EGRESS {
+            IPV6_SADDR + 16
+        } else {
+            IPV6_SADDR
+        };
+        match read::<16>(ctx, offset) {
+            Some(addr) if addr == IPV6_LOOPBACK => scope::NODE,
+            Some(addr) => SCOPES_V6
+                .get(Key::new(128, addr))
+                .copied()
+                .unwrap_or(scope::INTERNET),
+            None => scope::INTERNET,
         }
     } else {
         scope::INTERNET
+    }
+}
+
+const IPV6_LOOPBACK: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// `N` bytes at `offset` from the network header: straight from the linear packet data when it
+/// holds them (cgroup_skb may read packet data directly; no helper call), else through
+/// `bpf_skb_load_bytes` for a header split across fragments.
+#[inline(always)]
+fn read<const N: usize>(ctx: &SkBuffContext, offset: usize) -> Option<[u8; N]> {
+    // SAFETY: reading two fields of the context the kernel handed us.
+    let (data, end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
+    if data + offset + N <= end {
+        // SAFETY: the bounds check above is the one the verifier requires for direct access.
+        Some(unsafe { core::ptr::read_unaligned((data + offset) as *const [u8; N]) })
+    } else {
+        ctx.load::<[u8; N]>(offset).ok()
     }
 }
 

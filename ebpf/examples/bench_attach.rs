@@ -1,0 +1,222 @@
+//! Loads Tally's embedded BPF object, attaches the named `cgroup_skb` programs at a cgroup v2 root
+//! and, when told to stop, prints each program's `bpf_stats` (run count and run time). Used by
+//! `bench/ebpf.sh` to compare the agent's hot-path programs with the reference `bench_empty` and
+//! `bench_counter` under the same traffic.
+//!
+//! ```text
+//! bench_attach [--cgroup /sys/fs/cgroup/unified] net_egress net_ingress bench_empty bench_counter
+//! ```
+//!
+//! It prints `ready` on stdout once everything is attached, then waits until stdin reaches EOF or
+//! it gets SIGTERM/SIGINT, prints one line per program:
+//!
+//! ```text
+//! program=<name> runs=<n> run_ns=<total> avg_ns=<avg>
+//! ```
+//!
+//! and exits, which detaches everything (nothing is pinned). The scope tries get the same
+//! loopback ranges the agent installs (127.0.0.0/8 and ::1/128 are `node`), so `net_egress` /
+//! `net_ingress` take their real lookup path on loopback traffic. Must run as root.
+
+use std::error::Error;
+use std::fs::File;
+use std::io::Write;
+use std::net::Ipv6Addr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::programs::cgroup_skb::CgroupSkbAttachType;
+use aya::programs::{CgroupAttachMode, CgroupSkb};
+use aya::EbpfLoader;
+use tally_ebpf::stats::{program_stats, StatsGuard};
+use tally_ebpf::{scope, TALLY_OBJECT};
+
+type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+/// Every `cgroup_skb` program in the object, with the hook it belongs on.
+const PROGRAMS: [(&str, CgroupSkbAttachType); 4] = [
+    ("net_egress", CgroupSkbAttachType::Egress),
+    ("net_ingress", CgroupSkbAttachType::Ingress),
+    ("bench_empty", CgroupSkbAttachType::Egress),
+    ("bench_counter", CgroupSkbAttachType::Egress),
+];
+
+const USAGE: &str = "usage: bench_attach [--cgroup DIR] PROGRAM...\n\
+                     programs: net_egress net_ingress bench_empty bench_counter";
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_signal: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("bench_attach: {}", tally_ebpf::chain(e.as_ref()));
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let mut cgroup = PathBuf::from("/sys/fs/cgroup/unified");
+    let mut wanted: Vec<(&'static str, CgroupSkbAttachType)> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--cgroup" => {
+                cgroup = args
+                    .next()
+                    .ok_or_else(|| format!("--cgroup needs a directory\n{USAGE}"))?
+                    .into();
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            name => {
+                let program = PROGRAMS
+                    .iter()
+                    .find(|(known, _)| *known == name)
+                    .ok_or_else(|| format!("unknown program `{name}`\n{USAGE}"))?;
+                if !wanted.iter().any(|(w, _)| *w == program.0) {
+                    wanted.push(*program);
+                }
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return Err(USAGE.into());
+    }
+
+    install_signal_handlers()?;
+    // Before loading: run times are only collected while stats are on.
+    let _stats = StatsGuard::enable()?;
+
+    let started = Instant::now();
+    let mut ebpf = EbpfLoader::new().load(TALLY_OBJECT)?;
+    fill_scopes(&mut ebpf)?;
+    let dir = File::open(&cgroup).map_err(|e| format!("opening {}: {e}", cgroup.display()))?;
+    for (name, attach_type) in &wanted {
+        let program: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("no program `{name}` in the object"))?
+            .try_into()?;
+        program.load().map_err(|e| format!("loading {name}: {e}"))?;
+        program
+            .attach(&dir, *attach_type, attach_mode())
+            .map_err(|e| format!("attaching {name} at {}: {e}", cgroup.display()))?;
+    }
+    eprintln!(
+        "bench_attach: {} program(s) loaded and attached at {} in {:.1} ms",
+        wanted.len(),
+        cgroup.display(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+
+    wait_for_stop()?;
+
+    for (name, _) in &wanted {
+        let program = ebpf
+            .program(name)
+            .ok_or_else(|| format!("no program `{name}` in the object"))?;
+        let stats =
+            program_stats(name, program).ok_or_else(|| format!("no bpf_stats for `{name}`"))?;
+        let avg = if stats.run_count == 0 {
+            0.0
+        } else {
+            stats.run_time_ns as f64 / stats.run_count as f64
+        };
+        writeln!(
+            out,
+            "program={name} runs={} run_ns={} avg_ns={avg:.1}",
+            stats.run_count, stats.run_time_ns
+        )?;
+    }
+    out.flush()?;
+    // Dropping `ebpf` detaches the links and frees the programs and maps.
+    drop(ebpf);
+    Ok(())
+}
+
+/// The ranges the agent always installs: loopback is the node.
+fn fill_scopes(ebpf: &mut aya::Ebpf) -> Result<()> {
+    let mut v4: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(
+        ebpf.map_mut("SCOPES_V4")
+            .ok_or("no map SCOPES_V4 in the object")?,
+    )?;
+    v4.insert(&Key::new(8, [127, 0, 0, 0]), scope::NODE, 0)?;
+    let mut v6: LpmTrie<_, [u8; 16], u32> = LpmTrie::try_from(
+        ebpf.map_mut("SCOPES_V6")
+            .ok_or("no map SCOPES_V6 in the object")?,
+    )?;
+    v6.insert(&Key::new(128, Ipv6Addr::LOCALHOST.octets()), scope::NODE, 0)?;
+    Ok(())
+}
+
+/// As the agent does (`tally_ebpf::net`): from 5.7 aya attaches through `bpf_link_create`, whose
+/// cgroup links always coexist and which refuses flags; before, `BPF_F_ALLOW_MULTI` is needed so
+/// programs do not evict each other.
+fn attach_mode() -> CgroupAttachMode {
+    match aya::util::KernelVersion::current() {
+        Ok(v) if v >= aya::util::KernelVersion::new(5, 7, 0) => CgroupAttachMode::Single,
+        _ => CgroupAttachMode::AllowMultiple,
+    }
+}
+
+/// SIGTERM and SIGINT set [`STOP`]; without `SA_RESTART`, so a blocked `read` returns `EINTR`.
+fn install_signal_handlers() -> Result<()> {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed `sigaction` is valid (empty mask, no flags); the handler only stores to
+        // an atomic, which is async-signal-safe.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(format!("sigaction: {}", std::io::Error::last_os_error()).into());
+        }
+    }
+    Ok(())
+}
+
+/// Reads stdin until EOF, or until a signal sets [`STOP`]. Polls with a timeout so a signal that
+/// lands between the check and the wait is still seen.
+fn wait_for_stop() -> Result<()> {
+    let mut buf = [0u8; 4096];
+    while !STOP.load(Ordering::SeqCst) {
+        let mut pfd = libc::pollfd {
+            fd: libc::STDIN_FILENO,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid `pollfd` for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 200) };
+        if ready == 0 {
+            continue;
+        }
+        let n = if ready > 0 {
+            // SAFETY: `buf` is valid for writes of its length for the duration of the call.
+            unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) }
+        } else {
+            -1
+        };
+        if n == 0 {
+            break;
+        }
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(format!("waiting on stdin: {err}").into());
+            }
+        }
+    }
+    Ok(())
+}
