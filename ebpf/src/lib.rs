@@ -6,16 +6,31 @@
 //! optional: one that cannot load on this kernel is reported as down with the reason, and the rest
 //! of the agent keeps running.
 
+pub mod disk;
 pub mod net;
+mod source;
 pub mod stats;
+pub mod tcp;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 pub use tally_ebpf_common::{direction, scope, CgroupKey, NetKey, NetValue};
+pub use tally_ebpf_common::{DiskValue, TcpValue, DISK_LATENCY_BUCKETS};
 
 /// The Rust programs (`ebpf/programs`), built by `ebpf/build.sh`.
 pub static TALLY_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/tally.bpf.o");
+
+/// The C CO-RE TCP programs (`ebpf/c/tcp.bpf.c`), built by `ebpf/build.sh`.
+pub static TCP_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/tcp.bpf.o");
+
+/// The C CO-RE block I/O programs (`ebpf/c/disk.bpf.c`), built by `ebpf/build.sh`.
+pub static DISK_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/disk.bpf.o");
+
+/// The attach methods a tracing source may use, best first (`ProbeStatus::method`, and the names
+/// `TcpConfig::disabled_methods` / `DiskConfig::disabled_methods` take). A source offers the ones
+/// it has programs for.
+pub const ATTACH_METHODS: [&str; 4] = ["fentry", "tp_btf", "raw_tracepoint", "tracepoint"];
 
 /// The cgroup id of a cgroup v2 directory: its kernfs inode number, the same number
 /// `bpf_get_current_cgroup_id()` returns for tasks inside it (kernel/cgroup/cgroup.c,
@@ -65,6 +80,12 @@ pub enum Error {
     },
     #[error("enabling bpf_stats")]
     Stats(#[source] aya::sys::SyscallError),
+    /// The C CO-RE objects cannot be relocated without it.
+    #[error("reading kernel BTF (/sys/kernel/btf/vmlinux)")]
+    KernelBtf {
+        #[source]
+        source: aya::BtfError,
+    },
 }
 
 /// Whether a measurement works, and how: one row of `tally_probe_up{probe,method}`.

@@ -11,7 +11,7 @@ use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::cgroup_skb::CgroupSkbAttachType;
 use aya::programs::{CgroupAttachMode, CgroupSkb};
 use aya::{Ebpf, EbpfLoader};
-use tally_ebpf_common::{NetKey, NetValue, LOST_SLOT};
+use tally_ebpf_common::{NetKey, NetValue};
 
 use crate::{Error, ProgramStats, TALLY_OBJECT};
 
@@ -145,47 +145,20 @@ impl Net {
 
     /// Every entry, summed over CPUs: cumulative bytes and packets since the entry was created.
     pub fn read(&self) -> Result<Vec<(NetKey, NetValue)>, Error> {
-        let mut out = Vec::new();
-        for item in self.stats.iter() {
-            let (key, per_cpu) = item.map_err(|source| Error::Map {
-                map: "NET_STATS",
-                action: "reading",
-                source,
-            })?;
-            let sum = per_cpu.iter().fold(NetValue::default(), |acc, v| NetValue {
-                bytes: acc.bytes.wrapping_add(v.bytes),
-                packets: acc.packets.wrapping_add(v.packets),
-            });
-            out.push((key, sum));
-        }
-        Ok(out)
+        crate::source::read_summed(&self.stats, "NET_STATS", |sum, v| {
+            sum.bytes = sum.bytes.wrapping_add(v.bytes);
+            sum.packets = sum.packets.wrapping_add(v.packets);
+        })
     }
 
     /// Deletes the entries of cgroups that no longer exist, after their final values were read.
     pub fn remove(&mut self, keys: &[NetKey]) -> Result<(), Error> {
-        for key in keys {
-            match self.stats.remove(key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(Error::Map {
-                        map: "NET_STATS",
-                        action: "deleting a removed cgroup's entry",
-                        source,
-                    })
-                }
-            }
-        }
-        Ok(())
+        crate::source::remove_keys(&mut self.stats, "NET_STATS", keys)
     }
 
     /// Updates dropped because `NET_STATS` was full, since load.
     pub fn lost(&self) -> Result<u64, Error> {
-        let per_cpu = self.lost.get(&LOST_SLOT, 0).map_err(|source| Error::Map {
-            map: "NET_LOST",
-            action: "reading",
-            source,
-        })?;
-        Ok(per_cpu.iter().copied().fold(0u64, u64::wrapping_add))
+        crate::source::read_lost(&self.lost, "NET_LOST")
     }
 
     pub fn program_stats(&self) -> Vec<ProgramStats> {

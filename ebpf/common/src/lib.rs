@@ -84,3 +84,76 @@ mod tests {
         assert_eq!(size_of::<NetValue>(), 16);
     }
 }
+
+/// Value of `TCP_STATS` (per CPU; `ebpf/c/tcp.bpf.c`), keyed by the socket's cgroup v2 id.
+/// Mirrored by `struct tally_tcp_value` in `ebpf/c/tally_shared.h`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpValue {
+    /// Segments retransmitted (`tcp_skb_pcount()` of each retransmitted skb).
+    pub retransmits: u64,
+    /// Connections this cgroup opened: `SYN_SENT` → `ESTABLISHED`.
+    pub active_opens: u64,
+    /// Connections its listeners accepted: `SYN_RECV` → `ESTABLISHED`.
+    pub passive_opens: u64,
+    /// Established connections that reached `CLOSE` (listeners, failed connects and unfinished
+    /// handshakes are not counted, so `opens - closes` is the number open).
+    pub closes: u64,
+}
+
+/// Buckets of [`DiskValue::latency_buckets`]: bucket `i` counts requests that took
+/// `[2^i, 2^(i+1))` microseconds from issue to completion; bucket 0 also takes 0 µs, and the
+/// last one everything from `2^23` µs (8.4 s) up.
+pub const DISK_LATENCY_BUCKETS: usize = 24;
+
+/// Value of `DISK_STATS` (per CPU; `ebpf/c/disk.bpf.c`), keyed by the cgroup v2 id the I/O is
+/// charged to. Mirrored by `struct tally_disk_value` in `ebpf/c/tally_shared.h`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskValue {
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    /// Completed read requests.
+    pub reads: u64,
+    /// Completed write requests.
+    pub writes: u64,
+    /// Sum of the completed requests' latencies in nanoseconds.
+    pub latency_ns_total: u64,
+    pub latency_buckets: [u64; DISK_LATENCY_BUCKETS],
+}
+
+impl Default for DiskValue {
+    fn default() -> Self {
+        DiskValue {
+            read_bytes: 0,
+            write_bytes: 0,
+            reads: 0,
+            writes: 0,
+            latency_ns_total: 0,
+            latency_buckets: [0; DISK_LATENCY_BUCKETS],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod_c {
+    // SAFETY: plain `#[repr(C)]` integers with no padding (asserted in the tests below), valid for
+    // every bit pattern.
+    unsafe impl aya::Pod for super::TcpValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DiskValue {}
+}
+
+#[cfg(test)]
+mod c_tests {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    #[test]
+    fn c_mirrored_types_have_no_padding() {
+        // The sizes `ebpf/c/tally_shared.h` static-asserts for its mirrors.
+        assert_eq!(size_of::<TcpValue>(), 4 * 8);
+        assert_eq!(size_of::<DiskValue>(), (5 + DISK_LATENCY_BUCKETS) * 8);
+        assert_eq!(align_of::<DiskValue>(), 8);
+    }
+}

@@ -1,0 +1,46 @@
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
+/* Map keys and values shared by the C programs and the loader.
+ *
+ * This header mirrors ebpf/common/src/lib.rs (TcpValue, DiskValue, DISK_LATENCY_BUCKETS,
+ * LOST_SLOT): change both together. Every field is a fixed-width integer with no implicit padding;
+ * the static asserts here and the size asserts in ebpf/common's tests keep the two sides in step.
+ * Per-cgroup maps are keyed by the cgroup v2 id, a __u64 (CgroupKey on the Rust side). */
+#ifndef TALLY_SHARED_H
+#define TALLY_SHARED_H
+
+/* Index of the single slot of the per-CPU *_LOST arrays. */
+#define TALLY_LOST_SLOT 0
+
+/* TCP_STATS value (per CPU). */
+struct tally_tcp_value {
+	/* Segments retransmitted (tcp_skb_pcount() of each retransmitted skb). */
+	__u64 retransmits;
+	/* SYN_SENT -> ESTABLISHED. */
+	__u64 active_opens;
+	/* SYN_RECV -> ESTABLISHED. */
+	__u64 passive_opens;
+	/* -> CLOSE from a state that follows ESTABLISHED (so closes pair with opens). */
+	__u64 closes;
+};
+
+/* Buckets of the disk latency histogram: bucket i counts completions that took
+ * [2^i, 2^(i+1)) microseconds, bucket 0 also takes 0 us, the last one everything from 2^23 us. */
+#define TALLY_DISK_LATENCY_BUCKETS 24
+
+/* DISK_STATS value (per CPU). */
+struct tally_disk_value {
+	__u64 read_bytes;
+	__u64 write_bytes;
+	/* Completed read / write requests. */
+	__u64 reads;
+	__u64 writes;
+	/* Sum of the completed requests' latencies, for the histogram's _sum. */
+	__u64 latency_ns_total;
+	__u64 latency_buckets[TALLY_DISK_LATENCY_BUCKETS];
+};
+
+_Static_assert(sizeof(struct tally_tcp_value) == 32, "TcpValue is 32 bytes");
+_Static_assert(sizeof(struct tally_disk_value) == 40 + 8 * TALLY_DISK_LATENCY_BUCKETS,
+	       "DiskValue has no padding");
+
+#endif /* TALLY_SHARED_H */

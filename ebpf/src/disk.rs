@@ -1,0 +1,168 @@
+//! Block I/O per cgroup: bytes read and written, completed requests and a latency histogram,
+//! counted by `ebpf/c/disk.bpf.c` against the cgroup the I/O is charged to.
+//!
+//! Attach methods, best first: `tp_btf`, `raw_tracepoint` (`block_rq_insert`, `block_rq_issue`,
+//! `block_rq_complete`, with the request pointer) and `tracepoint` (`block:block_rq_issue`,
+//! `block:block_rq_complete`: no request pointer, so requests are matched by device and sector
+//! and charged to the task that issued them). There is no `fentry` method: the functions that fire
+//! these tracepoints are internal to blk-mq, and `tp_btf` works on every kernel that has fentry.
+//!
+//! Attribution, and its limit on hybrid nodes: a request belongs to the cgroup v2 its bios are
+//! charged to (`bio->bi_blkg`), which holds even for writeback by a kernel flusher — when the io
+//! controller is enabled on cgroup v2. Where it is not (cgroup v1 `blkio`, or v2 without `io` in
+//! the parents' `subtree_control`), the request goes to the task that queued it, so direct I/O
+//! lands on the right cgroup and buffered writeback on the flusher's (the root).
+
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use aya::Ebpf;
+use tally_ebpf_common::DiskValue;
+
+use crate::source::{self, Hook, Method, Source};
+use crate::{Error, ProbeStatus, ProgramStats, DISK_OBJECT};
+
+const STATS: &str = "DISK_STATS";
+const LOST: &str = "DISK_LOST";
+
+/// Programs attach in the order listed: completion first, so that every request the issue
+/// program sees has its end seen too and no entry outlives its request.
+static SOURCE: Source = Source {
+    probe: "disk",
+    object_name: "disk.bpf.o",
+    object: DISK_OBJECT,
+    methods: &[
+        Method {
+            name: "tp_btf",
+            programs: &[
+                (
+                    "disk_complete_btf",
+                    Hook::BtfTracePoint("block_rq_complete"),
+                ),
+                ("disk_issue_btf", Hook::BtfTracePoint("block_rq_issue")),
+                ("disk_insert_btf", Hook::BtfTracePoint("block_rq_insert")),
+            ],
+        },
+        Method {
+            name: "raw_tracepoint",
+            programs: &[
+                (
+                    "disk_complete_raw",
+                    Hook::RawTracePoint("block_rq_complete"),
+                ),
+                ("disk_issue_raw", Hook::RawTracePoint("block_rq_issue")),
+                ("disk_insert_raw", Hook::RawTracePoint("block_rq_insert")),
+            ],
+        },
+        Method {
+            name: "tracepoint",
+            programs: &[
+                (
+                    "disk_complete_tp",
+                    Hook::TracePoint("block", "block_rq_complete"),
+                ),
+                ("disk_issue_tp", Hook::TracePoint("block", "block_rq_issue")),
+            ],
+        },
+    ],
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Entries of `DISK_STATS`: one per cgroup that did block I/O since its entry was last
+    /// removed. Updates beyond it are dropped and counted ([`Disk::lost`]).
+    pub max_entries: u32,
+    /// Attach methods not to try (names from [`crate::ATTACH_METHODS`]).
+    pub disabled_methods: Vec<String>,
+}
+
+/// The loaded and attached block I/O programs of one method. Dropping it detaches them and frees
+/// the maps; nothing is pinned.
+pub struct Disk {
+    ebpf: Ebpf,
+    method: &'static Method,
+    stats: PerCpuHashMap<MapData, u64, DiskValue>,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+impl Disk {
+    /// Tries the attach methods best first (`tp_btf`, `raw_tracepoint`, `tracepoint`), skipping
+    /// disabled ones. Returns the loaded source with its status (the method in use; `error` lists
+    /// what failed before it), or no source and the status of total failure.
+    pub fn load(config: &DiskConfig) -> (Option<Disk>, ProbeStatus) {
+        let (loaded, mut status) =
+            SOURCE.load(&[(STATS, config.max_entries)], &config.disabled_methods);
+        let Some((mut ebpf, method)) = loaded else {
+            return (None, status);
+        };
+        let maps = source::take_map(&mut ebpf, SOURCE.object_name, STATS).and_then(|stats| {
+            Ok((
+                stats,
+                source::take_map(&mut ebpf, SOURCE.object_name, LOST)?,
+            ))
+        });
+        match maps {
+            Ok((stats, lost)) => (
+                Some(Disk {
+                    ebpf,
+                    method,
+                    stats,
+                    lost,
+                }),
+                status,
+            ),
+            Err(e) => {
+                status.up = false;
+                status.error = Some(crate::chain(&e));
+                (None, status)
+            }
+        }
+    }
+
+    /// The attach method in use.
+    pub fn method(&self) -> &'static str {
+        self.method.name
+    }
+
+    /// Every cgroup's counters, summed over CPUs: cumulative since the entry was created.
+    pub fn read(&self) -> Result<Vec<(u64, DiskValue)>, Error> {
+        source::read_summed(&self.stats, STATS, |sum, v| {
+            sum.read_bytes = sum.read_bytes.wrapping_add(v.read_bytes);
+            sum.write_bytes = sum.write_bytes.wrapping_add(v.write_bytes);
+            sum.reads = sum.reads.wrapping_add(v.reads);
+            sum.writes = sum.writes.wrapping_add(v.writes);
+            sum.latency_ns_total = sum.latency_ns_total.wrapping_add(v.latency_ns_total);
+            for (s, b) in sum.latency_buckets.iter_mut().zip(v.latency_buckets) {
+                *s = s.wrapping_add(b);
+            }
+        })
+    }
+
+    /// Deletes the entries of cgroups that no longer exist, after their final values were read.
+    pub fn remove(&mut self, cgroup_ids: &[u64]) -> Result<(), Error> {
+        source::remove_keys(&mut self.stats, STATS, cgroup_ids)
+    }
+
+    /// Updates dropped because `DISK_STATS` or the in-flight request table was full, since load.
+    pub fn lost(&self) -> Result<u64, Error> {
+        source::read_lost(&self.lost, LOST)
+    }
+
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        Source::program_stats(&self.ebpf, self.method)
+    }
+}
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field("method", &self.method.name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_method_names_programs_the_object_has() {
+        crate::source::tests::assert_table_matches_object(&super::SOURCE);
+    }
+}

@@ -1,0 +1,162 @@
+//! TCP health per cgroup: segments retransmitted, connections opened (active and passive) and
+//! closed, counted against the socket's cgroup by `ebpf/c/tcp.bpf.c`.
+//!
+//! Attach methods, best first: `fentry` (fexit `__tcp_retransmit_skb`, fentry `tcp_set_state`),
+//! `tp_btf`, `raw_tracepoint` and `tracepoint` (`tcp:tcp_retransmit_skb`,
+//! `sock:inet_sock_set_state`).
+
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use aya::Ebpf;
+use tally_ebpf_common::TcpValue;
+
+use crate::source::{self, Hook, Method, Source};
+use crate::{Error, ProbeStatus, ProgramStats, TCP_OBJECT};
+
+const STATS: &str = "TCP_STATS";
+const LOST: &str = "TCP_LOST";
+
+static SOURCE: Source = Source {
+    probe: "tcp",
+    object_name: "tcp.bpf.o",
+    object: TCP_OBJECT,
+    methods: &[
+        Method {
+            name: "fentry",
+            programs: &[
+                ("tcp_retransmit_fexit", Hook::FExit("__tcp_retransmit_skb")),
+                ("tcp_state_fentry", Hook::FEntry("tcp_set_state")),
+            ],
+        },
+        Method {
+            name: "tp_btf",
+            programs: &[
+                (
+                    "tcp_retransmit_btf",
+                    Hook::BtfTracePoint("tcp_retransmit_skb"),
+                ),
+                ("tcp_state_btf", Hook::BtfTracePoint("inet_sock_set_state")),
+            ],
+        },
+        Method {
+            name: "raw_tracepoint",
+            programs: &[
+                (
+                    "tcp_retransmit_raw",
+                    Hook::RawTracePoint("tcp_retransmit_skb"),
+                ),
+                ("tcp_state_raw", Hook::RawTracePoint("inet_sock_set_state")),
+            ],
+        },
+        Method {
+            name: "tracepoint",
+            programs: &[
+                (
+                    "tcp_retransmit_tp",
+                    Hook::TracePoint("tcp", "tcp_retransmit_skb"),
+                ),
+                (
+                    "tcp_state_tp",
+                    Hook::TracePoint("sock", "inet_sock_set_state"),
+                ),
+            ],
+        },
+    ],
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpConfig {
+    /// Entries of `TCP_STATS`: one per cgroup that owned a TCP socket since its entry was last
+    /// removed. Updates beyond it are dropped and counted ([`Tcp::lost`]).
+    pub max_entries: u32,
+    /// Attach methods not to try (names from [`crate::ATTACH_METHODS`]).
+    pub disabled_methods: Vec<String>,
+}
+
+/// The loaded and attached TCP programs of one method. Dropping it detaches them and frees the
+/// maps; nothing is pinned.
+pub struct Tcp {
+    ebpf: Ebpf,
+    method: &'static Method,
+    stats: PerCpuHashMap<MapData, u64, TcpValue>,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+impl Tcp {
+    /// Tries the attach methods best first (`fentry`, `tp_btf`, `raw_tracepoint`, `tracepoint`),
+    /// skipping disabled ones. Returns the loaded source with its status (the method in use;
+    /// `error` lists what failed before it), or no source and the status of total failure.
+    pub fn load(config: &TcpConfig) -> (Option<Tcp>, ProbeStatus) {
+        let (loaded, mut status) =
+            SOURCE.load(&[(STATS, config.max_entries)], &config.disabled_methods);
+        let Some((mut ebpf, method)) = loaded else {
+            return (None, status);
+        };
+        let maps = source::take_map(&mut ebpf, SOURCE.object_name, STATS).and_then(|stats| {
+            Ok((
+                stats,
+                source::take_map(&mut ebpf, SOURCE.object_name, LOST)?,
+            ))
+        });
+        match maps {
+            Ok((stats, lost)) => (
+                Some(Tcp {
+                    ebpf,
+                    method,
+                    stats,
+                    lost,
+                }),
+                status,
+            ),
+            Err(e) => {
+                status.up = false;
+                status.error = Some(crate::chain(&e));
+                (None, status)
+            }
+        }
+    }
+
+    /// The attach method in use.
+    pub fn method(&self) -> &'static str {
+        self.method.name
+    }
+
+    /// Every cgroup's counters, summed over CPUs: cumulative since the entry was created.
+    pub fn read(&self) -> Result<Vec<(u64, TcpValue)>, Error> {
+        source::read_summed(&self.stats, STATS, |sum, v| {
+            sum.retransmits = sum.retransmits.wrapping_add(v.retransmits);
+            sum.active_opens = sum.active_opens.wrapping_add(v.active_opens);
+            sum.passive_opens = sum.passive_opens.wrapping_add(v.passive_opens);
+            sum.closes = sum.closes.wrapping_add(v.closes);
+        })
+    }
+
+    /// Deletes the entries of cgroups that no longer exist, after their final values were read.
+    pub fn remove(&mut self, cgroup_ids: &[u64]) -> Result<(), Error> {
+        source::remove_keys(&mut self.stats, STATS, cgroup_ids)
+    }
+
+    /// Updates dropped because `TCP_STATS` was full, since load.
+    pub fn lost(&self) -> Result<u64, Error> {
+        source::read_lost(&self.lost, LOST)
+    }
+
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        Source::program_stats(&self.ebpf, self.method)
+    }
+}
+
+impl std::fmt::Debug for Tcp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tcp")
+            .field("method", &self.method.name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_method_names_programs_the_object_has() {
+        crate::source::tests::assert_table_matches_object(&super::SOURCE);
+    }
+}
