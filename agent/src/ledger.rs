@@ -27,6 +27,10 @@ pub enum CounterId {
         direction: u32,
         scope: u32,
     },
+    /// TCP health from the socket-state and retransmit programs.
+    Tcp(TcpCounter),
+    /// Block I/O from the block-layer programs.
+    Disk(DiskCounter),
     /// A GPU counter on one device or MIG instance (`gpu` is its UUID).
     Gpu {
         counter: GpuCounter,
@@ -35,6 +39,25 @@ pub enum CounterId {
         /// the other GPU counters.
         method: Option<&'static str>,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TcpCounter {
+    Retransmits,
+    ActiveOpens,
+    PassiveOpens,
+    Closes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DiskCounter {
+    ReadBytes,
+    WriteBytes,
+    Reads,
+    Writes,
+    LatencyNanos,
+    /// Requests that completed in bucket `i` (`[2^i, 2^(i+1))` µs).
+    LatencyBucket(u8),
 }
 
 /// The per-workload GPU counters.
@@ -88,6 +111,8 @@ pub struct Entry {
     cgroup_id: u64,
     counters: BTreeMap<CounterId, Monotonic>,
     pub memory_bytes: Option<f64>,
+    /// Whether the workload has a cgroup v2 cgroup, so per-cgroup-id (BPF) sources can see it.
+    pub in_v2: bool,
     /// When the workload was last seen; `exited` once a tick did not see it.
     pub exited_at: Option<Instant>,
 }
@@ -130,9 +155,16 @@ impl Ledger {
     }
 
     /// Records what a workload's cgroup said this tick.
-    pub fn observe(&mut self, workload: Arc<Workload>, cgroup_id: u64, reading: &Reading) {
+    pub fn observe(
+        &mut self,
+        workload: Arc<Workload>,
+        cgroup_id: u64,
+        in_v2: bool,
+        reading: &Reading,
+    ) {
         let key = workload.identity.clone();
         let entry = self.entry(workload, Some(cgroup_id));
+        entry.in_v2 = in_v2;
         let raw = [
             (CounterId::CpuSeconds, reading.cpu_seconds),
             (CounterId::DiskReadBytes, reading.disk_read_bytes),
@@ -173,6 +205,7 @@ impl Ledger {
                 cgroup_id: cgroup_id.unwrap_or(0),
                 counters: BTreeMap::new(),
                 memory_bytes: None,
+                in_v2: true,
                 exited_at: None,
             });
         if let Some(id) = cgroup_id {
@@ -239,17 +272,17 @@ mod tests {
         let mut ledger = Ledger::new(Duration::from_secs(60));
         let w = unit("a.service");
         let t0 = Instant::now();
-        ledger.observe(w.clone(), 1, &cpu(5.0));
+        ledger.observe(w.clone(), 1, true, &cpu(5.0));
         ledger.end_tick(t0);
-        ledger.observe(w.clone(), 1, &cpu(7.0));
+        ledger.observe(w.clone(), 1, true, &cpu(7.0));
         ledger.end_tick(t0);
         // The unit restarted: new cgroup id, counter from zero.
-        ledger.observe(w.clone(), 2, &cpu(1.0));
+        ledger.observe(w.clone(), 2, true, &cpu(1.0));
         ledger.end_tick(t0);
         let e = ledger.entries().next().unwrap();
         assert_eq!(e.counter(CounterId::CpuSeconds), Some(8.0));
         // A reset without an id change (counter wrapped or was reset) is folded the same way.
-        ledger.observe(w, 2, &cpu(0.5));
+        ledger.observe(w, 2, true, &cpu(0.5));
         ledger.end_tick(t0);
         let e = ledger.entries().next().unwrap();
         assert_eq!(e.counter(CounterId::CpuSeconds), Some(8.5));
@@ -260,10 +293,10 @@ mod tests {
     fn exited_workloads_keep_final_values_for_the_grace_period() {
         let mut ledger = Ledger::new(Duration::from_secs(60));
         let t0 = Instant::now();
-        ledger.observe(unit("job.service"), 1, &cpu(3.0));
-        ledger.observe(unit("stays.service"), 2, &cpu(1.0));
+        ledger.observe(unit("job.service"), 1, true, &cpu(3.0));
+        ledger.observe(unit("stays.service"), 2, true, &cpu(1.0));
         ledger.end_tick(t0);
-        ledger.observe(unit("stays.service"), 2, &cpu(1.0));
+        ledger.observe(unit("stays.service"), 2, true, &cpu(1.0));
         ledger.end_tick(t0 + Duration::from_secs(1));
         let job = ledger
             .entries()
@@ -273,15 +306,15 @@ mod tests {
         assert_eq!(job.counter(CounterId::CpuSeconds), Some(3.0));
         assert_eq!(job.memory_bytes, None);
 
-        ledger.observe(unit("stays.service"), 2, &cpu(1.0));
+        ledger.observe(unit("stays.service"), 2, true, &cpu(1.0));
         ledger.end_tick(t0 + Duration::from_secs(30));
         assert_eq!(ledger.len(), 2);
-        ledger.observe(unit("stays.service"), 2, &cpu(1.0));
+        ledger.observe(unit("stays.service"), 2, true, &cpu(1.0));
         ledger.end_tick(t0 + Duration::from_secs(62));
         assert_eq!(ledger.len(), 1);
 
         // A workload that comes back within the grace period continues its counters.
-        ledger.observe(unit("job.service"), 3, &cpu(2.0));
+        ledger.observe(unit("job.service"), 3, true, &cpu(2.0));
         ledger.end_tick(t0 + Duration::from_secs(63));
         assert_eq!(ledger.len(), 2);
     }

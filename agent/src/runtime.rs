@@ -60,6 +60,11 @@ pub fn run(config: Config, options: Options) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config, options: Options) -> anyhow::Result<()> {
+    // Before anything can tell a supervisor we are ready: a SIGTERM that follows READY=1 at once
+    // must drain, not meet the default action.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let listen = effective_listen(&config, &options)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -115,9 +120,6 @@ async fn serve(config: Config, options: Options) -> anyhow::Result<()> {
     });
     tracing::info!(%listen, version = env!("CARGO_PKG_VERSION"), "tally agent started");
 
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut current = config;
     loop {
         tokio::select! {

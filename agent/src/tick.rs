@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tally_exporters::{Family, Kind, LabelSet, Snapshot};
 
-use crate::bpf::{scope_name, BpfSources};
+use crate::bpf::BpfSources;
 use crate::cgroupfs::layout::{Layout, NoHierarchy};
 use crate::cgroupfs::Collector;
 use crate::config::Config;
@@ -97,7 +97,9 @@ impl Ticker {
                 }
             }
             let reading = self.collector.read(&f.rel, &mut self.errors);
-            self.ledger.observe(workload.clone(), f.cgroup_id, &reading);
+            let in_v2 = discovery.v2_ids.contains_key(&f.cgroup_id);
+            self.ledger
+                .observe(workload.clone(), f.cgroup_id, in_v2, &reading);
             workloads.push(workload);
         }
         self.collector.end_tick();
@@ -147,37 +149,23 @@ impl Ticker {
             "Memory charged to the workload's cgroup, in bytes.",
             Kind::Gauge,
         );
-        let mut disk_read = Family::new(
-            "tally_workload_disk_read_bytes_total",
-            "Bytes the workload's cgroup read from block devices.",
-            Kind::Counter,
-        );
-        let mut disk_write = Family::new(
-            "tally_workload_disk_write_bytes_total",
-            "Bytes the workload's cgroup wrote to block devices.",
-            Kind::Counter,
-        );
         let mut info = Family::new(
             "tally_workload_info",
             "Workloads the ledger holds (1), with their runtime, QoS class and whether they still run.",
             Kind::Gauge,
         );
-        let mut net = NetFamilies::new();
+        let mut bpf = crate::bpf::BpfFamilies::new(self.bpf.disk_up());
         let mut gpu = crate::gpu::WorkloadGpuFamilies::default();
         let (mut live, mut exited) = (0u64, 0u64);
         for entry in self.ledger.entries() {
             let labels = entry.workload.labels();
-            net.push(labels, entry);
+            bpf.push(labels, entry);
             gpu.push(labels, entry);
             push_counter(&mut cpu, labels, entry.counter(CounterId::CpuSeconds));
-            push_counter(
-                &mut disk_read,
+            bpf.push_cgroupfs_disk(
                 labels,
+                entry,
                 entry.counter(CounterId::DiskReadBytes),
-            );
-            push_counter(
-                &mut disk_write,
-                labels,
                 entry.counter(CounterId::DiskWriteBytes),
             );
             if let Some(m) = entry.memory_bytes {
@@ -207,8 +195,8 @@ impl Ticker {
                 exited += 1;
             }
         }
-        let mut families = vec![cpu, memory, disk_read, disk_write];
-        families.extend(net.families);
+        let mut families = vec![cpu, memory];
+        families.extend(bpf.into_families());
         families.extend(gpu.families);
         families.extend(self.gpu.families());
         families.push(info);
@@ -337,55 +325,6 @@ impl Ticker {
 fn push_counter(family: &mut Family, labels: &LabelSet, value: Option<f64>) {
     if let Some(v) = value {
         family.push(labels, v);
-    }
-}
-
-/// `tally_workload_network_{transmit,receive}_{bytes,packets}_total{scope}`.
-struct NetFamilies {
-    families: Vec<Family>,
-}
-
-impl NetFamilies {
-    fn new() -> Self {
-        let family = |name, help| Family::new(name, help, Kind::Counter);
-        Self {
-            families: vec![
-                family(
-                    "tally_workload_network_receive_bytes_total",
-                    "Bytes the workload's sockets received (IP header and up), by where the sender is.",
-                ),
-                family(
-                    "tally_workload_network_transmit_bytes_total",
-                    "Bytes the workload's sockets sent (IP header and up), by where the receiver is.",
-                ),
-                family(
-                    "tally_workload_network_receive_packets_total",
-                    "Packets the workload's sockets received, by where the sender is.",
-                ),
-                family(
-                    "tally_workload_network_transmit_packets_total",
-                    "Packets the workload's sockets sent, by where the receiver is.",
-                ),
-            ],
-        }
-    }
-
-    fn push(&mut self, labels: &LabelSet, entry: &crate::ledger::Entry) {
-        for (id, value) in entry.counters() {
-            let (index, scope) = match *id {
-                CounterId::NetBytes { direction, scope } => (direction as usize, scope),
-                CounterId::NetPackets { direction, scope } => (2 + direction as usize, scope),
-                _ => continue,
-            };
-            if let Some(family) = self.families.get_mut(index) {
-                family.samples.push(tally_exporters::Sample {
-                    labels: labels.clone(),
-                    extra: vec![("scope", Arc::from(scope_name(scope)))],
-                    value,
-                    histogram: None,
-                });
-            }
-        }
     }
 }
 

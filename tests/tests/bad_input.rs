@@ -151,7 +151,7 @@ fn unreadable_and_malformed_cgroup_files_are_counted() {
     std::fs::write(bad.join("io.stat"), "garbage\n").unwrap();
 
     let agent = Agent::start(&format!(
-        "[agent]\ntick_interval_ms = 100\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n",
+        "[agent]\ntick_interval_ms = 100\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n# A fixture tree: the kernel's BPF programs cannot see its cgroups.\n[ebpf]\nenabled = false\n",
         r.display()
     ));
     let text = agent.scrape_until(Duration::from_secs(5), "error counters", |t| {

@@ -104,7 +104,7 @@ fn promtool_accepts_the_exposition() {
     std::fs::write(pod.join("cpu.stat"), "usage_usec broken\n").unwrap();
 
     let agent = Agent::start(&format!(
-        "[agent]\ntick_interval_ms = 100\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n",
+        "[agent]\ntick_interval_ms = 100\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n[ebpf]\nenabled = false\n",
         r.display()
     ));
     let text = agent.scrape_until(Duration::from_secs(5), "all families", |t| {

@@ -153,7 +153,8 @@ impl Walker<'_> {
                     }
                 }
                 Seen::Skip(walked) => {
-                    let twin = relative(self.root, &child).and_then(|rel| walked.get(&rel).copied());
+                    let twin =
+                        relative(self.root, &child).and_then(|rel| walked.get(&rel).copied());
                     if twin == Some(nlink) {
                         continue;
                     }

@@ -88,6 +88,8 @@ pub struct EbpfConfig {
     /// Entries of the network counter map: one per cgroup × direction × scope seen between two
     /// ticks (64–4194304). When full, updates are counted in `tally_ebpf_map_updates_lost_total`.
     pub max_net_entries: u32,
+    /// Entries of the per-cgroup TCP and disk counter maps (64–4194304).
+    pub max_cgroup_entries: u32,
     /// Attach methods never to use, e.g. `["tp_btf"]` to force the fallback
     /// (`fentry`, `tp_btf`, `raw_tracepoint`, `tracepoint`, `kprobe`, `cgroup_skb`).
     pub disabled_methods: Vec<String>,
@@ -98,6 +100,7 @@ impl Default for EbpfConfig {
         Self {
             enabled: true,
             max_net_entries: 16384,
+            max_cgroup_entries: 16384,
             disabled_methods: Vec::new(),
         }
     }

@@ -183,6 +183,15 @@ fn semantic_errors(config: &Config) -> Vec<(&'static str, String)> {
             ),
         ));
     }
+    if !(64..=4_194_304).contains(&config.ebpf.max_cgroup_entries) {
+        errors.push((
+            "ebpf.max_cgroup_entries",
+            format!(
+                "{} is out of range 64..=4194304",
+                config.ebpf.max_cgroup_entries
+            ),
+        ));
+    }
     for method in &config.ebpf.disabled_methods {
         if !super::ATTACH_METHODS.contains(&method.as_str()) {
             errors.push((
