@@ -73,6 +73,8 @@ pub enum GpuCounter {
 struct Monotonic {
     base: f64,
     last: Option<f64>,
+    /// Fed by `add` at least once (a delta source that reported zero still has a value: 0).
+    added: bool,
 }
 
 impl Monotonic {
@@ -95,12 +97,13 @@ impl Monotonic {
     /// A source that reports increments (BPF maps, whose entries come and go per cgroup id).
     fn add(&mut self, delta: f64) {
         self.base += delta;
+        self.added = true;
     }
 
     fn value(&self) -> Option<f64> {
         self.last
             .map(|l| self.base + l)
-            .or((self.base > 0.0).then_some(self.base))
+            .or((self.added || self.base > 0.0).then_some(self.base))
     }
 }
 

@@ -2,10 +2,6 @@
 //! the scenario's processes are real processes in real cgroups, and `/metrics` must attribute
 //! each device's busy time, memory and energy to the right workloads — and never more than the
 //! device did (conservation, checked in every scenario).
-#![expect(
-    clippy::unwrap_used,
-    reason = "integration test: its helpers fail the test with the error"
-)]
 
 use std::path::PathBuf;
 use std::time::Duration;
