@@ -253,7 +253,9 @@ fn check_reports_this_node_as_json() {
         "kernel",
         "btf",
         "cgroup mode",
-        "bpf programs",
+        "bpf network",
+        "bpf tcp",
+        "bpf disk",
         "nvml",
         "rdma",
         "privileges",
@@ -262,6 +264,21 @@ fn check_reports_this_node_as_json() {
             items.iter().any(|i| i["name"] == name),
             "item {name} missing: {json:#}"
         );
+    }
+    // Really loaded on this kernel (root, BTF): each probe reports the method it attached with.
+    if require::root("check_reports_this_node_as_json") {
+        for (name, method) in [
+            ("bpf network", "cgroup_skb"),
+            ("bpf tcp", "tp_btf"),
+            ("bpf disk", "tp_btf"),
+        ] {
+            let item = items.iter().find(|i| i["name"] == name).unwrap();
+            assert_eq!(item["status"], "ok", "{item}");
+            assert!(
+                item["detail"].as_str().unwrap().starts_with(method),
+                "{item}"
+            );
+        }
     }
     let kernel = items.iter().find(|i| i["name"] == "kernel").unwrap();
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();

@@ -183,7 +183,7 @@ pub fn gather(config: &Config) -> Report {
     let paths = &config.paths;
     let (kernel, release) = kernel_item(&paths.proc_root);
     let mounts = read_mountinfo(&paths.proc_root.join("self/mountinfo"));
-    let items = vec![
+    let mut items = vec![
         kernel,
         btf_item(&paths.sys_root),
         cgroup_mode_item(&paths.cgroup_root),
@@ -201,16 +201,64 @@ pub fn gather(config: &Config) -> Report {
             "tracepoint programs cannot find their event ids \
              (mount -t tracefs nodev /sys/kernel/tracing)",
         ),
-        Item::new(
-            "bpf programs",
-            Status::NotChecked,
-            "eBPF programs not built yet",
-        ),
         nvml_item(tally_gpu::probe_library(config.gpu.nvml_library.as_deref())),
         rdma_item(&paths.sys_root),
         privileges_item(&paths.proc_root, release.as_deref()),
         process_cgroups_item(&paths.proc_root),
         cri_item(&config.cri.endpoints),
     ];
+    items.splice(6..6, bpf_items(config));
     Report { items }
+}
+
+/// Each eBPF probe, from really loading and attaching it (and detaching it again).
+fn bpf_items(config: &Config) -> Vec<Item> {
+    const NAMES: [(&str, &str); 3] = [
+        ("network", "bpf network"),
+        ("tcp", "bpf tcp"),
+        ("disk", "bpf disk"),
+    ];
+    if !config.ebpf.enabled {
+        return NAMES
+            .iter()
+            .map(|(_, name)| {
+                Item::new(
+                    name,
+                    Status::NotChecked,
+                    "disabled by `ebpf.enabled = false`",
+                )
+            })
+            .collect();
+    }
+    let Ok(layout) = crate::cgroupfs::layout::Layout::detect(&config.paths.cgroup_root) else {
+        return NAMES
+            .iter()
+            .map(|(_, name)| Item::new(name, Status::Degraded, "no cgroup hierarchy"))
+            .collect();
+    };
+    let sources = crate::bpf::BpfSources::start(config, &layout);
+    NAMES
+        .iter()
+        .map(
+            |(probe, name)| match sources.statuses().iter().find(|s| s.probe == *probe) {
+                Some(s) if s.up => {
+                    let detail = match &s.error {
+                        None => format!("{} loaded and attached", s.method),
+                        Some(e) => format!("{} loaded and attached (fell back: {e})", s.method),
+                    };
+                    Item::new(name, Status::Ok, detail)
+                }
+                Some(s) => Item::new(
+                    name,
+                    Status::Degraded,
+                    format!(
+                        "not loaded ({}): {}",
+                        s.method,
+                        s.error.as_deref().unwrap_or("")
+                    ),
+                ),
+                None => Item::new(name, Status::Degraded, "not tried"),
+            },
+        )
+        .collect()
 }
