@@ -332,6 +332,9 @@ EOF
     scrape >"$body"
     series=$(grep -cv '^#' "$body" || true)
     bytes=$(wc -c <"$body")
+    # The agent compresses only once a scraper has asked for gzip: ask, wait for a tick, measure.
+    curl -sf --max-time 5 -H 'Accept-Encoding: gzip' "$URL_BASE/metrics" >/dev/null || true
+    sleep $(( (TICK_MS + 999) / 1000 + 1 ))
     gz_bytes=$(curl -sf --max-time 5 -H 'Accept-Encoding: gzip' "$URL_BASE/metrics" | wc -c)
     ours=$(grep -c "pod_uid=\"${UID_PREFIX}-${RUN_ID}-" "$body" || true)
     log "N=$n: $series series ($ours ours), $bytes bytes, $gz_bytes bytes gzip"

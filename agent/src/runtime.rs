@@ -233,6 +233,7 @@ fn tick_loop(
     inbox: mpsc::Receiver<Command>,
     snapshots: tokio::sync::watch::Sender<Arc<Snapshot>>,
 ) {
+    lower_priority();
     let watchdog = std::env::var_os("WATCHDOG_USEC").is_some();
     let mut first = true;
     let mut next = Instant::now();
@@ -308,4 +309,14 @@ fn raise_fd_limit() {
         }
     }
     tracing::debug!(limit = limit.rlim_cur, "open file limit");
+}
+
+/// Gives the calling thread a lower scheduling priority (nice 5) than the HTTP server's, so a
+/// scrape arriving during a long tick is served first on a busy node. Failure is harmless.
+pub(crate) fn lower_priority() {
+    // SAFETY: gettid and setpriority take and return plain integers.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 5);
+    }
 }

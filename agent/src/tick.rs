@@ -39,7 +39,7 @@ impl Ticker {
     pub fn new(config: &Config, cri: Option<CriHandle>) -> Result<Self, NoHierarchy> {
         let layout = Layout::detect(&config.paths.cgroup_root)?;
         Ok(Self {
-            bpf: BpfSources::start(config, &layout),
+            bpf: start_bpf(config, &layout),
             gpu: crate::gpu::GpuSource::start(config, config.tick_interval()),
             host: Arc::new(Workload::new(PathIdentity::Host, Names::default())),
             collector: Collector::new(layout.clone()),
@@ -356,4 +356,16 @@ fn otlp_families(stats: &tally_exporters::otlp::OtlpStats) -> Vec<Family> {
     );
     queued.push_labeled(Vec::new(), stats.queued.load(Relaxed) as f64);
     vec![batches, failures, queued]
+}
+
+/// Starts the eBPF sources, then hands the heap their loading used back to the system: CO-RE
+/// relocation parses the kernel's BTF (several MB of types, once per object and method tried), all
+/// freed once the programs are loaded, but kept by the allocator as resident memory otherwise.
+fn start_bpf(config: &Config, layout: &Layout) -> BpfSources {
+    let sources = BpfSources::start(config, layout);
+    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    sources
 }
