@@ -1231,7 +1231,7 @@ fn alert_rules_pass_promtool_and_the_prometheusrule_is_the_same() {
             .args(["check", "rules"])
             .arg(&extracted),
     );
-    assert!(checked.contains("SUCCESS: 4 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 5 rules found"), "{checked}");
 }
 
 /// Sends one HTTP request to the agent and reads the answer: traffic both ways.
@@ -1299,11 +1299,27 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
         }
     }
     let unit = format!("tally-pkg-{}.service", random_hex(8));
-    let cg = TestCgroup::create(&roots, &format!("/system.slice/{unit}"));
+    let mut cg = TestCgroup::create(&roots, &format!("/system.slice/{unit}"));
+    // A GPU (the fake libnvidia-ml) held by the unit's process, with an XID, for the GPU rules.
+    let gpu_pid = cg.spawn("exec sleep 600");
+    let nvml = tally_tests::fake_nvml::FakeNvml::new(
+        tally_tests::fake_nvml::FULL,
+        &serde_json::json!({
+            "devices": [{
+                "uuid": "GPU-00000000-1111-2222-3333-444444444444",
+                "name": "NVIDIA H100 80GB HBM3",
+                "memory_total_bytes": 85899345920u64,
+                "power_watts": 300,
+                "processes": [{ "pid": gpu_pid, "used_memory_bytes": 1_000_000_000u64, "sm_percent": 40 }]
+            }],
+            "xids": [{ "at_ms": 200, "device": 0, "xid": 79 }]
+        }),
+    );
     let sockets = tempfile::tempdir().unwrap();
     let agent = Agent::start(&format!(
-        "[agent]\ntick_interval_ms = 200\n[cri]\nendpoints = [\"{}\"]\n",
-        sockets.path().join("no-runtime.sock").display()
+        "[agent]\ntick_interval_ms = 200\n[cri]\nendpoints = [\"{}\"]\n{}",
+        sockets.path().join("no-runtime.sock").display(),
+        nvml.config()
     ));
     let out = cg.run(
         &python.display().to_string(),
