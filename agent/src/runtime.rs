@@ -87,6 +87,13 @@ async fn serve(config: Config, options: Options) -> anyhow::Result<()> {
     if otlp_pusher.is_some() {
         ticker.set_otlp_stats(otlp_stats);
     }
+    if !config.gpu.pod_resources_socket.as_os_str().is_empty() {
+        ticker.set_pod_resources(crate::identity::podresources::spawn(
+            config.gpu.pod_resources_socket.clone(),
+            config.tick_interval(),
+            cancel.child_token(),
+        ));
+    }
     let (snapshots_tx, snapshots) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
 
     let (commands, inbox) = mpsc::channel();

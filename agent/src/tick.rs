@@ -33,6 +33,7 @@ pub struct Ticker {
     last_duration: Duration,
     lost: Vec<(&'static str, u64)>,
     otlp: Option<Arc<tally_exporters::otlp::OtlpStats>>,
+    pod_resources: Option<crate::identity::podresources::DevicesHandle>,
 }
 
 impl Ticker {
@@ -52,6 +53,7 @@ impl Ticker {
             last_duration: Duration::ZERO,
             lost: Vec::new(),
             otlp: None,
+            pod_resources: None,
         })
     }
 
@@ -66,6 +68,11 @@ impl Ticker {
         self.ledger.set_grace(config.grace_period());
         self.bpf.reconfigure(config, &mut self.errors);
         Ok(())
+    }
+
+    /// Joins GPUs to the pods the kubelet assigned them to.
+    pub fn set_pod_resources(&mut self, handle: crate::identity::podresources::DevicesHandle) {
+        self.pod_resources = Some(handle);
     }
 
     /// Exports the OTLP pusher's counters with the agent's own metrics.
@@ -110,8 +117,13 @@ impl Ticker {
             &mut self.ledger,
             &mut self.errors,
         );
-        self.gpu
-            .collect(&mut self.identity, &self.host, &mut self.ledger);
+        let assignments = self.pod_resources.as_ref().map(|h| h.assignments());
+        self.gpu.collect(
+            &mut self.identity,
+            &self.host,
+            &mut self.ledger,
+            assignments.as_deref(),
+        );
         let live: std::collections::HashSet<u64> = found.iter().map(|f| f.cgroup_id).collect();
         self.identity.retain(|id| live.contains(&id));
         let live_containers: std::collections::HashSet<&str> = found
@@ -177,6 +189,7 @@ impl Ticker {
                 }
                 PathIdentity::Unit(_) => ("systemd", ""),
                 PathIdentity::Host => ("", ""),
+                PathIdentity::Assigned(_) => ("kubelet", ""),
             };
             let state = if entry.is_live() { "running" } else { "exited" };
             info.samples.push(tally_exporters::Sample {

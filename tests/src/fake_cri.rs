@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
 use tally_agent::identity::cri::proto;
+use tally_agent::identity::podresources::proto as podresources;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::body::BoxBody;
 use tonic::codec::ProstCodec;
@@ -30,6 +31,8 @@ pub struct FakePod {
     pub sandbox_id: String,
     /// `(container id, container name)`.
     pub containers: Vec<(String, String)>,
+    /// `(container name, device ids)` the kubelet's pod-resources API reports (`nvidia.com/gpu`).
+    pub devices: Vec<(String, Vec<String>)>,
 }
 
 impl FakePod {
@@ -44,6 +47,7 @@ impl FakePod {
                 .iter()
                 .map(|(id, name)| ((*id).to_owned(), (*name).to_owned()))
                 .collect(),
+            devices: Vec::new(),
         }
     }
 
@@ -105,6 +109,29 @@ impl State {
         proto::ListContainersResponse { containers }
     }
 
+    fn list_pod_resources(&self) -> podresources::ListPodResourcesResponse {
+        let pod_resources = self
+            .pods()
+            .iter()
+            .map(|pod| podresources::PodResources {
+                name: pod.name.clone(),
+                namespace: pod.namespace.clone(),
+                containers: pod
+                    .devices
+                    .iter()
+                    .map(|(container, ids)| podresources::ContainerResources {
+                        name: container.clone(),
+                        devices: vec![podresources::ContainerDevices {
+                            resource_name: "nvidia.com/gpu".to_owned(),
+                            device_ids: ids.clone(),
+                        }],
+                    })
+                    .collect(),
+            })
+            .collect();
+        podresources::ListPodResourcesResponse { pod_resources }
+    }
+
     fn list_pod_sandbox(&self) -> proto::ListPodSandboxResponse {
         let items = self
             .pods()
@@ -136,6 +163,29 @@ impl NamedService for RuntimeService {
     const NAME: &'static str = proto::SERVICE;
 }
 
+/// The kubelet's `v1.PodResourcesLister` on the same server (tonic routes by service name), for
+/// tests that point the agent's pod-resources socket here.
+#[derive(Debug, Clone)]
+struct PodResourcesLister(RuntimeService);
+
+impl NamedService for PodResourcesLister {
+    const NAME: &'static str = "v1.PodResourcesLister";
+}
+
+impl Service<http::Request<BoxBody>> for PodResourcesLister {
+    type Response = http::Response<BoxBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<BoxBody>) -> Self::Future {
+        self.0.call(req)
+    }
+}
+
 struct ListContainers(Arc<State>);
 
 impl UnaryService<proto::ListContainersRequest> for ListContainers {
@@ -148,6 +198,21 @@ impl UnaryService<proto::ListContainersRequest> for ListContainers {
         std::future::ready(match state.refusal() {
             Some(status) => Err(status),
             None => Ok(Response::new(state.list_containers())),
+        })
+    }
+}
+
+struct ListPodResources(Arc<State>);
+
+impl UnaryService<podresources::ListPodResourcesRequest> for ListPodResources {
+    type Response = podresources::ListPodResourcesResponse;
+    type Future = std::future::Ready<Result<Response<Self::Response>, Status>>;
+
+    fn call(&mut self, _request: Request<podresources::ListPodResourcesRequest>) -> Self::Future {
+        let state = &self.0;
+        std::future::ready(match state.refusal() {
+            Some(status) => Err(status),
+            None => Ok(Response::new(state.list_pod_resources())),
         })
     }
 }
@@ -183,6 +248,10 @@ impl Service<http::Request<BoxBody>> for RuntimeService {
             proto::LIST_CONTAINERS => Box::pin(async move {
                 let mut grpc = tonic::server::Grpc::new(ProstCodec::default());
                 Ok(grpc.unary(ListContainers(state), req).await)
+            }),
+            podresources::LIST => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(ProstCodec::default());
+                Ok(grpc.unary(ListPodResources(state), req).await)
             }),
             proto::LIST_POD_SANDBOX => Box::pin(async move {
                 let mut grpc = tonic::server::Grpc::new(ProstCodec::default());
@@ -237,6 +306,7 @@ impl FakeCri {
                         }
                     };
                     let serve = tonic::transport::Server::builder()
+                        .add_service(PodResourcesLister(service.clone()))
                         .add_service(service)
                         .serve_with_incoming(UnixListenerStream::new(listener));
                     // Not a graceful shutdown, which would wait for clients to hang up: dropping

@@ -327,3 +327,71 @@ fn a_missing_library_leaves_gpu_down_and_the_agent_running() {
     let log = agent.log();
     assert_eq!(log.matches("no NVML library").count(), 1, "{log}");
 }
+
+/// Processes the agent cannot see (another pid namespace: here, pids that do not exist) are
+/// charged to the pod the kubelet assigned the GPU to, through the pod-resources API (fake, on a
+/// real socket); when the pod goes, charging stops at once.
+#[test]
+fn invisible_processes_are_charged_to_the_pod_holding_the_device() {
+    const TEST: &str = "invisible_processes_are_charged_to_the_pod_holding_the_device";
+    if !require::root(TEST) {
+        return;
+    }
+    // No pid namespace of its own needed: pids beyond pid_max are invisible everywhere.
+    let ghost = 4_194_000;
+    let fake = FakeNvml::new(
+        FULL,
+        &json!({ "devices": [device(json!([
+            { "pid": ghost, "used_memory_bytes": 6_000_000_000u64, "sm_percent": 60 }
+        ]))] }),
+    );
+    let sockets = tempfile::tempdir().unwrap();
+    let socket = sockets.path().join("kubelet.sock");
+    let mut pod = tally_tests::fake_cri::FakePod::new("ml", "trainer-0", &[]);
+    pod.devices = vec![("cuda".into(), vec![format!("{GPU}::0")])];
+    let kubelet = tally_tests::fake_cri::FakeCri::start(&socket, vec![pod]).unwrap();
+    let agent = Agent::start(&format!(
+        "[agent]\ntick_interval_ms = 200\n[cri]\nendpoints = []\n[ebpf]\nenabled = false\n{}pod_resources_socket = \"{}\"\n",
+        fake.config(),
+        socket.display()
+    ));
+    let pod_labels = [
+        "namespace=\"ml\"",
+        "pod=\"trainer-0\"",
+        "container=\"cuda\"",
+    ];
+    let text = agent.scrape_until(Duration::from_secs(15), "the pod's GPU time", |t| {
+        total(t, "tally_workload_gpu_seconds_total", &pod_labels) >= 0.6
+    });
+    assert_eq!(
+        total(&text, "tally_workload_gpu_memory_bytes", &pod_labels),
+        6e9,
+        "{text}"
+    );
+    // Nothing for the host row: all of it was the pod's.
+    assert_eq!(
+        total(
+            &text,
+            "tally_workload_gpu_seconds_total",
+            &["namespace=\"\",pod=\"\",pod_uid=\"\",container=\"\""]
+        ),
+        0.0
+    );
+    assert_conserved(&text, GPU);
+
+    // The pod is gone: it is not charged any more.
+    kubelet.set_pods(Vec::new());
+    std::thread::sleep(Duration::from_millis(800));
+    let stopped = total(
+        &agent.scrape(),
+        "tally_workload_gpu_seconds_total",
+        &pod_labels,
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let later = agent.scrape();
+    assert_eq!(
+        total(&later, "tally_workload_gpu_seconds_total", &pod_labels),
+        stopped
+    );
+    assert_conserved(&later, GPU);
+}

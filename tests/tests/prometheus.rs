@@ -41,6 +41,7 @@ fn prometheus_scrapes_named_per_workload_series() {
         name: "trainer-0".into(),
         sandbox_id: sandbox,
         containers: vec![(id.clone(), "pytorch".into())],
+        devices: Vec::new(),
     };
     let _cri = FakeCri::start(&socket, vec![pod]).unwrap();
     let agent = Agent::start(&format!(

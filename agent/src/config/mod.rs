@@ -230,11 +230,23 @@ pub struct CriConfig {
     pub timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GpuConfig {
     /// Path of `libnvidia-ml.so.1`; unset lets the dynamic loader find it.
     pub nvml_library: Option<PathBuf>,
+    /// The kubelet's pod-resources socket, which says which pod container holds which GPU even
+    /// when its processes are invisible (no hostPID). Empty disables it.
+    pub pod_resources_socket: PathBuf,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            nvml_library: None,
+            pod_resources_socket: PathBuf::from(crate::identity::podresources::DEFAULT_SOCKET),
+        }
+    }
 }
 
 fn default_listen() -> String {

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use tally_gpu::{DeviceSample, GpuError, GpuOptions, GpuSample, Sampler, XidEvent};
 
 use crate::config::Config;
-use crate::identity::{Identity, PidError, Workload};
+use crate::identity::podresources::Assignments;
+use crate::identity::{Identity, PathIdentity, PidError, Workload};
 use crate::ledger::{CounterId, GpuCounter, Ledger};
 use attribution::{attribute, DeviceWindow, Holder};
 
@@ -120,7 +121,13 @@ impl GpuSource {
     }
 
     /// Attributes every sample that arrived since the last tick.
-    pub fn collect(&mut self, identity: &mut Identity, host: &Arc<Workload>, ledger: &mut Ledger) {
+    pub fn collect(
+        &mut self,
+        identity: &mut Identity,
+        host: &Arc<Workload>,
+        ledger: &mut Ledger,
+        assignments: Option<&Assignments>,
+    ) {
         let Some(batches) = &self.batches else { return };
         let arrived: Vec<Batch> = batches.try_iter().collect();
         for batch in arrived {
@@ -143,6 +150,7 @@ impl GpuSource {
                     ledger,
                     &mut pids,
                     &mut memory,
+                    assignments,
                 );
             }
             self.pids = pids;
@@ -163,6 +171,7 @@ impl GpuSource {
         ledger: &mut Ledger,
         pids: &mut HashMap<u32, Arc<Workload>>,
         memory: &mut Vec<(Arc<Workload>, Arc<str>, f64)>,
+        assignments: Option<&Assignments>,
     ) {
         if device.uuid.is_empty() {
             return;
@@ -202,7 +211,7 @@ impl GpuSource {
                 })
                 .map(|m| m.uuid.clone())
         };
-        let holders: Vec<Holder<usize>> = device
+        let mut holders: Vec<Holder<usize>> = device
             .processes
             .iter()
             .map(|p| Holder {
@@ -216,7 +225,7 @@ impl GpuSource {
             })
             .collect();
         let period_us = device.util_sample_period_us;
-        let sampled: Option<Vec<(usize, f64)>> = match &device.process_utilization {
+        let mut sampled: Option<Vec<(usize, f64)>> = match &device.process_utilization {
             Ok(samples) => Some(
                 samples
                     .iter()
@@ -231,6 +240,38 @@ impl GpuSource {
             ),
             Err(_) => None,
         };
+        // Devices the kubelet assigned to pod containers: what the agent could not see (the host
+        // row: processes in another pid namespace) belongs to the pods holding the device, split
+        // evenly among time-slicing replicas; an assigned device with no visible process is
+        // still held (idle energy, memory_share of zero).
+        if let Some(assignments) = assignments {
+            let host_index = index(host.clone());
+            let mut targets: Vec<(Option<String>, Vec<usize>)> = Vec::new();
+            let mut ids = vec![(None, device.uuid.clone())];
+            ids.extend(
+                device
+                    .mig
+                    .iter()
+                    .map(|m| (Some(m.uuid.clone()), m.uuid.clone())),
+            );
+            for (instance, id) in ids {
+                if let Some(names) = assignments.get(&id) {
+                    let assignees = names
+                        .iter()
+                        .map(|n| {
+                            index(identity.by_names(n).unwrap_or_else(|| {
+                                Arc::new(Workload::new(
+                                    PathIdentity::Assigned(n.clone()),
+                                    n.clone(),
+                                ))
+                            }))
+                        })
+                        .collect();
+                    targets.push((instance, assignees));
+                }
+            }
+            reassign(&mut holders, sampled.as_mut(), host_index, &targets);
+        }
         let uuid: Arc<str> = Arc::from(device.uuid.as_str());
         let state = self.devices.entry(device.uuid.clone()).or_default();
         for h in &holders {
@@ -328,6 +369,62 @@ fn sample_loop(
                     .saturating_sub(started.elapsed())
                     .min(Duration::from_millis(50)),
             );
+        }
+    }
+}
+
+/// Moves what the host row holds on a device (or MIG instance) to the workloads the kubelet
+/// assigned it to, evenly; adds them as holders when nothing visible holds it.
+fn reassign(
+    holders: &mut Vec<Holder<usize>>,
+    mut sampled: Option<&mut Vec<(usize, f64)>>,
+    host: usize,
+    targets: &[(Option<String>, Vec<usize>)],
+) {
+    for (instance, assignees) in targets {
+        if assignees.is_empty() {
+            continue;
+        }
+        let share = 1.0 / assignees.len() as f64;
+        let on_target = |h: &Holder<usize>| {
+            &h.mig_instance == instance || instance.is_none() && h.mig_instance.is_none()
+        };
+        let mut moved = Vec::new();
+        holders.retain(|h| {
+            if h.workload == host && on_target(h) {
+                moved.push(h.memory_bytes);
+                false
+            } else {
+                true
+            }
+        });
+        let visible = holders.iter().any(on_target);
+        if !moved.is_empty() || !visible {
+            let memory: f64 = moved.iter().sum();
+            for a in assignees {
+                holders.push(Holder {
+                    workload: *a,
+                    memory_bytes: memory * share,
+                    mig_instance: instance.clone(),
+                });
+            }
+        }
+        // Utilization samples exist only without MIG, so only device-level targets take them.
+        if let (None, Some(samples)) = (instance, sampled.as_deref_mut()) {
+            let mut rest = Vec::new();
+            samples.retain(|(w, s)| {
+                if *w == host {
+                    rest.push(*s);
+                    false
+                } else {
+                    true
+                }
+            });
+            for s in rest {
+                for a in assignees {
+                    samples.push((*a, s * share));
+                }
+            }
         }
     }
 }

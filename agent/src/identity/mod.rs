@@ -8,6 +8,7 @@
 pub mod cri;
 mod grpc;
 pub mod path;
+pub mod podresources;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,7 +55,7 @@ impl Workload {
                 empty(),
             ),
             PathIdentity::Unit(u) => (empty(), empty(), Arc::from(u.as_str())),
-            PathIdentity::Host => (empty(), empty(), empty()),
+            PathIdentity::Host | PathIdentity::Assigned(_) => (empty(), empty(), empty()),
         };
         let labels: LabelSet = Arc::from(vec![
             (LABELS[0], Arc::from(names.namespace.as_str())),
@@ -140,6 +141,11 @@ impl Identity {
             return Names::default();
         };
         cri.lookup(&c.container_id).unwrap_or_default()
+    }
+
+    /// A cached workload with these CRI names (the kubelet's device assignments carry names only).
+    pub fn by_names(&self, names: &Names) -> Option<Arc<Workload>> {
+        self.by_cgroup.values().find(|w| &w.names == names).cloned()
     }
 
     /// Forgets every cgroup id not in `live`.

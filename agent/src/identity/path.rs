@@ -59,6 +59,9 @@ pub enum PathIdentity {
     Unit(String),
     /// Not a workload: the root, a slice, or anything unrecognised.
     Host,
+    /// A pod container known only from the kubelet's device assignments (its processes are not
+    /// visible to the agent): no cgroup, no ids, just names.
+    Assigned(super::Names),
 }
 
 /// A container as its cgroup path names it. Pod namespace and names come from CRI later.
@@ -306,6 +309,9 @@ impl fmt::Display for PathIdentity {
             ),
             PathIdentity::Unit(u) => write!(f, "unit {u}"),
             PathIdentity::Host => f.write_str("host"),
+            PathIdentity::Assigned(n) => {
+                write!(f, "pod {}/{} container {}", n.namespace, n.pod, n.container)
+            }
         }
     }
 }
