@@ -13,11 +13,9 @@
 //! the parents' `subtree_control`), the request goes to the task that queued it, so direct I/O
 //! lands on the right cgroup and buffered writeback on the flusher's (the root).
 
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
-use aya::Ebpf;
 use tally_ebpf_common::DiskValue;
 
-use crate::source::{self, Hook, Method, Source};
+use crate::source::{Counters, Hook, Method, Source};
 use crate::{Error, ProbeStatus, ProgramStats, DISK_OBJECT};
 
 const STATS: &str = "DISK_STATS";
@@ -76,55 +74,31 @@ pub struct DiskConfig {
 
 /// The loaded and attached block I/O programs of one method. Dropping it detaches them and frees
 /// the maps; nothing is pinned.
-pub struct Disk {
-    ebpf: Ebpf,
-    method: &'static Method,
-    stats: PerCpuHashMap<MapData, u64, DiskValue>,
-    lost: PerCpuArray<MapData, u64>,
-}
+#[derive(Debug)]
+pub struct Disk(Counters<DiskValue>);
 
 impl Disk {
-    /// Tries the attach methods best first (`tp_btf`, `raw_tracepoint`, `tracepoint`), skipping
-    /// disabled ones. Returns the loaded source with its status (the method in use; `error` lists
-    /// what failed before it), or no source and the status of total failure.
+    /// Tries the attach methods best first (`tp_btf`, `raw_tracepoint`, `tracepoint`), skipping disabled ones. Returns the
+    /// loaded source with its status (the method in use; `error` lists what failed before it),
+    /// or no source and the status of total failure.
     pub fn load(config: &DiskConfig) -> (Option<Disk>, ProbeStatus) {
-        let (loaded, mut status) =
-            SOURCE.load(&[(STATS, config.max_entries)], &config.disabled_methods);
-        let Some((mut ebpf, method)) = loaded else {
-            return (None, status);
-        };
-        let maps = source::take_map(&mut ebpf, SOURCE.object_name, STATS).and_then(|stats| {
-            Ok((
-                stats,
-                source::take_map(&mut ebpf, SOURCE.object_name, LOST)?,
-            ))
-        });
-        match maps {
-            Ok((stats, lost)) => (
-                Some(Disk {
-                    ebpf,
-                    method,
-                    stats,
-                    lost,
-                }),
-                status,
-            ),
-            Err(e) => {
-                status.up = false;
-                status.error = Some(crate::chain(&e));
-                (None, status)
-            }
-        }
+        let (counters, status) = Counters::load(
+            &SOURCE,
+            (STATS, LOST),
+            config.max_entries,
+            &config.disabled_methods,
+        );
+        (counters.map(Disk), status)
     }
 
     /// The attach method in use.
     pub fn method(&self) -> &'static str {
-        self.method.name
+        self.0.method()
     }
 
     /// Every cgroup's counters, summed over CPUs: cumulative since the entry was created.
     pub fn read(&self) -> Result<Vec<(u64, DiskValue)>, Error> {
-        source::read_summed(&self.stats, STATS, |sum, v| {
+        self.0.read(|sum, v| {
             sum.read_bytes = sum.read_bytes.wrapping_add(v.read_bytes);
             sum.write_bytes = sum.write_bytes.wrapping_add(v.write_bytes);
             sum.reads = sum.reads.wrapping_add(v.reads);
@@ -138,24 +112,16 @@ impl Disk {
 
     /// Deletes the entries of cgroups that no longer exist, after their final values were read.
     pub fn remove(&mut self, cgroup_ids: &[u64]) -> Result<(), Error> {
-        source::remove_keys(&mut self.stats, STATS, cgroup_ids)
+        self.0.remove(cgroup_ids)
     }
 
-    /// Updates dropped because `DISK_STATS` or the in-flight request table was full, since load.
+    /// Updates dropped because the stats map was full, since load.
     pub fn lost(&self) -> Result<u64, Error> {
-        source::read_lost(&self.lost, LOST)
+        self.0.lost()
     }
 
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        Source::program_stats(&self.ebpf, self.method)
-    }
-}
-
-impl std::fmt::Debug for Disk {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Disk")
-            .field("method", &self.method.name)
-            .finish_non_exhaustive()
+        self.0.program_stats()
     }
 }
 

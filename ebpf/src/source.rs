@@ -209,6 +209,85 @@ fn shorten(text: &str) -> String {
 }
 
 /// Takes a map out of `ebpf` as `T`.
+/// A loaded per-cgroup counter source: its programs (attached with one method), its stats map
+/// keyed by cgroup id and its lost-update counter. Dropping it detaches everything; nothing is
+/// pinned.
+pub(crate) struct Counters<V: Pod> {
+    ebpf: Ebpf,
+    method: &'static Method,
+    source: &'static Source,
+    stats_name: &'static str,
+    lost_name: &'static str,
+    stats: PerCpuHashMap<MapData, u64, V>,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+impl<V: Pod + Default> Counters<V> {
+    /// Loads `source` with its best method (see [`Source::load`]) and takes its two maps.
+    pub(crate) fn load(
+        source: &'static Source,
+        (stats_name, lost_name): (&'static str, &'static str),
+        max_entries: u32,
+        disabled: &[String],
+    ) -> (Option<Self>, ProbeStatus) {
+        let (loaded, mut status) = source.load(&[(stats_name, max_entries)], disabled);
+        let Some((mut ebpf, method)) = loaded else {
+            return (None, status);
+        };
+        let maps = take_map(&mut ebpf, source.object_name, stats_name)
+            .and_then(|stats| Ok((stats, take_map(&mut ebpf, source.object_name, lost_name)?)));
+        match maps {
+            Ok((stats, lost)) => (
+                Some(Counters {
+                    ebpf,
+                    method,
+                    source,
+                    stats_name,
+                    lost_name,
+                    stats,
+                    lost,
+                }),
+                status,
+            ),
+            Err(e) => {
+                status.up = false;
+                status.error = Some(crate::chain(&e));
+                (None, status)
+            }
+        }
+    }
+
+    pub(crate) fn method(&self) -> &'static str {
+        self.method.name
+    }
+
+    /// Every cgroup's counters, summed over CPUs with `add`.
+    pub(crate) fn read(&self, add: impl Fn(&mut V, &V)) -> Result<Vec<(u64, V)>, Error> {
+        read_summed(&self.stats, self.stats_name, add)
+    }
+
+    pub(crate) fn remove(&mut self, cgroup_ids: &[u64]) -> Result<(), Error> {
+        remove_keys(&mut self.stats, self.stats_name, cgroup_ids)
+    }
+
+    pub(crate) fn lost(&self) -> Result<u64, Error> {
+        read_lost(&self.lost, self.lost_name)
+    }
+
+    pub(crate) fn program_stats(&self) -> Vec<ProgramStats> {
+        Source::program_stats(&self.ebpf, self.method)
+    }
+}
+
+impl<V: Pod> std::fmt::Debug for Counters<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counters")
+            .field("object", &self.source.object_name)
+            .field("method", &self.method.name)
+            .finish_non_exhaustive()
+    }
+}
+
 pub(crate) fn take_map<T>(
     ebpf: &mut Ebpf,
     object: &'static str,

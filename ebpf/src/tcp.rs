@@ -5,11 +5,9 @@
 //! `tp_btf`, `raw_tracepoint` and `tracepoint` (`tcp:tcp_retransmit_skb`,
 //! `sock:inet_sock_set_state`).
 
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
-use aya::Ebpf;
 use tally_ebpf_common::TcpValue;
 
-use crate::source::{self, Hook, Method, Source};
+use crate::source::{Counters, Hook, Method, Source};
 use crate::{Error, ProbeStatus, ProgramStats, TCP_OBJECT};
 
 const STATS: &str = "TCP_STATS";
@@ -72,57 +70,33 @@ pub struct TcpConfig {
     pub disabled_methods: Vec<String>,
 }
 
-/// The loaded and attached TCP programs of one method. Dropping it detaches them and frees the
-/// maps; nothing is pinned.
-pub struct Tcp {
-    ebpf: Ebpf,
-    method: &'static Method,
-    stats: PerCpuHashMap<MapData, u64, TcpValue>,
-    lost: PerCpuArray<MapData, u64>,
-}
+/// The loaded and attached TCP programs of one method. Dropping it detaches them and frees
+/// the maps; nothing is pinned.
+#[derive(Debug)]
+pub struct Tcp(Counters<TcpValue>);
 
 impl Tcp {
-    /// Tries the attach methods best first (`fentry`, `tp_btf`, `raw_tracepoint`, `tracepoint`),
-    /// skipping disabled ones. Returns the loaded source with its status (the method in use;
-    /// `error` lists what failed before it), or no source and the status of total failure.
+    /// Tries the attach methods best first (`fentry`, `tp_btf`, `raw_tracepoint`, `tracepoint`), skipping disabled ones. Returns the
+    /// loaded source with its status (the method in use; `error` lists what failed before it),
+    /// or no source and the status of total failure.
     pub fn load(config: &TcpConfig) -> (Option<Tcp>, ProbeStatus) {
-        let (loaded, mut status) =
-            SOURCE.load(&[(STATS, config.max_entries)], &config.disabled_methods);
-        let Some((mut ebpf, method)) = loaded else {
-            return (None, status);
-        };
-        let maps = source::take_map(&mut ebpf, SOURCE.object_name, STATS).and_then(|stats| {
-            Ok((
-                stats,
-                source::take_map(&mut ebpf, SOURCE.object_name, LOST)?,
-            ))
-        });
-        match maps {
-            Ok((stats, lost)) => (
-                Some(Tcp {
-                    ebpf,
-                    method,
-                    stats,
-                    lost,
-                }),
-                status,
-            ),
-            Err(e) => {
-                status.up = false;
-                status.error = Some(crate::chain(&e));
-                (None, status)
-            }
-        }
+        let (counters, status) = Counters::load(
+            &SOURCE,
+            (STATS, LOST),
+            config.max_entries,
+            &config.disabled_methods,
+        );
+        (counters.map(Tcp), status)
     }
 
     /// The attach method in use.
     pub fn method(&self) -> &'static str {
-        self.method.name
+        self.0.method()
     }
 
     /// Every cgroup's counters, summed over CPUs: cumulative since the entry was created.
     pub fn read(&self) -> Result<Vec<(u64, TcpValue)>, Error> {
-        source::read_summed(&self.stats, STATS, |sum, v| {
+        self.0.read(|sum, v| {
             sum.retransmits = sum.retransmits.wrapping_add(v.retransmits);
             sum.active_opens = sum.active_opens.wrapping_add(v.active_opens);
             sum.passive_opens = sum.passive_opens.wrapping_add(v.passive_opens);
@@ -132,24 +106,16 @@ impl Tcp {
 
     /// Deletes the entries of cgroups that no longer exist, after their final values were read.
     pub fn remove(&mut self, cgroup_ids: &[u64]) -> Result<(), Error> {
-        source::remove_keys(&mut self.stats, STATS, cgroup_ids)
+        self.0.remove(cgroup_ids)
     }
 
-    /// Updates dropped because `TCP_STATS` was full, since load.
+    /// Updates dropped because the stats map was full, since load.
     pub fn lost(&self) -> Result<u64, Error> {
-        source::read_lost(&self.lost, LOST)
+        self.0.lost()
     }
 
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        Source::program_stats(&self.ebpf, self.method)
-    }
-}
-
-impl std::fmt::Debug for Tcp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tcp")
-            .field("method", &self.method.name)
-            .finish_non_exhaustive()
+        self.0.program_stats()
     }
 }
 
