@@ -158,7 +158,14 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
                 &[&unit_label],
             )
             .is_some()
-        })
+        }) && [
+            // The GPU families need two samples of the fake GPU, and its XID at 200 ms.
+            "tally_workload_gpu_seconds_total",
+            "tally_workload_gpu_energy_joules_total",
+            "tally_gpu_xid_errors_total",
+        ]
+        .iter()
+        .all(|f| sample(t, f, &[]).is_some())
     });
     let metrics = agent.scrape();
     let missing: Vec<&String> = names.iter().filter(|n| !serves(&metrics, n)).collect();
