@@ -39,6 +39,15 @@ pub enum CounterId {
         /// the other GPU counters.
         method: Option<&'static str>,
     },
+    /// RDMA traffic on one port of an RDMA device (`device` is its name, `mlx5_0`), and how it
+    /// was attributed (`qp_counter`: the process's own QP counter; `device`: the port counters
+    /// of a device the kubelet assigned to the workload).
+    Rdma {
+        counter: RdmaCounter,
+        device: Arc<str>,
+        port: u32,
+        method: &'static str,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -66,6 +75,15 @@ pub enum GpuCounter {
     BusySeconds,
     EnergyJoules,
     MemoryByteSeconds,
+}
+
+/// The per-workload RDMA counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RdmaCounter {
+    TransmitBytes,
+    ReceiveBytes,
+    TransmitPackets,
+    ReceivePackets,
 }
 
 /// A cumulative source value made monotonic across resets.

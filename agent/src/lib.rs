@@ -4,7 +4,9 @@
 //! pid, cgroupfs by path) into per-workload counters, and never touches BPF maps or NVML handles
 //! itself.
 
+pub mod alerts;
 pub mod bpf;
+pub mod budget;
 pub mod cgroupfs;
 pub mod check;
 pub mod config;
@@ -14,6 +16,8 @@ pub mod health;
 pub mod identity;
 pub mod ledger;
 pub mod otlp;
+pub mod rdma;
 pub mod runtime;
 pub mod server;
 pub mod tick;
+pub mod top;

@@ -38,6 +38,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Release every throttle the state file records (what a stopped or crashed agent left):
+    /// restore the cgroup files it changed and thaw frozen cgroups. Windows are kept.
+    Release {
+        #[arg(long, env = "TALLY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Show the running agent's workloads, budgets and throttles, refreshed live.
+    Top {
+        /// The agent's address (`host:port`).
+        #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:9811")]
+        agent: String,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        /// Print one view (after two samples, for rates) and exit.
+        #[arg(long)]
+        once: bool,
+        /// Rows shown.
+        #[arg(long, default_value_t = 30)]
+        rows: usize,
+    },
+    /// Internal: thaws the cgroups the agent's freeze cycle may have frozen once the agent
+    /// exits (started by the agent itself).
+    #[command(hide = true)]
+    FreezeGuard,
     /// Check a configuration file and print every error with its key path and line.
     Validate {
         /// The file to check (default /etc/tally/tally.toml).
@@ -62,6 +87,26 @@ fn main() -> ExitCode {
             }
             ExitCode::from(report.exit_code().clamp(0, 255) as u8)
         }
+        Command::FreezeGuard => tally_agent::budget::freeze::guard_main(),
+        Command::Release { config } => {
+            let Some((config, _)) = load(config.as_deref()) else {
+                return ExitCode::from(2);
+            };
+            init_logging(&config, true);
+            release(&config)
+        }
+        Command::Top {
+            agent,
+            interval,
+            once,
+            rows,
+        } => match tally_agent::top::run(&agent, interval, once, rows) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tally top: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Command::Validate { file } => {
             let path = file.unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
             match Config::load(&path) {
@@ -71,9 +116,10 @@ fn main() -> ExitCode {
                 }
                 Err(errors) => {
                     for e in &errors.0 {
+                        let file = e.file.as_deref().unwrap_or(&path);
                         match e.line {
-                            Some(line) => eprint!("{}:{line}: ", path.display()),
-                            None => eprint!("{}: ", path.display()),
+                            Some(line) => eprint!("{}:{line}: ", file.display()),
+                            None => eprint!("{}: ", file.display()),
                         }
                         if e.path.is_empty() {
                             eprintln!("{}", e.message);
@@ -86,6 +132,58 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn release(config: &Config) -> ExitCode {
+    use tally_agent::budget::state::{self, State};
+    let dir = &config.enforcement.state_dir;
+    let mut saved = match State::load(dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tally release: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if saved == State::default() {
+        println!("nothing to release: no state in {}", dir.display());
+        return ExitCode::SUCCESS;
+    }
+    let mut failed = 0;
+    for t in &saved.throttles {
+        let errors = state::release_files(t);
+        if errors.is_empty() {
+            println!(
+                "released {} on {} (budget {})",
+                t.action.as_str(),
+                t.subject,
+                t.budget
+            );
+        } else {
+            failed += 1;
+            for e in errors {
+                eprintln!("tally release: budget {} on {}: {e}", t.budget, t.subject);
+            }
+        }
+    }
+    let released = saved.throttles.len() - failed;
+    saved.throttles.clear();
+    // Windows are kept: releasing a throttle is not forgiving the budget.
+    for w in &mut saved.windows {
+        w.enforcing = false;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    if let Err(e) = saved.save(dir, now) {
+        eprintln!("tally release: {e}");
+        return ExitCode::from(1);
+    }
+    println!("{released} throttle(s) released, {failed} failed");
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

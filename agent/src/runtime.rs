@@ -94,6 +94,13 @@ async fn serve(config: Config, options: Options) -> anyhow::Result<()> {
             cancel.child_token(),
         ));
     }
+    let alerts = tally_exporters::alerts::AlertSender::spawn(
+        crate::alerts::settings(&config),
+        Arc::default(),
+        &tokio::runtime::Handle::current(),
+    )
+    .context("configuring alert delivery")?;
+    ticker.set_alerts(alerts.clone());
     let (snapshots_tx, snapshots) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
 
     let (commands, inbox) = mpsc::channel();
@@ -135,6 +142,9 @@ async fn serve(config: Config, options: Options) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 if let Some(next) = reload(&current, &options) {
                     current = next;
+                    if let Err(e) = alerts.update_config(crate::alerts::settings(&current)) {
+                        tracing::error!(error = %e, "reload: keeping the previous alert targets");
+                    }
                     let _ = commands.send(Command::Reload(Box::new(current.clone())));
                 }
             }
@@ -173,6 +183,10 @@ async fn serve(config: Config, options: Options) -> anyhow::Result<()> {
     if tokio::time::timeout(left, joined).await.is_err() {
         tracing::warn!("tick thread did not stop within the drain deadline");
     }
+    // Deliver what the last ticks raised (releases on the way out included), within the deadline.
+    if !alerts.flush_async(deadline).await {
+        tracing::warn!("alerts still undelivered at the drain deadline");
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -188,26 +202,18 @@ fn effective_listen(config: &Config, options: &Options) -> anyhow::Result<Socket
 
 /// Reads the configuration again; on any error logs every one and returns `None`.
 fn reload(current: &Config, options: &Options) -> Option<Config> {
-    let (path, text) = match &options.source {
-        ConfigSource::File(path) => (path.clone(), std::fs::read_to_string(path)),
+    let path = match &options.source {
+        ConfigSource::File(path) => path.clone(),
         ConfigSource::Defaults => {
             let path = PathBuf::from(crate::config::DEFAULT_PATH);
             if !path.exists() {
                 tracing::info!("reload: no configuration file, staying on embedded defaults");
                 return None;
             }
-            (path.clone(), std::fs::read_to_string(&path))
+            path
         }
     };
-    let parsed = text
-        .map_err(|e| {
-            crate::config::ConfigErrors(vec![crate::config::ConfigError {
-                path: String::new(),
-                line: None,
-                message: format!("cannot read {}: {e}", path.display()),
-            }])
-        })
-        .and_then(|text| Config::parse(&text));
+    let parsed = Config::load(&path);
     match parsed {
         Ok(next) => {
             if next.agent.listen != current.agent.listen && options.listen_override.is_none() {
@@ -276,7 +282,10 @@ fn tick_loop(
                     interval = config.tick_interval();
                     next = next.min(Instant::now() + interval);
                 }
-                Ok(Command::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Ok(Command::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    ticker.shutdown();
+                    return;
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => break,
             }
         }

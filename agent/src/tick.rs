@@ -23,6 +23,7 @@ pub struct Ticker {
     errors: ErrorCounts,
     bpf: BpfSources,
     gpu: crate::gpu::GpuSource,
+    rdma: crate::rdma::RdmaSource,
     /// The row for what runs in no workload's cgroup (per-cgroup-id sources only).
     host: Arc<Workload>,
     cri: Option<CriHandle>,
@@ -34,6 +35,8 @@ pub struct Ticker {
     lost: Vec<(&'static str, u64)>,
     otlp: Option<Arc<tally_exporters::otlp::OtlpStats>>,
     pod_resources: Option<crate::identity::podresources::DevicesHandle>,
+    budgets: crate::budget::Engine,
+    alert_stats: Option<Arc<tally_exporters::alerts::AlertStats>>,
 }
 
 impl Ticker {
@@ -42,6 +45,7 @@ impl Ticker {
         Ok(Self {
             bpf: start_bpf(config, &layout),
             gpu: crate::gpu::GpuSource::start(config, config.tick_interval()),
+            rdma: crate::rdma::RdmaSource::start(config),
             host: Arc::new(Workload::new(PathIdentity::Host, Names::default())),
             collector: Collector::new(layout.clone()),
             identity: Identity::new(&config.paths.proc_root, layout, cri.clone()),
@@ -54,6 +58,8 @@ impl Ticker {
             lost: Vec::new(),
             otlp: None,
             pod_resources: None,
+            budgets: crate::budget::Engine::new(config),
+            alert_stats: None,
         })
     }
 
@@ -67,6 +73,7 @@ impl Ticker {
         }
         self.ledger.set_grace(config.grace_period());
         self.bpf.reconfigure(config, &mut self.errors);
+        self.budgets.reconfigure(config);
         Ok(())
     }
 
@@ -78,6 +85,18 @@ impl Ticker {
     /// Exports the OTLP pusher's counters with the agent's own metrics.
     pub fn set_otlp_stats(&mut self, stats: Arc<tally_exporters::otlp::OtlpStats>) {
         self.otlp = Some(stats);
+    }
+
+    /// Sends budget alerts through `sender`, and exports its counters.
+    pub fn set_alerts(&mut self, sender: tally_exporters::alerts::AlertSender) {
+        self.alert_stats = Some(sender.stats().clone());
+        self.budgets
+            .set_alerts(Box::new(crate::alerts::Sink(sender)));
+    }
+
+    /// Releases every throttle and saves the budget windows (graceful stop).
+    pub fn shutdown(&mut self) {
+        self.budgets.shutdown(self.bpf.net_mut());
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -124,6 +143,13 @@ impl Ticker {
             &mut self.ledger,
             assignments.as_deref(),
         );
+        self.rdma.collect(
+            &mut self.identity,
+            &self.host,
+            &mut self.ledger,
+            assignments.as_deref(),
+            &mut self.errors,
+        );
         let live: std::collections::HashSet<u64> = found.iter().map(|f| f.cgroup_id).collect();
         self.identity.retain(|id| live.contains(&id));
         let live_containers: std::collections::HashSet<&str> = found
@@ -136,6 +162,28 @@ impl Ticker {
         self.asked_cri
             .retain(|id| live_containers.contains(id.as_str()));
         self.ledger.end_tick(Instant::now());
+        let placements = found
+            .iter()
+            .map(|f| {
+                let placement = crate::budget::Placement {
+                    rel: f.rel.clone(),
+                    v2_id: discovery
+                        .v2_ids
+                        .contains_key(&f.cgroup_id)
+                        .then_some(f.cgroup_id),
+                };
+                (f.identity.clone(), placement)
+            })
+            .collect();
+        self.budgets.tick(crate::budget::Inputs {
+            ledger: &self.ledger,
+            placements: &placements,
+            layout: self.collector.layout(),
+            gpu_memory: self.gpu.memory_held(),
+            gpu_models: self.gpu.models(),
+            net: self.bpf.net_mut(),
+            tick_started: started,
+        });
         if let Some(cri) = &self.cri {
             if unknown_container {
                 cri.request_refresh();
@@ -168,11 +216,13 @@ impl Ticker {
         );
         let mut bpf = crate::bpf::BpfFamilies::new(self.bpf.disk_up());
         let mut gpu = crate::gpu::WorkloadGpuFamilies::default();
+        let mut rdma = crate::rdma::WorkloadRdmaFamilies::default();
         let (mut live, mut exited) = (0u64, 0u64);
         for entry in self.ledger.entries() {
             let labels = entry.workload.labels();
             bpf.push(labels, entry);
             gpu.push(labels, entry);
+            rdma.push(labels, entry);
             push_counter(&mut cpu, labels, entry.counter(CounterId::CpuSeconds));
             bpf.push_cgroupfs_disk(
                 labels,
@@ -212,7 +262,10 @@ impl Ticker {
         families.extend(bpf.into_families());
         families.extend(gpu.families);
         families.extend(self.gpu.families());
+        families.extend(rdma.families);
+        families.extend(self.rdma.families());
         families.push(info);
+        families.extend(self.budgets.families());
         for family in &mut families {
             // Stable output order makes diffs and tests readable; the map order is random.
             family
@@ -275,6 +328,12 @@ impl Ticker {
                 if status.up { 1.0 } else { 0.0 },
             );
         }
+        for (probe, method, up) in self.rdma.probes() {
+            probes.push_labeled(
+                vec![("probe", Arc::from(probe)), ("method", Arc::from(method))],
+                if up { 1.0 } else { 0.0 },
+            );
+        }
         if let Some(cri) = &self.cri {
             probes.push_labeled(
                 vec![("probe", Arc::from("cri")), ("method", Arc::from("grpc"))],
@@ -330,6 +389,9 @@ impl Ticker {
         ];
         if let Some(otlp) = &self.otlp {
             families.extend(otlp_families(otlp));
+        }
+        if let Some(stats) = &self.alert_stats {
+            families.extend(crate::alerts::families(stats));
         }
         families
     }

@@ -11,11 +11,12 @@ pub mod net;
 mod source;
 pub mod stats;
 pub mod tcp;
+pub mod throttle;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-pub use tally_ebpf_common::{direction, scope, CgroupKey, NetKey, NetValue};
+pub use tally_ebpf_common::{direction, scope, CgroupKey, NetKey, NetValue, ALL_SCOPES};
 pub use tally_ebpf_common::{DiskValue, TcpValue, DISK_LATENCY_BUCKETS};
 
 /// The Rust programs (`ebpf/programs`), built by `ebpf/build.sh`.
@@ -72,6 +73,14 @@ pub enum Error {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("egress limit of cgroup {cgroup_id} on {}: {reason}", scope_name(*scope))]
+    InvalidEgressLimit {
+        cgroup_id: u64,
+        scope: Option<u32>,
+        reason: &'static str,
+    },
+    #[error("map `{map}` is full ({max_entries} entries)")]
+    MapFull { map: &'static str, max_entries: u32 },
     #[error("opening cgroup {path}")]
     OpenCgroup {
         path: PathBuf,
@@ -86,6 +95,13 @@ pub enum Error {
         #[source]
         source: aya::BtfError,
     },
+}
+
+fn scope_name(scope: Option<u32>) -> String {
+    match scope {
+        Some(s) => format!("scope {s}"),
+        None => "all scopes".to_owned(),
+    }
 }
 
 /// Whether a measurement works, and how: one row of `tally_probe_up{probe,method}`.

@@ -6,9 +6,11 @@
 )]
 
 pub mod agent;
+pub mod alertmanager;
 pub mod cgroup;
 pub mod fake_cri;
 pub mod fake_nvml;
+pub mod fake_rdma;
 pub mod otlp_receiver;
 pub mod prometheus;
 pub mod require;

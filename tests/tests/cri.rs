@@ -31,6 +31,7 @@ fn names(namespace: &str, pod: &str, container: &str) -> Names {
         namespace: namespace.into(),
         pod: pod.into(),
         container: container.into(),
+        ..Names::default()
     }
 }
 

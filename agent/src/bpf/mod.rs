@@ -84,6 +84,11 @@ fn swap<K: Eq + Hash, V: Copy + Default>(last: &mut HashMap<K, V>, key: K, value
 }
 
 impl BpfSources {
+    /// The network programs, for egress throttles.
+    pub fn net_mut(&mut self) -> Option<&mut Net> {
+        self.net.as_mut()
+    }
+
     /// Loads what this kernel and configuration allow; failures become probe statuses, never
     /// errors.
     pub fn start(config: &Config, layout: &Layout) -> BpfSources {

@@ -35,8 +35,12 @@ pub struct Layout {
     pub cpuacct: Option<PathBuf>,
     /// v1 `memory` hierarchy (`memory.usage_in_bytes`).
     pub memory: Option<PathBuf>,
-    /// v1 `blkio` hierarchy (`blkio.throttle.io_service_bytes`).
+    /// v1 `blkio` hierarchy (`blkio.throttle.io_service_bytes`, and its throttle rules).
     pub blkio: Option<PathBuf>,
+    /// v1 `cpu` hierarchy (CFS bandwidth: `cpu.cfs_quota_us`), for budget enforcement.
+    pub cpu: Option<PathBuf>,
+    /// v1 `freezer` hierarchy (`freezer.state`), where cgroup2 has no `cgroup.freeze`.
+    pub freezer: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,8 @@ impl Layout {
                 cpuacct: None,
                 memory: None,
                 blkio: None,
+                cpu: None,
+                freezer: None,
             });
         }
         let v1 = |names: &[&str]| {
@@ -67,6 +73,9 @@ impl Layout {
         let cpuacct = v1(&["cpuacct", "cpu,cpuacct", "cpuacct,cpu"]);
         let memory = v1(&["memory"]);
         let blkio = v1(&["blkio", "io"]);
+        let cpu = v1(&["cpu", "cpu,cpuacct", "cpuacct,cpu"])
+            .filter(|p| p.join("cpu.cfs_quota_us").is_file());
+        let freezer = v1(&["freezer"]);
         let mode = match (&unified, cpuacct.is_some() || memory.is_some()) {
             (Some(_), true) => Mode::Hybrid,
             (Some(_), false) => Mode::V2,
@@ -83,6 +92,8 @@ impl Layout {
             cpuacct,
             memory,
             blkio,
+            cpu,
+            freezer,
         })
     }
 

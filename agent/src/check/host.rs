@@ -1,4 +1,4 @@
-//! Items about the host: kernel, BTF, cgroup mode, NVML, RDMA devices, CRI sockets.
+//! Items about the host: kernel, BTF, cgroup mode, NVML, CRI sockets.
 
 use std::fs;
 use std::io;
@@ -177,42 +177,6 @@ pub(super) fn nvml_item(status: LibraryStatus) -> Item {
             Status::Degraded,
             format!("NVML failed to initialise ({detail}): GPU metering off"),
         ),
-    }
-}
-
-pub(super) fn rdma_item(sys_root: &Path) -> Item {
-    const NAME: &str = "rdma";
-    let dir = sys_root.join("class/infiniband");
-    let entries = match fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Item::new(
-                NAME,
-                Status::Absent,
-                format!("no {}: no RDMA devices", dir.display()),
-            )
-        }
-        Err(e) => {
-            return Item::new(
-                NAME,
-                Status::Degraded,
-                format!("cannot list {}: {e}", dir.display()),
-            )
-        }
-    };
-    let mut devices: Vec<String> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    devices.sort();
-    if devices.is_empty() {
-        Item::new(
-            NAME,
-            Status::Absent,
-            format!("{} is empty: no RDMA devices", dir.display()),
-        )
-    } else {
-        Item::new(NAME, Status::Ok, devices.join(", "))
     }
 }
 

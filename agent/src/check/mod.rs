@@ -23,6 +23,7 @@ use crate::config::Config;
 mod host;
 mod mounts;
 mod privileges;
+mod rdma;
 #[cfg(test)]
 mod tests;
 
@@ -202,7 +203,7 @@ pub fn gather(config: &Config) -> Report {
              (mount -t tracefs nodev /sys/kernel/tracing)",
         ),
         nvml_item(tally_gpu::probe_library(config.gpu.nvml_library.as_deref())),
-        rdma_item(&paths.sys_root),
+        rdma::rdma_item(config),
         privileges_item(&paths.proc_root, release.as_deref()),
         process_cgroups_item(&paths.proc_root),
         cri_item(&config.cri.endpoints),

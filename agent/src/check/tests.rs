@@ -23,6 +23,8 @@ impl Node {
         config.gpu.nvml_library = Some(dir.path().join("no/libnvidia-ml.so.1"));
         config.cri.endpoints = vec![dir.path().join("run/containerd.sock")];
         config.ebpf.enabled = false;
+        // Fixture RDMA devices have no RDMA netlink behind them; tests that want it set it.
+        config.rdma.netlink = false;
         fs::create_dir_all(dir.path().join("proc")).unwrap();
         Node { dir, config }
     }
@@ -105,7 +107,9 @@ fn full_v2_fixture_is_ready() {
         mounts.detail,
         format!("cgroup2 {} (nsdelegate)", node.path("cgroup"))
     );
-    assert_eq!(Node::item(&report, "rdma").detail, "mlx5_0");
+    assert!(Node::item(&report, "rdma")
+        .detail
+        .starts_with("mlx5_0 (0 ports); per-process counters off"));
     assert_eq!(
         Node::item(&report, "bpffs").detail,
         "mounted at /sys/fs/bpf"
@@ -375,4 +379,38 @@ fn this_machine_reports_its_cgroup_mode() {
     assert!(mode.detail.starts_with("hybrid: "), "{mode:?}");
     assert_eq!(Node::item(&report, "kernel").status, Status::Ok);
     assert_ne!(report.exit_code(), 2, "{}", report.render_text());
+}
+
+#[test]
+fn rdma_without_netlink_is_port_counters_only() {
+    let mut node = Node::new();
+    node.write(
+        "sys/class/infiniband/mlx5_0/ports/1/counters/port_xmit_data",
+        b"1\n",
+    );
+    assert_eq!(rdma::rdma_item(&node.config).status, Status::Ok);
+
+    node.config.rdma.netlink = true;
+    node.config.rdma.netlink_socket = node.dir.path().join("no-nldev.sock");
+    let item = rdma::rdma_item(&node.config);
+    assert_eq!(item.status, Status::Degraded, "{item:?}");
+    assert!(
+        item.detail
+            .starts_with("mlx5_0 (1 port); RDMA netlink (unix:"),
+        "{item:?}"
+    );
+    assert!(item.detail.contains("unsupported"), "{item:?}");
+    assert!(item
+        .detail
+        .ends_with("port counters only, no per-process attribution"));
+
+    node.config.rdma.enabled = false;
+    assert_eq!(rdma::rdma_item(&node.config).status, Status::NotChecked);
+    let empty = Node::new();
+    let item = rdma::rdma_item(&empty.config);
+    assert_eq!(item.status, Status::Absent);
+    assert!(
+        item.detail.ends_with("does not exist: no RDMA devices"),
+        "{item:?}"
+    );
 }

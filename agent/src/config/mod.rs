@@ -32,12 +32,80 @@ pub struct Config {
     pub cri: CriConfig,
     /// NVML.
     pub gpu: GpuConfig,
+    /// RDMA: port counters from sysfs, per-process QP counters through RDMA netlink.
+    pub rdma: RdmaConfig,
     /// eBPF sources: which load, and their map sizes.
     pub ebpf: EbpfConfig,
     /// Destination scopes of network traffic.
     pub network: NetworkConfig,
     /// OTLP push of the same metrics `/metrics` serves.
     pub otlp: OtlpConfig,
+    /// Budget enforcement: where its state lives, the policy file, the freeze cycle.
+    pub enforcement: EnforcementConfig,
+    /// Where budget alerts go.
+    pub alerts: AlertsConfig,
+    /// Prices for `cost` budgets (a policy file's `[prices]` replaces these).
+    pub prices: crate::budget::policy::Prices,
+    /// Budgets (`[[budget]]`), or those of `enforcement.policy_file`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub budget: Vec<crate::budget::policy::Budget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnforcementConfig {
+    /// Apply throttles at all. Off: budgets are still evaluated, logged and alerted, as if every
+    /// one were `dry_run`.
+    pub enabled: bool,
+    /// A separate policy file (`[[budget]]`, `[prices]`), e.g. from a Kubernetes ConfigMap.
+    /// Read at start and on every reload; its errors refuse the reload like the config's.
+    pub policy_file: Option<PathBuf>,
+    /// Where throttles are recorded before they are applied, and window consumption is kept
+    /// across restarts (`state.json`).
+    pub state_dir: PathBuf,
+    /// Length of one freeze duty cycle in milliseconds (20–10000). A cgroup is never left
+    /// frozen longer than this after the agent dies.
+    pub freeze_period_ms: u64,
+}
+
+impl Default for EnforcementConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            policy_file: None,
+            state_dir: PathBuf::from("/var/lib/tally"),
+            freeze_period_ms: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Alertmanager base URLs (`http://alertmanager:9093`); each gets every alert through
+    /// `/api/v2/alerts`.
+    pub alertmanager_urls: Vec<String>,
+    /// Generic JSON webhooks (Alertmanager's webhook payload shape).
+    pub webhook_urls: Vec<String>,
+    /// Deadline of one delivery attempt in milliseconds (10–60000).
+    pub timeout_ms: u64,
+    /// Attempts per alert and URL before it is counted as failed (1–20).
+    pub max_attempts: u32,
+    /// Seconds between re-sends of a firing alert (Alertmanager resolves alerts not re-sent
+    /// within its `resolve_timeout`), 10–3600.
+    pub resend_interval_secs: u64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            alertmanager_urls: Vec::new(),
+            webhook_urls: Vec::new(),
+            timeout_ms: 5000,
+            max_attempts: 5,
+            resend_interval_secs: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -249,6 +317,44 @@ impl Default for GpuConfig {
     }
 }
 
+/// RDMA metering: port counters from `<paths.sys_root>/class/infiniband`, per-process traffic
+/// from QP counters read through RDMA netlink (nldev), and the port counters of devices the
+/// kubelet assigned to a pod (`gpu.pod_resources_socket`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RdmaConfig {
+    /// Meter RDMA at all. Off: no `tally_rdma_*` or `tally_workload_rdma_*` families.
+    pub enabled: bool,
+    /// Read per-process QP counters through RDMA netlink. Off: port counters only.
+    pub netlink: bool,
+    /// Where nldev requests go: empty for the kernel (`NETLINK_RDMA`), or the path of a unix
+    /// seqpacket socket that relays the same messages (a proxy, a responder replaying dumps).
+    pub netlink_socket: PathBuf,
+    /// Deadline of one nldev exchange in milliseconds (10–60000).
+    pub netlink_timeout_ms: u64,
+    /// Turn QP counter auto mode by pid on (`rdma statistic qp set link DEV/PORT auto type pid
+    /// on`) where it is off, and back off at exit. It changes device state for every user of
+    /// the port, so it is off by default: per-process counters then work only on ports where
+    /// an operator turned auto mode on.
+    pub allow_qp_counter_auto_mode: bool,
+    /// With auto mode turned on by Tally: bind the port's optional counters to the per-process
+    /// counters too (Linux 6.15+; on mlx5 that is where per-QP byte and packet counts are).
+    pub qp_optional_counters: bool,
+}
+
+impl Default for RdmaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            netlink: true,
+            netlink_socket: PathBuf::new(),
+            netlink_timeout_ms: 1000,
+            allow_qp_counter_auto_mode: false,
+            qp_optional_counters: false,
+        }
+    }
+}
+
 fn default_listen() -> String {
     DEFAULT_LISTEN.to_owned()
 }
@@ -317,12 +423,34 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
+                file: None,
                 path: String::new(),
                 line: None,
                 message: format!("cannot read {}: {e}", path.display()),
             }])
         })?;
-        Self::parse(&text)
+        Self::parse(&text)?.with_policy_file()
+    }
+
+    /// Reads `enforcement.policy_file`, when set, into `budget` and `prices`.
+    pub fn with_policy_file(mut self) -> Result<Config, ConfigErrors> {
+        let Some(path) = self.enforcement.policy_file.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: None,
+                path: "enforcement.policy_file".to_owned(),
+                line: None,
+                message: format!("cannot read {}: {e}", path.display()),
+            }])
+        })?;
+        let policy = validate::parse_policy(&text, &path)?;
+        self.budget = policy.budget;
+        if let Some(prices) = policy.prices {
+            self.prices = prices;
+        }
+        Ok(self)
     }
 
     /// The listen address; validation guarantees it parses.

@@ -14,6 +14,8 @@ use super::Config;
 /// One problem in a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    /// The file, when not the configuration file itself (a policy file).
+    pub file: Option<std::path::PathBuf>,
     /// Dotted key path (`agent.listen`), empty for file-level problems.
     pub path: String,
     /// 1-based line in the file, when known.
@@ -23,6 +25,9 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}: ", file.display())?;
+        }
         if let Some(line) = self.line {
             write!(f, "line {line}: ")?;
         }
@@ -55,29 +60,176 @@ impl std::error::Error for ConfigErrors {}
 const MAX_ERRORS: usize = 100;
 
 pub(super) fn parse(text: &str) -> Result<Config, ConfigErrors> {
-    let lines = LineIndex::new(text);
-    let mut table: toml::Table = match text.parse() {
-        Ok(t) => t,
-        Err(e) => {
-            let e: toml::de::Error = e;
-            return Err(ConfigErrors(vec![ConfigError {
-                path: String::new(),
-                line: e.span().map(|s| lines.line_of(s.start)),
-                message: e.message().trim().to_owned(),
-            }]));
+    let (mut table, lines) = parse_toml(text)?;
+    let budget_items = table.remove("budget");
+    let (config, mut errors) = deserialize_table::<Config>(table, &[], &lines);
+    // Every field of `Config` has a default: only a removal that went wrong leaves nothing.
+    let Some(mut config) = config else {
+        return Err(sorted(errors));
+    };
+    let (budgets, budget_errors) = deserialize_budgets(budget_items, &lines);
+    errors.extend(budget_errors);
+    let mut semantic: Vec<(String, String)> = semantic_errors(&config)
+        .into_iter()
+        .map(|(path, message)| (path.to_owned(), message))
+        .collect();
+    semantic.extend(crate::budget::policy::check(&budgets, &config.prices));
+    if config.enforcement.policy_file.is_some() {
+        for (i, _) in &budgets {
+            semantic.push((
+                format!("budget.{i}"),
+                "`enforcement.policy_file` is set: budgets belong in that file".to_owned(),
+            ));
+        }
+    }
+    config.budget = budgets.into_iter().map(|(_, b)| b).collect();
+    errors.extend(located(semantic, &lines));
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(sorted(errors))
+    }
+}
+
+/// Parses a separate policy file; errors name it.
+pub(super) fn parse_policy(
+    text: &str,
+    file: &std::path::Path,
+) -> Result<crate::budget::policy::PolicyFile, ConfigErrors> {
+    let in_file = |mut errors: Vec<ConfigError>| {
+        for e in &mut errors {
+            e.file = Some(file.to_path_buf());
+        }
+        ConfigErrors(errors)
+    };
+    let (mut table, lines) = parse_toml(text).map_err(|e| in_file(e.0))?;
+    let budget_items = table.remove("budget");
+    let (policy, mut errors) =
+        deserialize_table::<crate::budget::policy::PolicyFile>(table, &[], &lines);
+    let Some(mut policy) = policy else {
+        return Err(in_file(sorted(errors).0));
+    };
+    let (budgets, budget_errors) = deserialize_budgets(budget_items, &lines);
+    errors.extend(budget_errors);
+    let prices = policy.prices.clone().unwrap_or_default();
+    errors.extend(located(
+        crate::budget::policy::check(&budgets, &prices),
+        &lines,
+    ));
+    policy.budget = budgets.into_iter().map(|(_, b)| b).collect();
+    if errors.is_empty() {
+        Ok(policy)
+    } else {
+        Err(in_file(sorted(errors).0))
+    }
+}
+
+/// Each `[[budget]]` on its own, so one bad budget neither hides another's errors nor shifts
+/// their indices; returns the good ones with their index in the file.
+fn deserialize_budgets(
+    items: Option<toml::Value>,
+    lines: &Lines,
+) -> (
+    Vec<(usize, crate::budget::policy::Budget)>,
+    Vec<ConfigError>,
+) {
+    let mut budgets = Vec::new();
+    let mut errors = Vec::new();
+    let items = match items {
+        None => return (budgets, errors),
+        Some(toml::Value::Array(items)) => items,
+        Some(_) => {
+            let path = vec!["budget".to_owned()];
+            errors.push(ConfigError {
+                file: None,
+                line: lines.line_of(&path),
+                path: "budget".to_owned(),
+                message: "`budget` is an array of tables: write each as `[[budget]]`".to_owned(),
+            });
+            return (budgets, errors);
         }
     };
-    let spans = toml_edit::ImDocument::parse(text).ok();
-    let line_of = |path: &[String]| -> Option<usize> {
-        let doc = spans.as_ref()?;
-        key_span(doc.as_table(), path).map(|s| lines.line_of(s.start))
-    };
+    for (i, item) in items.into_iter().enumerate() {
+        let prefix = ["budget".to_owned(), i.to_string()];
+        let toml::Value::Table(table) = item else {
+            errors.push(ConfigError {
+                file: None,
+                line: lines.line_of(&prefix),
+                path: prefix.join("."),
+                message: "a budget is a table".to_owned(),
+            });
+            continue;
+        };
+        let (budget, e) = deserialize_table(table, &prefix, lines);
+        errors.extend(e);
+        if let Some(b) = budget {
+            budgets.push((i, b));
+        }
+    }
+    (budgets, errors)
+}
 
+fn located(errors: Vec<(String, String)>, lines: &Lines) -> Vec<ConfigError> {
+    errors
+        .into_iter()
+        .map(|(path, message)| {
+            let segments: Vec<String> = path.split('.').map(str::to_owned).collect();
+            ConfigError {
+                file: None,
+                line: lines.line_of(&segments),
+                path,
+                message,
+            }
+        })
+        .collect()
+}
+
+/// The text's lines and the span-keeping parse, to find where a key path is.
+struct Lines {
+    index: LineIndex,
+    spans: Option<toml_edit::ImDocument<String>>,
+}
+
+impl Lines {
+    fn line_of(&self, path: &[String]) -> Option<usize> {
+        let doc = self.spans.as_ref()?;
+        key_span(doc.as_table(), path).map(|s| self.index.line_of(s.start))
+    }
+}
+
+/// The TOML table of `text`; a syntax error is returned alone.
+fn parse_toml(text: &str) -> Result<(toml::Table, Lines), ConfigErrors> {
+    let index = LineIndex::new(text);
+    match text.parse::<toml::Table>() {
+        Ok(t) => Ok((
+            t,
+            Lines {
+                index,
+                spans: toml_edit::ImDocument::parse(text.to_owned()).ok(),
+            },
+        )),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            file: None,
+            path: String::new(),
+            line: e.span().map(|s| index.line_of(s.start)),
+            message: e.message().trim().to_owned(),
+        }])),
+    }
+}
+
+/// Deserializes `table` (found at key path `prefix`) as `T`, collecting every type error: each
+/// failing key is recorded and removed until the rest deserializes. `None` when what is left
+/// lacks a required field (the removed key was one: its error is already recorded).
+fn deserialize_table<T: serde::de::DeserializeOwned>(
+    mut table: toml::Table,
+    prefix: &[String],
+    lines: &Lines,
+) -> (Option<T>, Vec<ConfigError>) {
     let mut errors = Vec::new();
-    let config = loop {
+    loop {
         let value = toml::Value::Table(table.clone());
-        match serde_path_to_error::deserialize::<_, Config>(value) {
-            Ok(config) => break config,
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(parsed) => return (Some(parsed), errors),
             Err(e) => {
                 let message = e.inner().message().trim().to_owned();
                 let mut path: Vec<String> = e
@@ -95,29 +247,36 @@ pub(super) fn parse(text: &str) -> Result<Config, ConfigErrors> {
                         path.push(field.to_owned());
                     }
                 }
-                errors.push(ConfigError {
-                    path: path.join("."),
-                    line: line_of(&path),
-                    message,
+                let missing = message
+                    .strip_prefix("missing field `")
+                    .and_then(|r| r.split('`').next())
+                    .map(str::to_owned);
+                let full: Vec<String> =
+                    prefix.iter().cloned().chain(path.iter().cloned()).collect();
+                let removed_it = missing.as_deref().is_some_and(|field| {
+                    errors.iter().any(|e: &ConfigError| {
+                        e.path
+                            == full
+                                .iter()
+                                .cloned()
+                                .chain([field.to_owned()])
+                                .collect::<Vec<_>>()
+                                .join(".")
+                    })
                 });
-                if errors.len() >= MAX_ERRORS || !remove(&mut table, &path) {
-                    return Err(sorted(errors));
+                if !removed_it {
+                    errors.push(ConfigError {
+                        file: None,
+                        path: full.join("."),
+                        line: lines.line_of(&full),
+                        message,
+                    });
+                }
+                if missing.is_some() || errors.len() >= MAX_ERRORS || !remove(&mut table, &path) {
+                    return (None, errors);
                 }
             }
         }
-    };
-    for (path, message) in semantic_errors(&config) {
-        let segments: Vec<String> = path.split('.').map(str::to_owned).collect();
-        errors.push(ConfigError {
-            line: line_of(&segments),
-            path: path.to_owned(),
-            message,
-        });
-    }
-    if errors.is_empty() {
-        Ok(config)
-    } else {
-        Err(sorted(errors))
     }
 }
 
@@ -242,7 +401,60 @@ fn semantic_errors(config: &Config) -> Vec<(&'static str, String)> {
             ));
         }
     }
+    if !(20..=10_000).contains(&config.enforcement.freeze_period_ms) {
+        errors.push((
+            "enforcement.freeze_period_ms",
+            format!(
+                "{} is out of range 20..=10000",
+                config.enforcement.freeze_period_ms
+            ),
+        ));
+    }
+    let alerts = &config.alerts;
+    for (name, urls) in [
+        ("alerts.alertmanager_urls", &alerts.alertmanager_urls),
+        ("alerts.webhook_urls", &alerts.webhook_urls),
+    ] {
+        for url in urls {
+            if !url.starts_with("http://") {
+                errors.push((name, format!("`{url}` must start with http://")));
+            }
+        }
+    }
+    for (name, value, range) in [
+        ("alerts.timeout_ms", alerts.timeout_ms, 10..=60_000),
+        (
+            "alerts.max_attempts",
+            u64::from(alerts.max_attempts),
+            1..=20,
+        ),
+        (
+            "alerts.resend_interval_secs",
+            alerts.resend_interval_secs,
+            10..=3600,
+        ),
+    ] {
+        if !range.contains(&value) {
+            errors.push((
+                name,
+                format!(
+                    "{value} is out of range {}..={}",
+                    range.start(),
+                    range.end()
+                ),
+            ));
+        }
+    }
+    if let Some(path) = &config.enforcement.policy_file {
+        if !path.is_absolute() {
+            errors.push((
+                "enforcement.policy_file",
+                format!("`{}` is not an absolute path", path.display()),
+            ));
+        }
+    }
     for (name, path) in [
+        ("enforcement.state_dir", &config.enforcement.state_dir),
         ("paths.proc_root", &config.paths.proc_root),
         ("paths.sys_root", &config.paths.sys_root),
         ("paths.cgroup_root", &config.paths.cgroup_root),
@@ -253,6 +465,34 @@ fn semantic_errors(config: &Config) -> Vec<(&'static str, String)> {
                 format!("`{}` is not an absolute path", path.display()),
             ));
         }
+    }
+    errors.extend(rdma_errors(&config.rdma));
+    errors
+}
+
+fn rdma_errors(rdma: &super::RdmaConfig) -> Vec<(&'static str, String)> {
+    let mut errors = Vec::new();
+    if !(10..=60_000).contains(&rdma.netlink_timeout_ms) {
+        errors.push((
+            "rdma.netlink_timeout_ms",
+            format!("{} is out of range 10..=60000", rdma.netlink_timeout_ms),
+        ));
+    }
+    let socket = &rdma.netlink_socket;
+    if !socket.as_os_str().is_empty() && !socket.is_absolute() {
+        errors.push((
+            "rdma.netlink_socket",
+            format!(
+                "`{}` is not an absolute path (empty: the kernel)",
+                socket.display()
+            ),
+        ));
+    }
+    if rdma.qp_optional_counters && !rdma.allow_qp_counter_auto_mode {
+        errors.push((
+            "rdma.qp_optional_counters",
+            "has no effect without `rdma.allow_qp_counter_auto_mode = true`".to_owned(),
+        ));
     }
     errors
 }
@@ -439,5 +679,24 @@ x = 1
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].path, "cri.endpoints.1");
         assert_eq!(errors[0].line, Some(2));
+    }
+
+    #[test]
+    fn rdma_settings_are_checked_together() {
+        let text = "[rdma]\nnetlink_socket = \"relative.sock\"\nnetlink_timeout_ms = 5\nqp_optional_counters = true\n";
+        let errors = parse(text).unwrap_err().0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "rdma.netlink_socket",
+                "rdma.netlink_timeout_ms",
+                "rdma.qp_optional_counters"
+            ],
+            "{errors:#?}"
+        );
+        let ok = parse("[rdma]\nnetlink_socket = \"/run/nldev.sock\"\nallow_qp_counter_auto_mode = true\nqp_optional_counters = true\n").unwrap();
+        assert!(ok.rdma.allow_qp_counter_auto_mode);
+        assert_eq!(parse("").unwrap().rdma, super::super::RdmaConfig::default());
     }
 }

@@ -116,6 +116,28 @@ impl GpuSource {
         source
     }
 
+    /// GPU (and MIG instance) UUID → model name, for per-model prices.
+    pub fn models(&self) -> HashMap<Arc<str>, Arc<str>> {
+        let mut models = HashMap::new();
+        for device in self.devices.values().filter_map(|d| d.last.as_ref()) {
+            let name: Arc<str> = Arc::from(device.name.as_str());
+            models.insert(Arc::from(device.uuid.as_str()), name.clone());
+            for mig in &device.mig {
+                models.insert(Arc::from(mig.uuid.as_str()), name.clone());
+            }
+        }
+        models
+    }
+
+    /// GPU memory each workload holds now, over all its devices.
+    pub fn memory_held(&self) -> HashMap<crate::identity::PathIdentity, f64> {
+        let mut held = HashMap::new();
+        for (w, _, bytes) in &self.memory {
+            *held.entry(w.identity.clone()).or_insert(0.0) += bytes;
+        }
+        held
+    }
+
     pub fn up(&self) -> bool {
         self.batches.is_some()
     }

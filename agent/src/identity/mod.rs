@@ -30,11 +30,29 @@ pub const LABELS: [&str; 6] = [
 ];
 
 /// Names only the container runtime knows.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default)]
 pub struct Names {
     pub namespace: String,
     pub pod: String,
     pub container: String,
+    /// The pod's labels (without the kubelet's own `io.kubernetes.*`), for budget selectors.
+    /// Not part of the identity: equality and hashing ignore them.
+    pub labels: Arc<std::collections::BTreeMap<String, String>>,
+}
+
+impl PartialEq for Names {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.namespace, &self.pod, &self.container)
+            == (&other.namespace, &other.pod, &other.container)
+    }
+}
+
+impl Eq for Names {}
+
+impl std::hash::Hash for Names {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (&self.namespace, &self.pod, &self.container).hash(state);
+    }
 }
 
 /// A metered workload: what its cgroup path says, plus CRI names when known.

@@ -80,6 +80,7 @@ pub fn assignments(response: &proto::ListPodResourcesResponse) -> Assignments {
                         namespace: pod.namespace.clone(),
                         pod: pod.name.clone(),
                         container: container.name.clone(),
+                        ..Names::default()
                     };
                     if !holders.contains(&names) {
                         holders.push(names);

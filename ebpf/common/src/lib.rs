@@ -61,6 +61,62 @@ pub mod scope {
 /// Index of the single slot of the per-CPU `*_LOST` arrays: updates dropped because a map was full.
 pub const LOST_SLOT: u32 = 0;
 
+/// [`EgressLimitKey::scope`] of a limit on a cgroup's egress to every scope together.
+pub const ALL_SCOPES: u32 = u32::MAX;
+
+/// Key of `EGRESS_LIMITS`: one cgroup's egress limit towards one destination scope (one of
+/// [`scope`]'s values), or towards all of them ([`ALL_SCOPES`]). A packet is charged to both its
+/// scope's limit and the all-scopes limit where each is set, and dropped when either is over.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EgressLimitKey {
+    pub cgroup_id: u64,
+    pub scope: u32,
+    /// Always 0: hash map keys compare every byte.
+    pub pad: u32,
+}
+
+/// Value of `EGRESS_LIMITS`: a token bucket kept as a virtual clock. The loader writes the whole
+/// value; the egress program only moves [`EgressLimit::clock_ns`].
+///
+/// The bucket holds `now - clock_ns` nanoseconds' worth of bytes at the rate, at most
+/// [`EgressLimit::burst_ns`]. A packet passes when the bucket holds its cost, or (a packet larger
+/// than the whole burst) when the bucket is full; passing moves the clock forward by its cost, so
+/// over any interval `T` the bytes passed are at most `burst + rate × T` (plus the race bound the
+/// program documents).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EgressLimit {
+    pub bytes_per_sec: u64,
+    pub burst_bytes: u64,
+    /// Nanoseconds one byte costs at the rate, scaled by `2^`[`COST_SHIFT`], so the program
+    /// multiplies and never divides.
+    pub ns_per_byte_scaled: u64,
+    /// The burst in nanoseconds of the rate.
+    pub burst_ns: u64,
+    /// The `bpf_ktime_get_ns()` instant (CLOCK_MONOTONIC) at which the bytes passed so far would
+    /// all have left at the rate; 0 (or anything older than `now - burst_ns`) is a full bucket.
+    pub clock_ns: u64,
+}
+
+/// Fixed-point shift of [`EgressLimit::ns_per_byte_scaled`].
+pub const COST_SHIFT: u32 = 16;
+
+/// The single slot of `EGRESS_LIMITS_ACTIVE`, an array the program reads before anything else:
+/// [`limit_bit`] of a scope is set there while some cgroup has a limit on that scope, so traffic
+/// pays one array lookup while no limit is set, and only looks up the keys that can exist.
+pub const ACTIVE_SLOT: u32 = 0;
+
+/// The bit of `EGRESS_LIMITS_ACTIVE` that says limits on `scope` (or [`ALL_SCOPES`]) exist.
+#[inline(always)]
+pub const fn limit_bit(scope: u32) -> u32 {
+    if scope == ALL_SCOPES {
+        1 << 31
+    } else {
+        1 << (scope & 31)
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` integers with no padding (asserted in the tests below), valid for
@@ -70,6 +126,10 @@ mod pod {
     unsafe impl aya::Pod for super::NetKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NetValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EgressLimitKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EgressLimit {}
 }
 
 #[cfg(test)]
@@ -82,6 +142,17 @@ mod tests {
         assert_eq!(size_of::<CgroupKey>(), 8);
         assert_eq!(size_of::<NetKey>(), 16);
         assert_eq!(size_of::<NetValue>(), 16);
+        assert_eq!(size_of::<EgressLimitKey>(), 16);
+        assert_eq!(size_of::<EgressLimit>(), 5 * 8);
+    }
+
+    #[test]
+    fn every_scope_has_its_own_limit_bit() {
+        let mut seen = limit_bit(ALL_SCOPES);
+        for s in 0..scope::COUNT as u32 {
+            assert_eq!(seen & limit_bit(s), 0, "scope {s}");
+            seen |= limit_bit(s);
+        }
     }
 }
 

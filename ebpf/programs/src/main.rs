@@ -2,8 +2,12 @@
 //! `try_` function and turns its result into the verdict.
 #![no_std]
 #![no_main]
+// `core::intrinsics::atomic_xadd`: `AtomicU64::fetch_add` does not exist on bpfel.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core_intrinsics, for the atomic add")]
 
 mod net;
+mod throttle;
 
 #[cfg(not(test))]
 #[panic_handler]

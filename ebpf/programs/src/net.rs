@@ -16,6 +16,8 @@ use aya_ebpf::{
 };
 use tally_ebpf_common::{direction, scope, CgroupKey, CounterValue, NetKey, NetValue, LOST_SLOT};
 
+use crate::throttle;
+
 /// Sized by the loader from config (`ebpf.max_net_entries`); this is only the default.
 #[map]
 static NET_STATS: PerCpuHashMap<NetKey, NetValue> = PerCpuHashMap::with_max_entries(16384, 0);
@@ -40,18 +42,29 @@ const ETH_P_IPV6: u32 = 0x86DDu16.to_be() as u32;
 const IPV4_SADDR: usize = 12;
 const IPV6_SADDR: usize = 8;
 
-/// Allow the packet: metering never drops.
-const PASS: i32 = 1;
+/// Allow the packet: metering never drops; only an egress limit does (`throttle`).
+const PASS: i32 = throttle::PASS;
 
+/// Counts what passes; a packet dropped over its cgroup's limit is counted by `throttle` alone
+/// (TCP sends it again, and the resend is what leaves).
 #[cgroup_skb(egress)]
 pub fn net_egress(ctx: SkBuffContext) -> i32 {
-    account(&ctx, direction::EGRESS);
-    PASS
+    // SAFETY: the helper only reads the skb the kernel handed us.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let scope = remote_scope(&ctx, direction::EGRESS);
+    let verdict = throttle::egress(&ctx, cgroup_id, scope);
+    if verdict & PASS != 0 {
+        account(&ctx, cgroup_id, direction::EGRESS, scope);
+    }
+    verdict
 }
 
 #[cgroup_skb(ingress)]
 pub fn net_ingress(ctx: SkBuffContext) -> i32 {
-    account(&ctx, direction::INGRESS);
+    // SAFETY: as above.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let scope = remote_scope(&ctx, direction::INGRESS);
+    account(&ctx, cgroup_id, direction::INGRESS, scope);
     PASS
 }
 
@@ -73,13 +86,11 @@ pub fn bench_counter(ctx: SkBuffContext) -> i32 {
 }
 
 #[inline(always)]
-fn account(ctx: &SkBuffContext, dir: u32) {
-    // SAFETY: as in `bench_counter`.
-    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+fn account(ctx: &SkBuffContext, cgroup_id: u64, dir: u32, scope: u32) {
     let key = NetKey {
         cgroup_id,
         direction: dir,
-        scope: remote_scope(ctx, dir),
+        scope,
     };
     if !add(&NET_STATS, &key, u64::from(ctx.len())) {
         if let Some(lost) = NET_LOST.get_ptr_mut(LOST_SLOT) {
@@ -134,7 +145,12 @@ const IPV6_LOOPBACK: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
 #[inline(always)]
 fn read<const N: usize>(ctx: &SkBuffContext, offset: usize) -> Option<[u8; N]> {
     // SAFETY: reading two fields of the context the kernel handed us.
-    let (data, end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
+    let (data, end) = unsafe {
+        (
+            (*ctx.skb.skb).data as usize,
+            (*ctx.skb.skb).data_end as usize,
+        )
+    };
     if data + offset + N <= end {
         // SAFETY: the bounds check above is the one the verifier requires for direct access.
         Some(unsafe { core::ptr::read_unaligned((data + offset) as *const [u8; N]) })
@@ -145,7 +161,7 @@ fn read<const N: usize>(ctx: &SkBuffContext, offset: usize) -> Option<[u8; N]> {
 
 /// Adds one packet of `len` bytes under `key`; false when the map is full and the update is lost.
 #[inline(always)]
-fn add<K>(map: &PerCpuHashMap<K, NetValue>, key: &K, len: u64) -> bool {
+pub(crate) fn add<K>(map: &PerCpuHashMap<K, NetValue>, key: &K, len: u64) -> bool {
     if let Some(value) = map.get_ptr_mut(key) {
         // SAFETY: this CPU's copy of the value; BPF programs are not preempted by themselves on
         // one CPU, so the read-modify-write is not torn.

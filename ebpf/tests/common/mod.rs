@@ -110,7 +110,7 @@ impl TestCgroup {
     /// `program args…` set up to join this cgroup between fork and exec, so everything it does,
     /// from its first instruction, belongs to the cgroup.
     #[expect(clippy::unwrap_used, reason = "test helper")]
-    fn command(&self, program: &str, args: &[&str]) -> Command {
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
         // Opened here: after fork only async-signal-safe calls are allowed, and write(2) is one.
         let procs = File::options()
             .write(true)

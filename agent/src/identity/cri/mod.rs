@@ -301,17 +301,19 @@ pub fn join_names(
                 namespace: or_label(&meta.namespace, &sandbox.labels, proto::LABEL_NAMESPACE),
                 pod: or_label(&meta.name, &sandbox.labels, proto::LABEL_POD_NAME),
                 container: SANDBOX_CONTAINER.to_owned(),
+                labels: Arc::new(pod_labels(&sandbox.labels)),
             },
         );
     }
     for container in containers {
-        let (namespace, pod) = match names.get(&container.pod_sandbox_id) {
+        let (namespace, pod, labels) = match names.get(&container.pod_sandbox_id) {
             Some(pod) if !container.pod_sandbox_id.is_empty() => {
-                (pod.namespace.clone(), pod.pod.clone())
+                (pod.namespace.clone(), pod.pod.clone(), pod.labels.clone())
             }
             _ => (
                 label(&container.labels, proto::LABEL_NAMESPACE).to_owned(),
                 label(&container.labels, proto::LABEL_POD_NAME).to_owned(),
+                Arc::default(),
             ),
         };
         let meta_name = container
@@ -326,10 +328,20 @@ pub fn join_names(
                 namespace,
                 pod,
                 container: container_name,
+                labels,
             },
         );
     }
     names
+}
+
+/// A sandbox's labels are the pod's, plus the kubelet's own (`io.kubernetes.*`), left out.
+fn pod_labels(labels: &HashMap<String, String>) -> std::collections::BTreeMap<String, String> {
+    labels
+        .iter()
+        .filter(|(k, _)| !k.starts_with("io.kubernetes."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 #[derive(Debug, Default)]

@@ -1,0 +1,347 @@
+//! Duty-cycle freezing: each cycle, every throttled cgroup runs for its share of the cycle and is
+//! frozen for the rest. This holds any resource's rate (GPU time included: a frozen process
+//! submits no work) to a fraction of what the workload would use.
+//!
+//! A frozen cgroup must never outlive the agent by more than one cycle, even when the agent is
+//! killed with SIGKILL and runs no code of its own. So a guard process (`tally freeze-guard`,
+//! started on first use) is told every cgroup the cycle may freeze, over a pipe; when the pipe
+//! closes — the agent exited, however — it thaws them all and exits.
+
+use std::collections::HashMap;
+use std::io::{BufRead as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::state::thawed_value;
+
+/// The freeze file of a cgroup: `cgroup.freeze` (v2) or `freezer.state` (v1).
+pub fn frozen_value(freeze_file: &Path) -> &'static str {
+    if freeze_file.ends_with("freezer.state") {
+        "FROZEN"
+    } else {
+        "1"
+    }
+}
+
+#[derive(Debug, Default)]
+struct Cycle {
+    period: Duration,
+    /// Freeze file → fraction of each cycle the cgroup runs.
+    shares: HashMap<PathBuf, f64>,
+    stop: bool,
+    /// Write failures, by file, since last taken.
+    failures: HashMap<PathBuf, String>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    cycle: Mutex<Cycle>,
+    wake: Condvar,
+}
+
+/// The duty-cycle thread and its guard.
+#[derive(Debug)]
+pub struct Freezer {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    guard: Option<Guard>,
+    /// The program that runs `freeze-guard` (this executable).
+    guard_program: PathBuf,
+}
+
+#[derive(Debug)]
+struct Guard {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+impl Freezer {
+    pub fn new(period: Duration) -> Freezer {
+        Freezer {
+            shared: Arc::new(Shared {
+                cycle: Mutex::new(Cycle {
+                    period,
+                    ..Cycle::default()
+                }),
+                wake: Condvar::new(),
+            }),
+            thread: None,
+            guard: None,
+            guard_program: PathBuf::from("/proc/self/exe"),
+        }
+    }
+
+    pub fn set_period(&mut self, period: Duration) {
+        self.lock().period = period;
+        self.shared.wake.notify_all();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cycle> {
+        self.shared
+            .cycle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Duty-cycles the cgroup whose freeze file is `file` so it runs `share` of each cycle.
+    /// The guard learns of it first: no freeze happens that the guard could not undo.
+    pub fn set(&mut self, file: &Path, share: f64) -> Result<(), String> {
+        let known = self.lock().shares.contains_key(file);
+        if !known {
+            self.tell_guard(&format!("+{}", file.display()))?;
+        }
+        self.lock()
+            .shares
+            .insert(file.to_path_buf(), share.clamp(0.0, 1.0));
+        self.ensure_thread()?;
+        self.shared.wake.notify_all();
+        Ok(())
+    }
+
+    /// Stops duty-cycling `file` and thaws it.
+    pub fn remove(&mut self, file: &Path) -> Result<(), String> {
+        let removed = self.lock().shares.remove(file).is_some();
+        let thawed = super::state::write_existing(file, thawed_value(file))
+            .map_err(|e| format!("thawing {}: {e}", file.display()));
+        if removed {
+            // Best effort: the guard thawing an already thawed cgroup is harmless.
+            let _ = self.tell_guard(&format!("-{}", file.display()));
+        }
+        thawed
+    }
+
+    pub fn share(&self, file: &Path) -> Option<f64> {
+        self.lock().shares.get(file).copied()
+    }
+
+    /// Write failures of the cycle thread since the last call.
+    pub fn take_failures(&self) -> HashMap<PathBuf, String> {
+        std::mem::take(&mut self.lock().failures)
+    }
+
+    /// Thaws everything and stops the thread; the guard exits when its pipe closes.
+    pub fn stop(&mut self) {
+        let files: Vec<PathBuf> = {
+            let mut cycle = self.lock();
+            cycle.stop = true;
+            cycle.shares.drain().map(|(f, _)| f).collect()
+        };
+        self.shared.wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        for file in files {
+            if let Err(e) = super::state::write_existing(&file, thawed_value(&file)) {
+                tracing::error!(file = %file.display(), error = %e, "thawing on stop failed");
+            }
+        }
+        if let Some(mut guard) = self.guard.take() {
+            drop(guard.stdin);
+            let _ = guard.child.wait();
+        }
+    }
+
+    fn ensure_thread(&mut self) -> Result<(), String> {
+        if self.thread.is_some() {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("tally-freeze".into())
+            .spawn(move || run_cycles(&shared))
+            .map_err(|e| format!("starting the freeze thread: {e}"))?;
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    fn tell_guard(&mut self, line: &str) -> Result<(), String> {
+        for attempt in 0..2 {
+            if self.guard.is_none() {
+                self.guard = Some(self.spawn_guard()?);
+                // A new guard knows nothing yet: tell it every cgroup already cycled.
+                let known: Vec<PathBuf> = self.lock().shares.keys().cloned().collect();
+                for file in known {
+                    self.send(&format!("+{}", file.display()))?;
+                }
+            }
+            match self.send(line) {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt == 0 => {
+                    tracing::warn!(error = %e, "the freeze guard is gone; starting another");
+                    if let Some(mut old) = self.guard.take() {
+                        let _ = old.child.kill();
+                        let _ = old.child.wait();
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err("the freeze guard keeps failing".to_owned())
+    }
+
+    fn send(&mut self, line: &str) -> Result<(), String> {
+        let guard = self.guard.as_mut().ok_or("no freeze guard")?;
+        writeln!(guard.stdin, "{line}")
+            .and_then(|()| guard.stdin.flush())
+            .map_err(|e| format!("telling the freeze guard: {e}"))
+    }
+
+    fn spawn_guard(&self) -> Result<Guard, String> {
+        let mut child = Command::new(&self.guard_program)
+            .arg("freeze-guard")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "starting the freeze guard ({} freeze-guard): {e}",
+                    self.guard_program.display()
+                )
+            })?;
+        let stdin = child.stdin.take().ok_or("the freeze guard has no stdin")?;
+        Ok(Guard { child, stdin })
+    }
+}
+
+impl Drop for Freezer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The cycle: thaw everything at the start, freeze each cgroup when its share has run.
+fn run_cycles(shared: &Shared) {
+    raise_priority();
+    let mut frozen: HashMap<PathBuf, bool> = HashMap::new();
+    loop {
+        let start = Instant::now();
+        let (period, mut plan) = {
+            let cycle = shared
+                .cycle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if cycle.stop {
+                return;
+            }
+            let plan: Vec<(PathBuf, f64)> =
+                cycle.shares.iter().map(|(f, s)| (f.clone(), *s)).collect();
+            (cycle.period, plan)
+        };
+        frozen.retain(|f, _| plan.iter().any(|(p, _)| p == f));
+        let mut failures = HashMap::new();
+        for (file, _) in &plan {
+            if frozen.get(file).copied().unwrap_or(true) {
+                match std::fs::write(file, thawed_value(file)) {
+                    Ok(()) => {
+                        frozen.insert(file.clone(), false);
+                    }
+                    Err(e) => {
+                        failures.insert(file.clone(), format!("thaw: {e}"));
+                    }
+                }
+            }
+        }
+        plan.sort_by(|a, b| a.1.total_cmp(&b.1));
+        for (file, share) in &plan {
+            if *share >= 1.0 {
+                continue;
+            }
+            let at = start + period.mul_f64(*share);
+            if !sleep_until(shared, at) {
+                return;
+            }
+            match std::fs::write(file, frozen_value(file)) {
+                Ok(()) => {
+                    frozen.insert(file.clone(), true);
+                }
+                Err(e) => {
+                    failures.insert(file.clone(), format!("freeze: {e}"));
+                }
+            }
+        }
+        if !failures.is_empty() {
+            shared
+                .cycle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .failures
+                .extend(failures);
+        }
+        if !sleep_until(shared, start + period) {
+            return;
+        }
+    }
+}
+
+/// Cycle timing is the throttle's precision: ask for a higher priority than the tick thread's.
+/// Without CAP_SYS_NICE this fails harmlessly.
+fn raise_priority() {
+    // SAFETY: gettid and setpriority take and return plain integers.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, -5);
+    }
+}
+
+/// Sleeps until `at`; false when the freezer is stopping.
+fn sleep_until(shared: &Shared, at: Instant) -> bool {
+    let mut cycle = shared
+        .cycle
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        if cycle.stop {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= at {
+            return true;
+        }
+        cycle = shared
+            .wake
+            .wait_timeout(cycle, at - now)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0;
+    }
+}
+
+/// `tally freeze-guard`: reads `+FILE` / `-FILE` lines on stdin; at end of input (the agent
+/// exited) thaws every file still listed. Ignores the signals a service stop sends, so it
+/// outlives the agent long enough to thaw.
+pub fn guard_main() -> std::process::ExitCode {
+    // SAFETY: setting signal dispositions to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    let mut files: Vec<PathBuf> = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        if let Some(file) = line.strip_prefix('+') {
+            files.push(PathBuf::from(file));
+        } else if let Some(file) = line.strip_prefix('-') {
+            files.retain(|f| f.as_path() != Path::new(file));
+        }
+    }
+    let mut failed = false;
+    for file in &files {
+        if let Err(e) = super::state::write_existing(file, thawed_value(file)) {
+            eprintln!("tally freeze-guard: thawing {}: {e}", file.display());
+            failed = true;
+        }
+    }
+    if !files.is_empty() {
+        eprintln!(
+            "tally freeze-guard: the agent exited; thawed {} cgroup(s)",
+            files.len()
+        );
+    }
+    if failed {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,12 @@
+//! Budgets and local enforcement: the policy, usage windows over the ledger, the decisions, the
+//! actuators that throttle, the state file that makes every throttle reversible, and alerts.
+
+pub mod policy;
+
+pub mod actuate;
+pub mod engine;
+pub mod freeze;
+pub mod state;
+pub mod window;
+
+pub use engine::{AlertSink, Engine, Inputs, Placement};

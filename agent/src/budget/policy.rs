@@ -1,0 +1,634 @@
+//! The budget policy: what operators declare, as it reads in TOML, and the checks serde cannot
+//! express. A policy lives in the configuration file (`[[budget]]`, `[prices]`) or in a separate
+//! file named by `enforcement.policy_file` (what a Kubernetes ConfigMap carries); both are merged.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A separate policy file: the same `[[budget]]` and `[prices]` tables the configuration accepts.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyFile {
+    pub prices: Option<Prices>,
+    pub budget: Vec<Budget>,
+}
+
+/// What each resource costs, for `resource = "cost"` budgets. Amounts are in one currency,
+/// whatever the operator bills in.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Prices {
+    /// Per core-second of CPU.
+    pub cpu_core_second: f64,
+    /// Per GPU-second of attributed busy time, by GPU model name as NVML reports it
+    /// (`"NVIDIA H200"`); `default` for models not listed.
+    pub gpu_second: BTreeMap<String, f64>,
+    /// Per kWh of attributed GPU energy.
+    pub gpu_energy_kwh: f64,
+    /// Per GB (10^9 bytes) of egress, by destination scope (`node`, `cluster`, `zone`, `region`,
+    /// `internet`); scopes not listed are free.
+    pub network_egress_gb: BTreeMap<String, f64>,
+    /// Per GB (10^9 bytes) read or written to block devices.
+    pub disk_gb: f64,
+}
+
+/// One budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Unique; the `budget` label of every metric and alert about it.
+    pub name: String,
+    /// What is counted.
+    pub resource: Resource,
+    /// For `network_egress_bytes`: only traffic to this destination scope; all scopes when unset.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// The budget, in the resource's base unit (seconds, bytes, joules, currency).
+    pub limit: f64,
+    /// A sliding window (`"60s"`, `"5m"`, `"1h"`): `limit` per window, a rate.
+    #[serde(default)]
+    pub window: Option<String>,
+    /// A calendar quota that resets at the start of each UTC hour or day.
+    #[serde(default)]
+    pub period: Option<Period>,
+    /// Warn (log, metric, alert) at this fraction of the limit (0 < warn_at ≤ 1).
+    #[serde(default = "default_warn_at")]
+    pub warn_at: f64,
+    /// An enforced budget is released when usage falls below this fraction of the limit
+    /// (hysteresis, 0 < release_below < 1).
+    #[serde(default = "default_release_below")]
+    pub release_below: f64,
+    /// What enforcing does.
+    #[serde(default)]
+    pub action: Action,
+    /// Decide, log and alert, but touch nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// One budget shared by every workload the selector matches (summed usage, throttles split
+    /// among them); per workload when false.
+    #[serde(default)]
+    pub shared: bool,
+    /// Which workloads the budget applies to; every field set must match.
+    #[serde(default)]
+    pub select: Selector,
+    /// Actuator settings; where unset, derived from the budget when its resource is the one the
+    /// actuator limits (a `cpu_seconds` rate for `cpu`, and so on).
+    #[serde(default)]
+    pub throttle: ThrottleParams,
+}
+
+fn default_warn_at() -> f64 {
+    0.8
+}
+
+fn default_release_below() -> f64 {
+    0.9
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resource {
+    CpuSeconds,
+    GpuSeconds,
+    /// GPU memory held now (a gauge: no window or period).
+    GpuMemoryBytes,
+    GpuEnergyJoules,
+    NetworkEgressBytes,
+    DiskBytes,
+    DiskReadBytes,
+    DiskWriteBytes,
+    /// Priced from `[prices]`.
+    Cost,
+}
+
+impl Resource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resource::CpuSeconds => "cpu_seconds",
+            Resource::GpuSeconds => "gpu_seconds",
+            Resource::GpuMemoryBytes => "gpu_memory_bytes",
+            Resource::GpuEnergyJoules => "gpu_energy_joules",
+            Resource::NetworkEgressBytes => "network_egress_bytes",
+            Resource::DiskBytes => "disk_bytes",
+            Resource::DiskReadBytes => "disk_read_bytes",
+            Resource::DiskWriteBytes => "disk_write_bytes",
+            Resource::Cost => "cost",
+        }
+    }
+
+    /// A level rather than an amount: compared as it is, not summed over a window.
+    pub fn is_gauge(self) -> bool {
+        self == Resource::GpuMemoryBytes
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Period {
+    Hour,
+    Day,
+}
+
+impl Period {
+    pub fn secs(self) -> u64 {
+        match self {
+            Period::Hour => 3600,
+            Period::Day => 86_400,
+        }
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Log, metric and alert only.
+    #[default]
+    Alert,
+    /// CPU bandwidth: `cpu.max` (v2) or `cpu.cfs_quota_us` (v1).
+    Cpu,
+    /// Egress rate: a token bucket in the `cgroup_skb` egress program.
+    Network,
+    /// Block I/O rate: `io.max` (v2) or `blkio.throttle.*_bps_device` (v1).
+    Disk,
+    /// Duty-cycle freezing (`cgroup.freeze` v2, `freezer.state` v1): holds any resource's rate,
+    /// GPU time included, to the budget.
+    Freeze,
+    /// SIGTERM to every process of the workload. Opt-in: only a budget that names it does it.
+    Terminate,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Alert => "alert",
+            Action::Cpu => "cpu",
+            Action::Network => "network",
+            Action::Disk => "disk",
+            Action::Freeze => "freeze",
+            Action::Terminate => "terminate",
+        }
+    }
+
+    /// Whether it changes the workload (and so can conflict with another budget's doing so).
+    pub fn actuates(self) -> bool {
+        self != Action::Alert
+    }
+}
+
+/// Which workloads a budget selects. Globs take `*` (any run of characters) and `?` (one).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Selector {
+    /// Kubernetes namespace (exact).
+    pub namespace: Option<String>,
+    /// Pod name glob.
+    pub pod: Option<String>,
+    /// Container name (exact).
+    pub container: Option<String>,
+    /// systemd unit name glob.
+    pub unit: Option<String>,
+    /// Glob of the workload's cgroup path, relative to the hierarchy root (`/kubepods.slice/*`).
+    pub cgroup: Option<String>,
+    /// Pod labels that must all be present with these values (when the runtime provides them).
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThrottleParams {
+    /// `cpu`: cores allowed while enforced.
+    pub cpu_cores: Option<f64>,
+    /// `network`: egress bytes per second while enforced.
+    pub egress_bytes_per_sec: Option<f64>,
+    /// `disk`: read and write bytes per second per device while enforced.
+    pub disk_bytes_per_sec: Option<f64>,
+    /// `freeze`: a fixed fraction of each cycle the workload runs; without it, the fraction is
+    /// steered so the resource's rate stays at `limit / window`.
+    pub share: Option<f64>,
+}
+
+/// `"90s"`, `"5m"`, `"2h"`, `"1d"` → a duration.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{text}` has no unit (s, m, h or d)"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` does not start with a whole number"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("`{text}`: unknown unit `{unit}` (s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// Shell-style glob over a whole string: `*` any run, `?` any one character.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    // Where the last `*` was, and the text position it currently swallows up to.
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// Whether two globs can match a common string, judged by their literal prefixes (up to the
+/// first wildcard): `None` patterns match everything. Errs towards "may overlap".
+fn may_overlap(a: Option<&str>, b: Option<&str>) -> bool {
+    let (Some(a), Some(b)) = (a, b) else {
+        return true;
+    };
+    let literal = |s: &str| {
+        s.find(['*', '?'])
+            .map_or((s.to_owned(), true), |i| (s[..i].to_owned(), false))
+    };
+    let ((pa, exact_a), (pb, exact_b)) = (literal(a), literal(b));
+    match (exact_a, exact_b) {
+        (true, true) => pa == pb,
+        (true, false) => glob_match(b, &pa),
+        (false, true) => glob_match(a, &pb),
+        (false, false) => pa.starts_with(&pb) || pb.starts_with(&pa),
+    }
+}
+
+impl Selector {
+    /// Whether some workload could match both selectors.
+    pub fn may_overlap(&self, other: &Selector) -> bool {
+        let exact = |a: &Option<String>, b: &Option<String>| match (a, b) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        let labels = self
+            .labels
+            .iter()
+            .all(|(k, v)| other.labels.get(k).is_none_or(|w| w == v));
+        exact(&self.namespace, &other.namespace)
+            && exact(&self.container, &other.container)
+            && may_overlap(self.pod.as_deref(), other.pod.as_deref())
+            && may_overlap(self.unit.as_deref(), other.unit.as_deref())
+            && may_overlap(self.cgroup.as_deref(), other.cgroup.as_deref())
+            && labels
+    }
+}
+
+/// The network scopes a budget's `scope` may name.
+pub const SCOPES: [&str; 5] = ["node", "cluster", "zone", "region", "internet"];
+
+/// Checks serde cannot express, as `(key path, message)`, for budgets with their index in the
+/// file (budgets that did not even deserialize are left out, their errors already known).
+pub fn check(budgets: &[(usize, Budget)], prices: &Prices) -> Vec<(String, String)> {
+    let mut errors = Vec::new();
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, b) in budgets {
+        let i = *i;
+        let at = |field: &str| format!("budget.{i}.{field}");
+        if b.name.is_empty()
+            || !b
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            errors.push((
+                at("name"),
+                format!(
+                    "`{}`: a budget name is non-empty ASCII letters, digits and `-_.:`",
+                    b.name
+                ),
+            ));
+        }
+        if let Some(first) = names.insert(&b.name, i) {
+            errors.push((
+                at("name"),
+                format!("`{}` is already the name of budget {first}", b.name),
+            ));
+        }
+        if !(b.limit.is_finite() && b.limit > 0.0) {
+            errors.push((
+                at("limit"),
+                format!("{} must be a positive number", b.limit),
+            ));
+        }
+        match (&b.window, b.period, b.resource.is_gauge()) {
+            (Some(_), Some(_), _) => errors.push((
+                at("period"),
+                "set either `window` (a rate) or `period` (a quota), not both".to_owned(),
+            )),
+            (None, None, false) => errors.push((
+                at("window"),
+                format!(
+                    "`{}` is an amount: set `window` (e.g. \"60s\") or `period` (\"hour\", \"day\")",
+                    b.resource.as_str()
+                ),
+            )),
+            (Some(_), _, true) | (_, Some(_), true) => errors.push((
+                at("window"),
+                format!(
+                    "`{}` is a level, compared as it is: it takes no window or period",
+                    b.resource.as_str()
+                ),
+            )),
+            _ => {}
+        }
+        if let Some(window) = &b.window {
+            match parse_duration(window) {
+                Ok(d) if (1..=7 * 86_400).contains(&d.as_secs()) => {}
+                Ok(_) => errors.push((at("window"), format!("`{window}` is out of range 1s..=7d"))),
+                Err(e) => errors.push((at("window"), e)),
+            }
+        }
+        if !(b.warn_at > 0.0 && b.warn_at <= 1.0) {
+            errors.push((
+                at("warn_at"),
+                format!("{} is out of range (0, 1]", b.warn_at),
+            ));
+        }
+        if !(b.release_below > 0.0 && b.release_below < 1.0) {
+            errors.push((
+                at("release_below"),
+                format!("{} is out of range (0, 1)", b.release_below),
+            ));
+        }
+        if let Some(scope) = &b.scope {
+            if b.resource != Resource::NetworkEgressBytes {
+                errors.push((
+                    at("scope"),
+                    "`scope` applies to `network_egress_bytes` budgets only".to_owned(),
+                ));
+            } else if !SCOPES.contains(&scope.as_str()) {
+                errors.push((
+                    at("scope"),
+                    format!(
+                        "unknown scope `{scope}`, expected one of {}",
+                        SCOPES.join(", ")
+                    ),
+                ));
+            }
+        }
+        if b.resource == Resource::Cost && *prices == Prices::default() {
+            errors.push((
+                at("resource"),
+                "a `cost` budget needs a `[prices]` table".to_owned(),
+            ));
+        }
+        for (field, value) in [
+            ("cpu_cores", b.throttle.cpu_cores),
+            ("egress_bytes_per_sec", b.throttle.egress_bytes_per_sec),
+            ("disk_bytes_per_sec", b.throttle.disk_bytes_per_sec),
+        ] {
+            if let Some(v) = value {
+                if !(v.is_finite() && v > 0.0) {
+                    errors.push((
+                        at(&format!("throttle.{field}")),
+                        format!("{v} must be a positive number"),
+                    ));
+                }
+            }
+        }
+        if let Some(share) = b.throttle.share {
+            if !(share > 0.0 && share <= 1.0) {
+                errors.push((
+                    at("throttle.share"),
+                    format!("{share} is out of range (0, 1]"),
+                ));
+            }
+        }
+        if let Err(e) = actuator_target(b) {
+            errors.push((at("action"), e));
+        }
+    }
+    errors.extend(conflicts(budgets));
+    for (field, value) in [
+        ("prices.cpu_core_second", prices.cpu_core_second),
+        ("prices.gpu_energy_kwh", prices.gpu_energy_kwh),
+        ("prices.disk_gb", prices.disk_gb),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            errors.push((
+                field.to_owned(),
+                format!("{value} must be zero or positive"),
+            ));
+        }
+    }
+    for (model, value) in &prices.gpu_second {
+        if !(value.is_finite() && *value >= 0.0) {
+            errors.push((
+                format!("prices.gpu_second.{model}"),
+                format!("{value} must be zero or positive"),
+            ));
+        }
+    }
+    for (scope, value) in &prices.network_egress_gb {
+        if !SCOPES.contains(&scope.as_str()) {
+            errors.push((
+                format!("prices.network_egress_gb.{scope}"),
+                format!(
+                    "unknown scope `{scope}`, expected one of {}",
+                    SCOPES.join(", ")
+                ),
+            ));
+        } else if !(value.is_finite() && *value >= 0.0) {
+            errors.push((
+                format!("prices.network_egress_gb.{scope}"),
+                format!("{value} must be zero or positive"),
+            ));
+        }
+    }
+    errors
+}
+
+/// Two enforcing budgets driving the same actuator on workloads both may select: which one
+/// holds would depend on evaluation order, so the policy is refused.
+fn conflicts(budgets: &[(usize, Budget)]) -> Vec<(String, String)> {
+    let mut errors = Vec::new();
+    for (n, (_, a)) in budgets.iter().enumerate() {
+        for (j, b) in budgets.iter().skip(n + 1) {
+            if a.dry_run || b.dry_run || !a.action.actuates() || a.action != b.action {
+                continue;
+            }
+            if a.select.may_overlap(&b.select) {
+                errors.push((
+                    format!("budget.{j}.action"),
+                    format!(
+                        "budgets `{}` and `{}` both enforce `{}` on selectors that can match the same workload; make the selectors disjoint, merge them, or set `dry_run` on one",
+                        a.name,
+                        b.name,
+                        a.action.as_str()
+                    ),
+                ));
+            }
+        }
+    }
+    errors
+}
+
+/// What an enforcing budget sets its actuator to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target {
+    None,
+    CpuCores(f64),
+    EgressBytesPerSec(f64),
+    DiskBytesPerSec(f64),
+    /// A fixed running fraction of each freeze cycle.
+    FreezeShare(f64),
+    /// Steer the running fraction so the resource's rate stays at this many units per second.
+    FreezeRate(f64),
+    Terminate,
+}
+
+/// The budget's rate in units per second, when it is a sliding-window budget.
+pub fn rate(b: &Budget) -> Option<f64> {
+    let secs = parse_duration(b.window.as_deref()?).ok()?.as_secs_f64();
+    (secs > 0.0).then(|| b.limit / secs)
+}
+
+/// The actuator setting a budget enforces, or why it has none.
+pub fn actuator_target(b: &Budget) -> Result<Target, String> {
+    let derived = |resources: &[Resource]| rate(b).filter(|_| resources.contains(&b.resource));
+    let need = |param: &str, what: &str| {
+        format!(
+            "`{}` needs `throttle.{param}` unless the budget is a `window` rate of {what}",
+            b.action.as_str()
+        )
+    };
+    Ok(match b.action {
+        Action::Alert => Target::None,
+        Action::Terminate => Target::Terminate,
+        Action::Cpu => Target::CpuCores(
+            b.throttle
+                .cpu_cores
+                .or_else(|| derived(&[Resource::CpuSeconds]))
+                .ok_or_else(|| need("cpu_cores", "`cpu_seconds`"))?,
+        ),
+        Action::Network => Target::EgressBytesPerSec(
+            b.throttle
+                .egress_bytes_per_sec
+                .or_else(|| derived(&[Resource::NetworkEgressBytes]))
+                .ok_or_else(|| need("egress_bytes_per_sec", "`network_egress_bytes`"))?,
+        ),
+        Action::Disk => Target::DiskBytesPerSec(
+            b.throttle
+                .disk_bytes_per_sec
+                .or_else(|| {
+                    derived(&[
+                        Resource::DiskBytes,
+                        Resource::DiskReadBytes,
+                        Resource::DiskWriteBytes,
+                    ])
+                })
+                .ok_or_else(|| need("disk_bytes_per_sec", "disk bytes"))?,
+        ),
+        Action::Freeze => match (b.throttle.share, rate(b)) {
+            (Some(share), _) => Target::FreezeShare(share),
+            (None, Some(rate)) if !b.resource.is_gauge() => Target::FreezeRate(rate),
+            _ => {
+                return Err(
+                    "`freeze` needs `throttle.share` unless the budget is a `window` rate"
+                        .to_owned(),
+                )
+            }
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(text: &str) -> Budget {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("trainer-*", "trainer-0"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a?c*", "abcdef"));
+        assert!(glob_match("/kubepods*/pod*/*", "/kubepods.slice/pod12/abc"));
+        assert!(!glob_match("trainer-*", "eval-0"));
+        assert!(!glob_match("a?c", "ac"));
+        assert!(glob_match("*x*y", "axbxy"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("5w").is_err());
+    }
+
+    #[test]
+    fn selectors_overlap_unless_provably_disjoint() {
+        let s = |ns: Option<&str>, pod: Option<&str>| Selector {
+            namespace: ns.map(str::to_owned),
+            pod: pod.map(str::to_owned),
+            ..Selector::default()
+        };
+        assert!(s(None, None).may_overlap(&s(Some("a"), None)));
+        assert!(!s(Some("a"), None).may_overlap(&s(Some("b"), None)));
+        assert!(s(Some("a"), Some("train-*")).may_overlap(&s(Some("a"), Some("train-7"))));
+        assert!(!s(Some("a"), Some("train-*")).may_overlap(&s(Some("a"), Some("eval-*"))));
+        assert!(s(None, Some("t*")).may_overlap(&s(None, Some("train*"))));
+    }
+
+    #[test]
+    fn targets_are_derived_from_matching_rates() {
+        let b = budget("name='a'\nresource='cpu_seconds'\nlimit=3.0\nwindow='10s'\naction='cpu'");
+        assert_eq!(actuator_target(&b), Ok(Target::CpuCores(0.3)));
+        let b = budget("name='a'\nresource='gpu_seconds'\nlimit=3.0\nperiod='hour'\naction='cpu'");
+        assert!(actuator_target(&b)
+            .unwrap_err()
+            .contains("throttle.cpu_cores"));
+        let b = budget("name='a'\nresource='gpu_seconds'\nlimit=6.0\nwindow='1m'\naction='freeze'");
+        assert_eq!(actuator_target(&b), Ok(Target::FreezeRate(0.1)));
+    }
+
+    #[test]
+    fn every_error_is_listed() {
+        let budgets: Vec<(usize, Budget)> = vec![
+            budget("name='a'\nresource='cpu_seconds'\nlimit=-1.0\nwindow='10s'\naction='cpu'"),
+            budget("name='b'\nresource='cpu_seconds'\nlimit=1.0\nwindow='10q'\naction='cpu'\nthrottle.cpu_cores=0.5"),
+            budget("name='c'\nresource='gpu_memory_bytes'\nlimit=1.0\nperiod='day'"),
+        ]
+        .into_iter()
+        .enumerate()
+        .collect();
+        let errors = check(&budgets, &Prices::default());
+        let paths: Vec<&str> = errors.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "budget.0.limit",
+                "budget.1.window",
+                "budget.2.window",
+                "budget.1.action"
+            ],
+            "{errors:#?}"
+        );
+        assert!(errors[3].1.contains("`a` and `b`"), "{}", errors[3].1);
+    }
+}

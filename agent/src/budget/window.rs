@@ -1,0 +1,201 @@
+//! Usage windows: how much of a budget a subject used, by the wall clock so a restart resumes the
+//! same window (times are Unix seconds).
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use super::policy::{self, Budget};
+
+/// Buckets per sliding window: usage is exact to one bucket, interpolated inside the oldest.
+const BUCKETS: u64 = 60;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Window {
+    /// The last `length` seconds, in buckets of `bucket` seconds: `(bucket start, amount)`.
+    Sliding {
+        length: u64,
+        bucket: u64,
+        buckets: VecDeque<(u64, f64)>,
+    },
+    /// A quota that resets every `period` seconds, aligned to the Unix epoch (UTC hours, days).
+    Calendar {
+        period: u64,
+        start: u64,
+        consumed: f64,
+    },
+    /// A level (GPU memory held now).
+    Level { value: f64 },
+}
+
+impl Window {
+    pub fn for_budget(budget: &Budget) -> Window {
+        if let Some(period) = budget.period {
+            return Window::Calendar {
+                period: period.secs(),
+                start: 0,
+                consumed: 0.0,
+            };
+        }
+        match budget.window.as_deref().map(policy::parse_duration) {
+            Some(Ok(d)) => {
+                let length = d.as_secs().max(1);
+                Window::Sliding {
+                    length,
+                    bucket: length.div_ceil(BUCKETS).max(1),
+                    buckets: VecDeque::new(),
+                }
+            }
+            _ => Window::Level { value: 0.0 },
+        }
+    }
+
+    /// Whether `self` (restored from the state file) still measures what `budget` asks.
+    pub fn fits(&self, budget: &Budget) -> bool {
+        match (self, Window::for_budget(budget)) {
+            (Window::Sliding { length, .. }, Window::Sliding { length: l, .. }) => *length == l,
+            (Window::Calendar { period, .. }, Window::Calendar { period: p, .. }) => *period == p,
+            (Window::Level { .. }, Window::Level { .. }) => true,
+            _ => false,
+        }
+    }
+
+    /// Adds `amount` used at `now`.
+    pub fn add(&mut self, now: f64, amount: f64) {
+        if amount <= 0.0 || !amount.is_finite() {
+            return;
+        }
+        let now_s = now.max(0.0) as u64;
+        match self {
+            Window::Sliding {
+                length,
+                bucket,
+                buckets,
+            } => {
+                let start = now_s - now_s % *bucket;
+                match buckets.back_mut() {
+                    Some((s, a)) if *s == start => *a += amount,
+                    _ => buckets.push_back((start, amount)),
+                }
+                let horizon = now_s.saturating_sub(*length + *bucket);
+                while buckets.front().is_some_and(|(s, _)| *s < horizon) {
+                    buckets.pop_front();
+                }
+            }
+            Window::Calendar {
+                period,
+                start,
+                consumed,
+            } => {
+                roll(*period, start, consumed, now_s);
+                *consumed += amount;
+            }
+            Window::Level { value } => *value = amount,
+        }
+    }
+
+    /// Sets a level window's value (zero included, which `add` ignores).
+    pub fn set_level(&mut self, level: f64) {
+        if let Window::Level { value } = self {
+            *value = level;
+        }
+    }
+
+    /// What was used in the window that ends at `now`.
+    pub fn usage(&mut self, now: f64) -> f64 {
+        match self {
+            Window::Sliding {
+                length,
+                bucket,
+                buckets,
+            } => {
+                let from = now - *length as f64;
+                buckets
+                    .iter()
+                    .map(|(start, amount)| {
+                        let (s, e) = (*start as f64, (*start + *bucket) as f64);
+                        // The part of the bucket inside the window, assuming even use within it.
+                        let inside = ((e - from) / (e - s)).clamp(0.0, 1.0);
+                        amount * inside
+                    })
+                    .sum()
+            }
+            Window::Calendar {
+                period,
+                start,
+                consumed,
+            } => {
+                roll(*period, start, consumed, now.max(0.0) as u64);
+                *consumed
+            }
+            Window::Level { value } => *value,
+        }
+    }
+}
+
+/// Starts a new calendar period when `now` is past the current one.
+fn roll(period: u64, start: &mut u64, consumed: &mut f64, now: u64) {
+    let current = now - now % period;
+    if current != *start {
+        *start = current;
+        *consumed = 0.0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(window: &str) -> Budget {
+        toml::from_str(&format!(
+            "name='b'\nresource='cpu_seconds'\nlimit=1.0\n{window}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn sliding_window_forgets_what_left_it() {
+        let mut w = Window::for_budget(&budget("window='60s'"));
+        let t0 = 1_000_000.0;
+        for i in 0..60 {
+            w.add(t0 + f64::from(i), 1.0);
+        }
+        assert!(
+            (w.usage(t0 + 59.5) - 60.0).abs() < 1.0,
+            "{}",
+            w.usage(t0 + 59.5)
+        );
+        // Half a minute later, half of it is still inside.
+        let half = w.usage(t0 + 90.0);
+        assert!((half - 30.0).abs() < 1.5, "{half}");
+        assert_eq!(w.usage(t0 + 200.0), 0.0);
+        w.add(t0 + 300.0, 2.0);
+        let Window::Sliding { buckets, .. } = &w else {
+            unreachable!()
+        };
+        assert_eq!(buckets.len(), 1, "old buckets are dropped");
+    }
+
+    #[test]
+    fn calendar_quota_resets_at_the_period_boundary() {
+        let mut w = Window::for_budget(&budget("period='hour'"));
+        let hour = 3600.0 * 500_000.0;
+        w.add(hour + 10.0, 5.0);
+        w.add(hour + 3599.0, 1.0);
+        assert_eq!(w.usage(hour + 3599.5), 6.0);
+        assert_eq!(w.usage(hour + 3600.0), 0.0);
+        w.add(hour + 3601.0, 2.0);
+        assert_eq!(w.usage(hour + 3602.0), 2.0);
+    }
+
+    #[test]
+    fn a_restored_window_fits_only_the_same_shape() {
+        let w = Window::for_budget(&budget("window='60s'"));
+        assert!(w.fits(&budget("window='1m'")));
+        assert!(!w.fits(&budget("window='2m'")));
+        assert!(!w.fits(&budget("period='day'")));
+        let json = serde_json::to_string(&w).unwrap();
+        assert_eq!(serde_json::from_str::<Window>(&json).unwrap(), w);
+    }
+}

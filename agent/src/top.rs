@@ -1,0 +1,364 @@
+//! `tally top`: a live terminal view of a running agent, read from its `/metrics` endpoint (the
+//! same numbers Prometheus gets): workloads by GPU-seconds rate, with CPU, network, disk, GPU
+//! memory, their highest budget usage and the throttles in force.
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// One series: name, labels, value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the Prometheus text format (comments skipped, escapes in label values decoded).
+pub fn parse(text: &str) -> Vec<Series> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(parse_line)
+        .collect()
+}
+
+fn parse_line(line: &str) -> Option<Series> {
+    let (name, rest) = match line.find(['{', ' ']) {
+        Some(i) => line.split_at(i),
+        None => return None,
+    };
+    let mut labels = BTreeMap::new();
+    let rest = if let Some(body) = rest.strip_prefix('{') {
+        let mut chars = body.char_indices().peekable();
+        let mut end = None;
+        loop {
+            // key
+            let start = chars.peek()?.0;
+            let mut eq = None;
+            for (i, c) in chars.by_ref() {
+                if c == '=' {
+                    eq = Some(i);
+                    break;
+                }
+                if c == '}' {
+                    end = Some(i);
+                    break;
+                }
+            }
+            if end.is_some() {
+                break;
+            }
+            let key = body[start..eq?].trim_start_matches(',').trim().to_owned();
+            if chars.next()?.1 != '"' {
+                return None;
+            }
+            let mut value = String::new();
+            let mut escaped = false;
+            for (_, c) in chars.by_ref() {
+                match (escaped, c) {
+                    (true, 'n') => {
+                        value.push('\n');
+                        escaped = false;
+                    }
+                    (true, c) => {
+                        value.push(c);
+                        escaped = false;
+                    }
+                    (false, '\\') => escaped = true,
+                    (false, '"') => break,
+                    (false, c) => value.push(c),
+                }
+            }
+            labels.insert(key, value);
+            match chars.peek() {
+                Some((i, '}')) => {
+                    end = Some(*i);
+                    break;
+                }
+                Some((_, ',')) => {
+                    chars.next();
+                    if let Some((i, '}')) = chars.peek() {
+                        end = Some(*i);
+                        break;
+                    }
+                }
+                _ => return None,
+            }
+        }
+        &body[end? + 1..]
+    } else {
+        rest
+    };
+    let value = rest.split_whitespace().next()?.parse().ok()?;
+    Some(Series {
+        name: name.to_owned(),
+        labels,
+        value,
+    })
+}
+
+/// A workload's row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Row {
+    pub name: String,
+    pub gpu_seconds: f64,
+    pub cpu_seconds: f64,
+    pub tx_bytes: f64,
+    pub rx_bytes: f64,
+    pub disk_bytes: f64,
+    pub gpu_memory_bytes: f64,
+    pub memory_bytes: f64,
+    pub budget_ratio: Option<f64>,
+    pub throttles: Vec<String>,
+}
+
+fn workload_name(labels: &BTreeMap<String, String>) -> Option<String> {
+    let get = |k: &str| labels.get(k).map(String::as_str).unwrap_or("");
+    if !get("pod").is_empty() {
+        return Some(format!(
+            "{}/{}/{}",
+            get("namespace"),
+            get("pod"),
+            get("container")
+        ));
+    }
+    if !get("unit").is_empty() {
+        return Some(get("unit").to_owned());
+    }
+    if !get("container_id").is_empty() {
+        let id = get("container_id");
+        return Some(format!("container {}", &id[..id.len().min(12)]));
+    }
+    (labels.contains_key("pod_uid") && labels.contains_key("unit")).then(|| "(host)".to_owned())
+}
+
+/// Totals per workload from one scrape.
+pub fn rows(series: &[Series]) -> BTreeMap<String, Row> {
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    for s in series {
+        let Some(name) = workload_name(&s.labels) else {
+            continue;
+        };
+        let row = rows.entry(name.clone()).or_insert_with(|| Row {
+            name,
+            ..Row::default()
+        });
+        match s.name.as_str() {
+            "tally_workload_gpu_seconds_total" => row.gpu_seconds += s.value,
+            "tally_workload_cpu_seconds_total" => row.cpu_seconds += s.value,
+            "tally_workload_network_transmit_bytes_total" => row.tx_bytes += s.value,
+            "tally_workload_network_receive_bytes_total" => row.rx_bytes += s.value,
+            "tally_workload_disk_read_bytes_total" | "tally_workload_disk_write_bytes_total" => {
+                row.disk_bytes += s.value
+            }
+            "tally_workload_gpu_memory_bytes" => row.gpu_memory_bytes += s.value,
+            "tally_workload_memory_bytes" => row.memory_bytes += s.value,
+            "tally_budget_usage_ratio" => {
+                row.budget_ratio = Some(row.budget_ratio.unwrap_or(0.0).max(s.value))
+            }
+            "tally_enforcement_active" if s.value >= 1.0 => {
+                let action = s.labels.get("action").cloned().unwrap_or_default();
+                let dry = s.labels.get("dry_run").is_some_and(|d| d == "true");
+                row.throttles.push(if dry {
+                    format!("{action}(dry)")
+                } else {
+                    action
+                });
+            }
+            _ => {}
+        }
+    }
+    rows
+}
+
+/// Rates between two scrapes `secs` apart; levels from the later one.
+pub fn rates(before: &BTreeMap<String, Row>, after: &BTreeMap<String, Row>, secs: f64) -> Vec<Row> {
+    let secs = secs.max(1e-3);
+    let mut out: Vec<Row> = after
+        .values()
+        .map(|a| {
+            let b = before.get(&a.name).cloned().unwrap_or_default();
+            let rate = |x: f64, y: f64| ((x - y) / secs).max(0.0);
+            Row {
+                gpu_seconds: rate(a.gpu_seconds, b.gpu_seconds),
+                cpu_seconds: rate(a.cpu_seconds, b.cpu_seconds),
+                tx_bytes: rate(a.tx_bytes, b.tx_bytes),
+                rx_bytes: rate(a.rx_bytes, b.rx_bytes),
+                disk_bytes: rate(a.disk_bytes, b.disk_bytes),
+                ..a.clone()
+            }
+        })
+        .collect();
+    out.sort_by(|x, y| {
+        y.gpu_seconds
+            .total_cmp(&x.gpu_seconds)
+            .then(y.cpu_seconds.total_cmp(&x.cpu_seconds))
+            .then(x.name.cmp(&y.name))
+    });
+    out
+}
+
+fn bytes(v: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = v;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1}{}", UNITS[unit])
+}
+
+/// The view as text.
+pub fn render(rows: &[Row], limit: usize, agent: &str) -> String {
+    let mut out = format!(
+        "tally top — {agent} — {} workloads\n{:<48} {:>7} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
+        rows.len(),
+        "WORKLOAD",
+        "GPU s/s",
+        "CPU",
+        "NET TX/s",
+        "NET RX/s",
+        "DISK/s",
+        "GPU MEM",
+        "MEM",
+        "BUDGET",
+        "THROTTLES"
+    );
+    for r in rows.iter().take(limit) {
+        let name: String = r.name.chars().take(48).collect();
+        let budget = r
+            .budget_ratio
+            .map_or_else(|| "-".to_owned(), |b| format!("{:.0}%", b * 100.0));
+        out.push_str(&format!(
+            "{name:<48} {:>7.2} {:>6.2} {:>10} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
+            r.gpu_seconds,
+            r.cpu_seconds,
+            bytes(r.tx_bytes),
+            bytes(r.rx_bytes),
+            bytes(r.disk_bytes),
+            bytes(r.gpu_memory_bytes),
+            bytes(r.memory_bytes),
+            budget,
+            r.throttles.join(",")
+        ));
+    }
+    out
+}
+
+fn scrape(agent: &str) -> anyhow::Result<String> {
+    let addr = agent
+        .to_socket_addrs()
+        .with_context(|| format!("`{agent}` is not host:port"))?
+        .next()
+        .with_context(|| format!("`{agent}` resolves to nothing"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to the agent at {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {agent}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("the agent's answer is not HTTP")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!(
+            "the agent answered {}",
+            head.lines().next().unwrap_or_default()
+        );
+    }
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok(dechunk(body));
+    }
+    Ok(body.to_owned())
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Runs the view until interrupted (or once).
+pub fn run(agent: &str, interval: f64, once: bool, limit: usize) -> anyhow::Result<()> {
+    let interval = Duration::from_secs_f64(interval.clamp(0.2, 3600.0));
+    let mut previous = (Instant::now(), rows(&parse(&scrape(agent)?)));
+    loop {
+        std::thread::sleep(interval);
+        let now = Instant::now();
+        let current = rows(&parse(&scrape(agent)?));
+        let view = rates(
+            &previous.1,
+            &current,
+            now.duration_since(previous.0).as_secs_f64(),
+        );
+        let text = render(&view, limit, agent);
+        let mut stdout = std::io::stdout().lock();
+        if once {
+            stdout.write_all(text.as_bytes())?;
+            return Ok(());
+        }
+        // Clear the screen and home the cursor, then draw.
+        write!(stdout, "\x1b[2J\x1b[H{text}")?;
+        stdout.flush()?;
+        previous = (now, current);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LABELS: &str =
+        r#"namespace="ml",pod="train-0",pod_uid="u",container="main",container_id="c",unit="""#;
+
+    #[test]
+    fn parses_and_rates_workload_rows() {
+        let before = format!(
+            "# TYPE x counter\ntally_workload_cpu_seconds_total{{{LABELS}}} 10\ntally_workload_gpu_seconds_total{{{LABELS},gpu=\"GPU-1\",method=\"sampled\"}} 5\n"
+        );
+        let after = format!(
+            "tally_workload_cpu_seconds_total{{{LABELS}}} 12\ntally_workload_gpu_seconds_total{{{LABELS},gpu=\"GPU-1\",method=\"sampled\"}} 6\ntally_budget_usage_ratio{{{LABELS},budget=\"b\",resource=\"cpu_seconds\"}} 1.02\ntally_enforcement_active{{{LABELS},budget=\"b\",action=\"cpu\",dry_run=\"false\"}} 1\ntally_build_info{{version=\"0.1.0\"}} 1\n"
+        );
+        let view = rates(&rows(&parse(&before)), &rows(&parse(&after)), 2.0);
+        assert_eq!(view.len(), 1, "{view:?}");
+        let r = &view[0];
+        assert_eq!(r.name, "ml/train-0/main");
+        assert_eq!(r.cpu_seconds, 1.0);
+        assert_eq!(r.gpu_seconds, 0.5);
+        assert_eq!(r.budget_ratio, Some(1.02));
+        assert_eq!(r.throttles, ["cpu"]);
+        let text = render(&view, 10, "a");
+        assert!(text.contains("ml/train-0/main"), "{text}");
+        assert!(text.contains("102%"), "{text}");
+    }
+
+    #[test]
+    fn label_values_with_escapes() {
+        let s = parse(r#"m{a="x\"y,z",b="q\\"} 3"#);
+        assert_eq!(s[0].labels["a"], "x\"y,z");
+        assert_eq!(s[0].labels["b"], "q\\");
+        assert_eq!(s[0].value, 3.0);
+        assert!(parse("garbage{").is_empty());
+    }
+}
