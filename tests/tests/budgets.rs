@@ -540,3 +540,59 @@ fn alertmanager_gets_the_firing_alert_then_the_resolved_one() {
         .collect();
     assert_eq!(exceeded, ["firing", "resolved"], "{posts:#?}");
 }
+
+#[test]
+fn a_disk_budget_sets_per_device_throttle_rules_and_releases_them() {
+    const TEST: &str = "a_disk_budget_sets_per_device_throttle_rules_and_releases_them";
+    if !require::root(TEST) {
+        return;
+    }
+    let (Some(unified), Some(blkio)) = (require::unified(TEST), require::v1(TEST, "blkio")) else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let name = format!("tally-budget-disk-{}.service", random_hex(8));
+    let rel = format!("/system.slice/{name}");
+    let mut cgroup = TestCgroup::create(&[unified, blkio.clone()], &rel);
+    let rules = blkio
+        .join(rel.trim_start_matches('/'))
+        .join("blkio.throttle.write_bps_device");
+    let config = format!(
+        "{}[[budget]]\nname = \"disk\"\nresource = \"disk_write_bytes\"\nlimit = 4e6\nwindow = \"2s\"\naction = \"disk\"\nthrottle.disk_bytes_per_sec = 2e6\nselect.unit = \"{name}\"\n",
+        state_config(state.path())
+    );
+    let mut agent = Agent::start(&config);
+    // Direct writes (no page cache) to the disk under /var/tmp, counted by blkio as they go.
+    let file = format!("/var/tmp/{name}.data");
+    cgroup.spawn(&format!(
+        "sleep 0.3; while :; do dd if=/dev/zero of={file} bs=1M count=64 oflag=direct status=none; done"
+    ));
+    agent.scrape_until(Duration::from_secs(20), "disk enforced", |t| active(t, "disk"));
+    let written = std::fs::read_to_string(&rules).unwrap();
+    let device = std::fs::read_to_string("/sys/block/vda/dev")
+        .ok()
+        .map(|d| d.trim().to_owned());
+    assert!(
+        written.lines().any(|l| l.ends_with(" 2000000")),
+        "no 2 MB/s rule in {}: {written}",
+        rules.display()
+    );
+    if let Some(dev) = device {
+        assert!(written.contains(&format!("{dev} 2000000")), "{written}");
+    }
+    // Held near the throttle (direct writes, 1 MiB each).
+    let usage = |t: &str| sample(t, "tally_workload_disk_write_bytes_total", &[&name]);
+    std::thread::sleep(Duration::from_secs(1));
+    let (b0, t0) = (usage(&agent.scrape()).unwrap_or(0.0), Instant::now());
+    std::thread::sleep(Duration::from_secs(4));
+    let rate = (usage(&agent.scrape()).unwrap_or(0.0) - b0) / t0.elapsed().as_secs_f64();
+    eprintln!("direct writes under a 2 MB/s disk throttle: {:.2} MB/s", rate / 1e6);
+    assert!(rate < 3e6, "{rate}");
+
+    agent.signal(libc::SIGTERM);
+    agent.wait_exit(Duration::from_secs(6));
+    let after = std::fs::read_to_string(&rules).unwrap();
+    assert!(!after.contains("2000000"), "rule left behind: {after}");
+    cgroup.remove();
+    let _ = std::fs::remove_file(file);
+}

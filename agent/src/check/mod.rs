@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 
+mod enforcement;
 mod host;
 mod mounts;
 mod privileges;
@@ -207,6 +208,7 @@ pub fn gather(config: &Config) -> Report {
         privileges_item(&paths.proc_root, release.as_deref()),
         process_cgroups_item(&paths.proc_root),
         cri_item(&config.cri.endpoints),
+        enforcement::enforcement_item(config),
     ];
     items.splice(6..6, bpf_items(config));
     Report { items }

@@ -92,6 +92,8 @@ fn full_v2_fixture_is_ready() {
     for item in &report.items {
         let expected = match item.name {
             "bpf network" | "bpf tcp" | "bpf disk" => Status::NotChecked,
+            // No budgets in the fixture's configuration.
+            "enforcement" => Status::NotChecked,
             "nvml" => Status::Absent,
             _ => Status::Ok,
         };
@@ -412,5 +414,34 @@ fn rdma_without_netlink_is_port_counters_only() {
     assert!(
         item.detail.ends_with("does not exist: no RDMA devices"),
         "{item:?}"
+    );
+}
+
+#[test]
+fn a_budget_whose_actuator_the_node_lacks_is_degraded() {
+    let mut node = Node::new();
+    node.write("cgroup/cgroup.controllers", b"memory pids\n");
+    node.write("cgroup/cgroup.subtree_control", b"memory pids\n");
+    node.config.enforcement.state_dir = node.dir.path().join("state");
+    node.config.budget = vec![toml::from_str(
+        "name = 'cap'\nresource = 'cpu_seconds'\nlimit = 1.0\nwindow = '10s'\naction = 'cpu'",
+    )
+    .unwrap()];
+    let item = Node::item(&gather(&node.config), "enforcement");
+    assert_eq!(item.status, Status::Degraded, "{item:?}");
+    assert!(
+        item.detail.contains("budget `cap` needs `cpu`"),
+        "{}",
+        item.detail
+    );
+    assert!(item.detail.contains("state: "), "{}", item.detail);
+
+    node.write("cgroup/cgroup.subtree_control", b"cpu memory pids\n");
+    let item = Node::item(&gather(&node.config), "enforcement");
+    assert_eq!(item.status, Status::Ok, "{item:?}");
+    assert!(item.detail.contains("cpu: cpu.max"), "{}", item.detail);
+    assert!(
+        !node.config.enforcement.state_dir.exists(),
+        "check writes nothing"
     );
 }
