@@ -22,9 +22,11 @@ pub(crate) fn device_of(nvml: &Nvml, handle: RawDevice) -> Device<'_> {
 
 /// Samples one GPU. NVML calls per GPU per tick, steady state: 9 device readings (11 with the
 /// PCIe throughput fallback), 1 for the MIG mode (+1 per MIG instance; the layout is
-/// re-enumerated once a minute), 2 for the process list, 2 for utilization samples (1 when
-/// nothing is new), 1 for accounting when off (2 + at most 32 when on): 15 on a GPU without MIG
-/// and accounting. Calls known unsupported are not repeated; a lost GPU costs 1.
+/// re-enumerated once a minute), 2 for the process list (1 when empty), 1 for MPS clients
+/// while the process list is not empty (2 in a round where more clients run than the last
+/// round's buffer held), 2 for utilization samples (1 when nothing is new), 1 for accounting
+/// when off (2 + at most 32 when on): 16 on a busy GPU without MIG and accounting. Calls known
+/// unsupported are not repeated; a lost GPU costs 1.
 pub(crate) fn sample(
     tick: &mut Tick<'_>,
     nvml: &Nvml,
@@ -42,7 +44,7 @@ pub(crate) fn sample(
             identity(tick, &device, dev);
             readings(tick, &device, raw, handle, dev, &mut out);
             crate::mig::sample(tick, nvml, raw, handle, dev, &mut out);
-            crate::process::sample(tick, &device, dev, &mut out);
+            crate::process::sample(tick, &device, raw, handle, dev, &mut out);
         }
         Err(failure) => out.process_utilization = Err(failure.unavailable()),
     }

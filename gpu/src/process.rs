@@ -1,19 +1,27 @@
-//! Per-process readings of one GPU: running compute processes, utilization samples chained by
-//! `lastSeenTimeStamp`, and accounting stats.
+//! Per-process readings of one GPU: running compute processes, MPS clients, utilization samples
+//! chained by `lastSeenTimeStamp`, and accounting stats.
 
 use std::collections::{BTreeMap, HashSet};
 
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::struct_wrappers::device::ProcessInfo;
 use nvml_wrapper::Device;
 
+use crate::raw::{RawDevice, RawNvml};
 use crate::sample::{AccountingSample, DeviceSample, ProcessSample, UtilSample};
 use crate::tick::{DeviceState, Failure, Tick};
 
 /// Accounting stats queried per GPU per tick at most (one call each); the rest wait a tick.
 pub(crate) const ACCOUNTING_STATS_PER_TICK: usize = 32;
 
+/// MPS client entries the first MPS query has room for; later ones are sized by the last
+/// count NVML reported plus [`MPS_HEADROOM`].
+const MPS_CAPACITY: u32 = 16;
+const MPS_HEADROOM: u32 = 8;
+
 const RUNNING: &str = "nvmlDeviceGetComputeRunningProcesses_v3";
+const MPS: &str = "nvmlDeviceGetMPSComputeRunningProcesses_v3";
 const UTILIZATION: &str = "nvmlDeviceGetProcessUtilization";
 const ACCOUNTING_PIDS: &str = "nvmlDeviceGetAccountingPids";
 const ACCOUNTING_STATS: &str = "nvmlDeviceGetAccountingStats";
@@ -28,6 +36,8 @@ pub(crate) struct ProcessState {
     accounting_cursor: usize,
     /// The last estimate of the driver's sample period.
     period_us: Option<u64>,
+    /// Entries the next MPS client query passes NVML.
+    mps_capacity: u32,
 }
 
 impl ProcessState {
@@ -37,6 +47,7 @@ impl ProcessState {
             accounting_final: HashSet::new(),
             accounting_cursor: 0,
             period_us: None,
+            mps_capacity: MPS_CAPACITY,
         }
     }
 }
@@ -44,10 +55,13 @@ impl ProcessState {
 pub(crate) fn sample(
     tick: &mut Tick<'_>,
     device: &Device<'_>,
+    raw: &RawNvml,
+    handle: RawDevice,
     dev: &mut DeviceState,
     out: &mut DeviceSample,
 ) {
     out.processes = running(tick, device, dev);
+    out.mps_clients = mps_clients(tick, raw, handle, dev, &out.processes);
     let (utilization, window) = utilization(tick, device, dev);
     out.process_utilization = utilization;
     out.util_window_us = window;
@@ -74,17 +88,63 @@ fn running(tick: &mut Tick<'_>, device: &Device<'_>, dev: &mut DeviceState) -> V
     let Ok(processes) = tick.record(dev, RUNNING, calls, result) else {
         return Vec::new();
     };
-    processes
+    processes.into_iter().map(process_sample).collect()
+}
+
+fn process_sample(p: ProcessInfo) -> ProcessSample {
+    ProcessSample {
+        pid: p.pid,
+        used_memory_bytes: match p.used_gpu_memory {
+            UsedGpuMemory::Used(bytes) => Some(bytes),
+            UsedGpuMemory::Unavailable => None,
+        },
+        gpu_instance_id: p.gpu_instance_id,
+        compute_instance_id: p.compute_instance_id,
+    }
+}
+
+/// MPS clients. Asked only while the compute list is not empty: an MPS server holds a compute
+/// context (and shows in that list) whenever it has clients, so an empty list means none, and
+/// an idle GPU costs nothing more. One call with a buffer sized from the last count instead of
+/// a count probe and a fetch; two when more clients run than it held. A driver without the
+/// function, or a GPU answering `NOT_SUPPORTED` (remembered), has no MPS: no call, no error.
+fn mps_clients(
+    tick: &mut Tick<'_>,
+    raw: &RawNvml,
+    handle: RawDevice,
+    dev: &mut DeviceState,
+    running: &[ProcessSample],
+) -> Vec<ProcessSample> {
+    if running.is_empty() || !raw.has_mps_processes() || tick.skip(dev, MPS).is_some() {
+        return Vec::new();
+    }
+    let mut capacity = dev.processes.mps_capacity;
+    let mut retried = false;
+    let result = loop {
+        match raw.mps_compute_processes(handle, capacity) {
+            // No MPS server on this GPU: not a failure.
+            Err(NvmlError::NotFound) => {
+                tick.counted(1);
+                break Ok(Vec::new());
+            }
+            // More clients than room: NVML said how many; once more with that much.
+            Err(NvmlError::InsufficientSize(Some(needed))) if !retried => {
+                tick.counted(1);
+                capacity = u32::try_from(needed)
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(MPS_HEADROOM);
+                retried = true;
+            }
+            result => break tick.record(dev, MPS, 1, result),
+        }
+    };
+    dev.processes.mps_capacity = capacity;
+    let Ok(clients) = result else {
+        return Vec::new();
+    };
+    clients
         .into_iter()
-        .map(|p| ProcessSample {
-            pid: p.pid,
-            used_memory_bytes: match p.used_gpu_memory {
-                UsedGpuMemory::Used(bytes) => Some(bytes),
-                UsedGpuMemory::Unavailable => None,
-            },
-            gpu_instance_id: p.gpu_instance_id,
-            compute_instance_id: p.compute_instance_id,
-        })
+        .map(|p| process_sample(ProcessInfo::from(p)))
         .collect()
 }
 

@@ -1,12 +1,17 @@
 //! The narrow seam to NVML's raw bindings, for calls `nvml-wrapper` 0.11 does not wrap: MIG
-//! device enumeration, field values with a scope id (NVLink totals over all links), and clock
-//! event reasons under their current name. It opens the same library file as the wrapper, so
+//! device enumeration, field values with a scope id (NVLink totals over all links), clock
+//! event reasons under their current name, and MPS clients
+//! (`nvmlDeviceGetMPSComputeRunningProcesses_v3`, which the wrapper's sys crate loads but its
+//! `Device` has no method for). It opens the same library file as the wrapper, so
 //! the loader hands back the already-loaded, already-initialised instance.
 
 use std::ffi::OsStr;
 
 use nvml_wrapper::error::{nvml_sym, nvml_try, NvmlError};
-use nvml_wrapper_sys::bindings::{nvmlDevice_t, nvmlFieldValue_t, NvmlLib};
+use nvml_wrapper_sys::bindings::{
+    nvmlDevice_t, nvmlFieldValue_t, nvmlProcessInfo_t,
+    nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE as INSUFFICIENT_SIZE, NvmlLib,
+};
 
 /// An NVML device handle (GPU or MIG device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +84,36 @@ impl RawNvml {
         let count = i32::try_from(values.len()).map_err(|_| NvmlError::InvalidArg)?;
         // SAFETY: `values` holds `count` initialised entries.
         nvml_try(unsafe { sym(device.0, count, values.as_mut_ptr()) })
+    }
+
+    /// Whether the library exports `nvmlDeviceGetMPSComputeRunningProcesses_v3` (older drivers
+    /// have only earlier versions of it, with another struct layout, which are not used).
+    pub(crate) fn has_mps_processes(&self) -> bool {
+        self.lib.nvmlDeviceGetMPSComputeRunningProcesses_v3.is_ok()
+    }
+
+    /// `nvmlDeviceGetMPSComputeRunningProcesses_v3` into a buffer of `capacity` entries: one
+    /// call, no count probe. When more clients run than fit, NVML answers `INSUFFICIENT_SIZE`
+    /// and writes the count it needs, returned as `InsufficientSize(Some(needed))`.
+    pub(crate) fn mps_compute_processes(
+        &self,
+        device: RawDevice,
+        capacity: u32,
+    ) -> Result<Vec<nvmlProcessInfo_t>, NvmlError> {
+        let sym = nvml_sym(self.lib.nvmlDeviceGetMPSComputeRunningProcesses_v3.as_ref())?;
+        // SAFETY: nvmlProcessInfo_t is plain old data (integers); all zeroes is a valid value.
+        let mut infos: Vec<nvmlProcessInfo_t> =
+            vec![unsafe { std::mem::zeroed() }; capacity as usize];
+        let mut count = capacity;
+        // SAFETY: a valid handle, a valid count, and `infos` holds `count` entries.
+        match unsafe { sym(device.0, &mut count, infos.as_mut_ptr()) } {
+            INSUFFICIENT_SIZE => Err(NvmlError::InsufficientSize(Some(count as usize))),
+            code => {
+                nvml_try(code)?;
+                infos.truncate(count.min(capacity) as usize);
+                Ok(infos)
+            }
+        }
     }
 
     /// `nvmlDeviceGetMaxMigDeviceCount`.

@@ -55,8 +55,13 @@ pub struct DeviceSample {
     pub mig_enabled: bool,
     /// Every MIG device (GPU instance × compute instance) when MIG is on.
     pub mig: Vec<MigSample>,
-    /// Running compute processes.
+    /// Running compute processes. Under MPS this lists the MPS server
+    /// (`nvidia-cuda-mps-server`), not its clients.
     pub processes: Vec<ProcessSample>,
+    /// MPS clients (processes with an MPS compute context); empty without MPS. NVML reports
+    /// no utilization samples of their own: what they do shows in the server's samples, or
+    /// in none.
+    pub mps_clients: Vec<ProcessSample>,
     /// Utilization samples newer than the previous sample's, chained by `lastSeenTimeStamp`:
     /// each driver sample is delivered exactly once, including the last ones of a process
     /// that has exited since.
@@ -104,6 +109,7 @@ impl Default for DeviceSample {
             mig_enabled: false,
             mig: Vec::new(),
             processes: Vec::new(),
+            mps_clients: Vec::new(),
             process_utilization: Ok(Vec::new()),
             util_window_us: None,
             util_sample_period_us: None,

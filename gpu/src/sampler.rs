@@ -88,6 +88,7 @@ impl Sampler {
         info!(
             driver_version = driver_version.as_deref().unwrap_or("unknown"),
             gpus = count,
+            mps_query = raw.has_mps_processes(),
             "NVML ready"
         );
         let nvml = Arc::new(nvml);

@@ -292,6 +292,79 @@ fn mig_lists_instances_and_processes_and_has_no_process_utilization() {
 }
 
 #[test]
+fn mps_clients_are_listed_apart_from_the_server_which_carries_their_samples() {
+    // More clients than the sampler's first MPS buffer holds (16), so the first round also
+    // goes through NVML's INSUFFICIENT_SIZE answer and its retry.
+    const CLIENTS: usize = 20;
+    let children = Children::spawn(CLIENTS + 2);
+    let server = children.pid(0);
+    let mut processes = vec![json!({
+        "pid": server, "mps": "server", "used_memory_bytes": 32 << 20
+    })];
+    processes.extend((1..=CLIENTS).map(|i| {
+        json!({
+            "pid": children.pid(i), "mps": "client",
+            "used_memory_bytes": GIB * i as u64, "sm_percent": 2
+        })
+    }));
+    let plain = children.pid(CLIENTS + 1);
+    let fake = FakeNvml::new(&json!({
+        "devices": [{
+            "uuid": "GPU-dddddddd-0000-0000-0000-000000000000",
+            "processes": processes
+        }, {
+            // No MPS here: the query answers an empty list.
+            "uuid": "GPU-eeeeeeee-0000-0000-0000-000000000000",
+            "processes": [{ "pid": plain, "used_memory_bytes": GIB, "sm_percent": 30 }]
+        }]
+    }));
+    let mut sampler = fake.start();
+    for wait_ms in [250, 150] {
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        let before = fake.calls();
+        let sample = sampler.sample();
+        assert_eq!(sample.errors, vec![], "INSUFFICIENT_SIZE is no failure");
+        assert_eq!(sampler.calls_last_sample(), fake.calls() - before);
+        let d = &sample.devices[0];
+        let listed: Vec<_> = d
+            .processes
+            .iter()
+            .map(|p| (p.pid, p.used_memory_bytes))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![(server, Some(32 << 20))],
+            "the compute list is the server"
+        );
+        let mut clients: Vec<_> = d
+            .mps_clients
+            .iter()
+            .map(|p| (p.pid, p.used_memory_bytes, p.gpu_instance_id))
+            .collect();
+        clients.sort_unstable();
+        let mut want: Vec<_> = (1..=CLIENTS)
+            .map(|i| (children.pid(i), Some(GIB * i as u64), None))
+            .collect();
+        want.sort_unstable();
+        assert_eq!(clients, want, "every client, with its own memory");
+        assert_eq!(d.utilization_gpu_percent, Some(2 * CLIENTS as u32));
+        let samples = utilization(d);
+        assert!(!samples.is_empty());
+        assert!(
+            samples
+                .iter()
+                .all(|s| s.pid == server && s.sm_percent == 2 * CLIENTS as u32),
+            "per-process samples are the server's, the clients' sum: {samples:?}"
+        );
+
+        let other = &sample.devices[1];
+        assert_eq!(other.mps_clients, vec![]);
+        assert_eq!(other.processes.len(), 1);
+        assert!(utilization(other).iter().all(|s| s.pid == plain));
+    }
+}
+
+#[test]
 fn a_process_exiting_mid_window_has_its_last_samples_delivered_once() {
     let children = Children::spawn(2);
     let (stays, exits) = (children.pid(0), children.pid(1));

@@ -265,3 +265,55 @@ fn calls_last_sample_matches_the_calls_the_library_answered() {
         );
     }
 }
+
+/// The MPS query costs one call on a GPU with processes, none on an idle one, and none after
+/// the GPU said `NOT_SUPPORTED` (pre-Volta); `NOT_FOUND` reads as no MPS. Neither is an error.
+#[test]
+fn mps_costs_one_call_on_a_busy_gpu_and_none_once_not_supported() {
+    let children = Children::spawn(1);
+    let scenario = |errors: serde_json::Value| {
+        json!({
+            "devices": [
+                // No utilization samples (all zero): a steady one NOT_FOUND call each round.
+                { "uuid": "GPU-31313131-0000-0000-0000-000000000000",
+                  "processes": [{ "pid": children.pid(0), "used_memory_bytes": GIB }] },
+                { "uuid": "GPU-32323232-0000-0000-0000-000000000000" }
+            ],
+            "errors": errors
+        })
+    };
+    let mps_error = |code: &str| json!([{ "call": "nvmlDeviceGetMPSComputeRunningProcesses_v3", "device": 0, "code": code }]);
+    let rounds = |scenario: &serde_json::Value, listed: usize| -> Vec<u64> {
+        let fake = FakeNvml::new(scenario);
+        let mut sampler = fake.start();
+        (0..3)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(50));
+                let sample = sampler.sample();
+                assert_eq!(sample.errors, vec![], "no MPS is not a failure");
+                assert!(sample.devices.iter().all(|d| d.mps_clients.is_empty()));
+                assert_eq!(sample.devices[0].processes.len(), listed);
+                sampler.calls_last_sample()
+            })
+            .collect()
+    };
+    let plain = rounds(&scenario(json!([])), 1);
+    let not_supported = rounds(&scenario(mps_error("NOT_SUPPORTED")), 1);
+    let not_found = rounds(&scenario(mps_error("NOT_FOUND")), 1);
+    assert_eq!(
+        not_found, plain,
+        "NOT_FOUND is asked again, counted, not failed"
+    );
+    assert_eq!(not_supported[0], plain[0], "asked once");
+    assert_eq!(
+        &not_supported[1..],
+        &[plain[1] - 1, plain[2] - 1],
+        "and never again"
+    );
+    // The busy GPU: the idle one's calls plus the fetch of its process list and the MPS query.
+    let idle_only = rounds(
+        &json!({ "devices": [{ "uuid": "GPU-32323232-0000-0000-0000-000000000000" }] }),
+        0,
+    );
+    assert_eq!(plain[2], 2 * idle_only[2] + 2, "{plain:?} vs {idle_only:?}");
+}

@@ -311,6 +311,76 @@ fn without_process_utilization_the_gpu_is_shared_by_memory_and_the_failure_count
     assert_conserved(&text, GPU);
 }
 
+/// MPS: the clients are listed by NVML's MPS query, the compute list and the utilization
+/// samples are the MPS server's. The device's busy time goes to the clients by GPU memory,
+/// none to the server.
+#[test]
+fn mps_clients_share_the_gpu_by_memory_and_the_server_is_not_charged() {
+    const TEST: &str = "mps_clients_share_the_gpu_by_memory_and_the_server_is_not_charged";
+    let Some(unified) = setup(TEST) else { return };
+    let (server, a, b) = (
+        unit(&unified, "mps-server"),
+        unit(&unified, "mps-a"),
+        unit(&unified, "mps-b"),
+    );
+    let fake = FakeNvml::new(
+        FULL,
+        &json!({ "devices": [device(json!([
+            { "pid": server.pid, "mps": "server", "used_memory_bytes": 32_000_000u64 },
+            { "pid": a.pid, "mps": "client", "used_memory_bytes": 3_000_000_000u64, "sm_percent": 20 },
+            { "pid": b.pid, "mps": "client", "used_memory_bytes": 1_000_000_000u64, "sm_percent": 40 }
+        ]))] }),
+    );
+    let agent = start(&fake);
+    let method = "method=\"mps_memory\"";
+    let text = agent.scrape_until(Duration::from_secs(15), "MPS time", |t| {
+        seconds(t, &a, method) >= 1.0 && seconds(t, &b, method) > 0.0
+    });
+    let (sa, sb) = (seconds(&text, &a, method), seconds(&text, &b, method));
+    // 3:1 by memory, though b's kernels were the busier: memory is all NVML tells per client.
+    assert!((sa / sb - 3.0).abs() < 0.01, "3:1 by memory: {sa} vs {sb}");
+    assert_eq!(
+        seconds(&text, &server, ""),
+        0.0,
+        "the server runs the clients' work and is not charged for it: {text}"
+    );
+    let busy = total(&text, "tally_gpu_busy_seconds_total", &[]);
+    assert!(
+        (sa + sb - busy).abs() <= 1e-6 * busy.max(1.0),
+        "all busy time to the clients: {sa} + {sb} vs {busy}"
+    );
+    assert_conserved(&text, GPU);
+    for (u, bytes) in [(&server, 32e6), (&a, 3e9), (&b, 1e9)] {
+        assert_eq!(
+            sample(
+                &text,
+                "tally_workload_gpu_memory_bytes",
+                &[&format!("unit=\"{}\"", u.name)]
+            ),
+            Some(bytes),
+            "{}",
+            u.name
+        );
+    }
+    // Energy the same way: the clients 3:1, nothing to the server.
+    let joules = |u: &Unit| {
+        total(
+            &text,
+            "tally_workload_gpu_energy_joules_total",
+            &[&format!("unit=\"{}\"", u.name)],
+        )
+    };
+    let (ja, jb) = (joules(&a), joules(&b));
+    assert!(ja > 0.0 && (ja / jb - 3.0).abs() < 0.01, "{ja} J vs {jb} J");
+    assert_eq!(joules(&server), 0.0);
+    let spent = total(&text, "tally_gpu_energy_joules_total", &[]) - 1000.0;
+    assert!(
+        ja + jb <= spent + 1e-6,
+        "charged {} J of {spent} J",
+        ja + jb
+    );
+}
+
 #[test]
 fn a_missing_library_leaves_gpu_down_and_the_agent_running() {
     let agent = Agent::start(

@@ -1023,8 +1023,11 @@ impl Engine {
         }
     }
 
-    /// The engine's metric families.
+    /// The engine's metric families; none on a node without budgets (nor throttles left).
     pub fn families(&self) -> Vec<Family> {
+        if self.budgets.is_empty() && self.throttles.is_empty() {
+            return Vec::new();
+        }
         let mut ratio = Family::new(
             "tally_budget_usage_ratio",
             "Usage of a budget in its window divided by its limit, per workload (all labels empty for a shared budget).",

@@ -8,11 +8,18 @@
 //!   it all busy time (`exclusive`); several share it by GPU memory held (`memory_share`).
 //! - MIG instances: without per-instance utilization (DCGM profiling), an instance's holder is
 //!   charged the time it held it (`mig_allocation`), labelled with the instance UUID.
+//! - MPS: NVML has no utilization per MPS client (its samples, if any, are the MPS server's), so
+//!   the device's busy time is split among the client workloads by the GPU memory each holds,
+//!   the only per-client signal (`mps_memory`). The server's workload is not charged: it runs
+//!   the clients' kernels, it does not order them. A server with no clients is an ordinary
+//!   process and is charged as one. Processes outside MPS on a GPU whose MPS server has clients
+//!   (possible only in the DEFAULT compute mode) are not told apart from the server.
 //! - Conservation: per device, attributed seconds never exceed the device's busy seconds; when
 //!   process samples add up to more (their windows and the device counter's differ), they are
 //!   scaled down; what is left is exported as unattributed.
 //! - Energy: the window's energy delta is split by busy share; the idle rest goes to the holding
-//!   workloads equally, or to the unallocated row when nobody holds the device.
+//!   workloads equally (under MPS to the clients by memory, as the busy time), or to the
+//!   unallocated row when nobody holds the device.
 
 use std::collections::BTreeMap;
 
@@ -23,6 +30,7 @@ pub enum Method {
     Exclusive,
     MemoryShare,
     MigAllocation,
+    MpsMemory,
 }
 
 impl Method {
@@ -32,6 +40,7 @@ impl Method {
             Method::Exclusive => "exclusive",
             Method::MemoryShare => "memory_share",
             Method::MigAllocation => "mig_allocation",
+            Method::MpsMemory => "mps_memory",
         }
     }
 }
@@ -43,6 +52,8 @@ pub struct Holder<W> {
     pub memory_bytes: f64,
     /// The MIG instance UUID the process runs in, on a MIG-enabled device.
     pub mig_instance: Option<String>,
+    /// An MPS client (listed by NVML's MPS query, not the compute list).
+    pub mps_client: bool,
 }
 
 /// One device's sampling window.
@@ -99,11 +110,28 @@ pub fn attribute<W: Clone + Ord>(window: &DeviceWindow<W>) -> Outcome<W> {
         w
     };
 
+    // Memory held per MPS client workload, when MPS clients run (and MIG is off).
+    let mps_clients: Option<Vec<(W, f64)>> = mps(window).then(|| {
+        let mut held: BTreeMap<W, f64> = BTreeMap::new();
+        for h in window.holders.iter().filter(|h| h.mps_client) {
+            *held.entry(h.workload.clone()).or_default() += h.memory_bytes;
+        }
+        held.into_iter().collect()
+    });
+
     let mut busy: BTreeMap<(W, String), (f64, Method)> = BTreeMap::new();
     let device_busy = window
         .busy_seconds
         .map(|b| b.clamp(0.0, window.seconds.max(0.0)));
     match (&window.sampled, window.mig_enabled) {
+        // Utilization samples under MPS are the server's, never a client's: not used.
+        _ if mps_clients.is_some() => {
+            if let (Some(b), Some(clients)) = (device_busy, &mps_clients) {
+                for (w, share) in split_by(clients, b) {
+                    busy.insert((w, window.uuid.clone()), (share, Method::MpsMemory));
+                }
+            }
+        }
         (Some(sampled), false) => {
             let mut per: BTreeMap<W, f64> = BTreeMap::new();
             for (w, s) in sampled {
@@ -186,12 +214,15 @@ pub fn attribute<W: Clone + Ord>(window: &DeviceWindow<W>) -> Outcome<W> {
             }
         }
         let idle = e * (1.0 - busy_fraction);
-        if holders.is_empty() {
+        // Under MPS the clients, by memory as their busy time; otherwise every holder equally.
+        let idle_to: Vec<(W, f64)> = mps_clients
+            .clone()
+            .unwrap_or_else(|| holders.iter().map(|w| (w.clone(), 1.0)).collect());
+        if idle_to.is_empty() {
             unallocated_joules = idle;
         } else {
-            let each = idle / holders.len() as f64;
-            for w in &holders {
-                *energy.entry(w.clone()).or_default() += each;
+            for (w, share) in split_by(&idle_to, idle) {
+                *energy.entry(w).or_default() += share;
             }
         }
     }
@@ -235,7 +266,15 @@ pub fn attribute<W: Clone + Ord>(window: &DeviceWindow<W>) -> Outcome<W> {
     }
 }
 
+/// MPS clients hold the device (MIG off: an instance is charged by allocation either way).
+fn mps<W>(window: &DeviceWindow<W>) -> bool {
+    !window.mig_enabled && window.holders.iter().any(|h| h.mps_client)
+}
+
 fn default_method<W>(window: &DeviceWindow<W>) -> Method {
+    if mps(window) {
+        return Method::MpsMemory;
+    }
     match (&window.sampled, window.mig_enabled) {
         (_, true) => Method::MigAllocation,
         (Some(_), false) => Method::ProcessUtilization,
@@ -268,6 +307,14 @@ mod tests {
             workload: w.to_owned(),
             memory_bytes: mem,
             mig_instance: None,
+            mps_client: false,
+        }
+    }
+
+    fn mps_client(w: &str, mem: f64) -> Holder<String> {
+        Holder {
+            mps_client: true,
+            ..holder(w, mem)
         }
     }
 
@@ -353,11 +400,13 @@ mod tests {
                     workload: "a".into(),
                     memory_bytes: 1e9,
                     mig_instance: Some("MIG-1".into()),
+                    mps_client: false,
                 },
                 Holder {
                     workload: "b".into(),
                     memory_bytes: 2e9,
                     mig_instance: Some("MIG-2".into()),
+                    mps_client: false,
                 },
             ],
             None,
@@ -376,5 +425,56 @@ mod tests {
             ("MIG-2", 1.0, 2e9)
         );
         assert_eq!(o.unattributed_seconds, 0.0);
+    }
+
+    #[test]
+    fn mps_clients_split_the_device_by_memory_and_the_server_is_not_charged() {
+        // The server's samples carry the clients' work; they must not reach the server.
+        let o = attribute(&window(
+            vec![
+                holder("server", 5e7),
+                mps_client("a", 3e9),
+                mps_client("b", 1e9),
+                mps_client("a", 2e9),
+            ],
+            Some(vec![("server", 0.9)]),
+        ));
+        let (a, b, server) = (get(&o, "a"), get(&o, "b"), get(&o, "server"));
+        assert!((a.busy_seconds - 0.9 * 5.0 / 6.0).abs() < 1e-9, "{a:?}");
+        assert!((b.busy_seconds - 0.9 / 6.0).abs() < 1e-9, "{b:?}");
+        assert_eq!((a.method, b.method), (Method::MpsMemory, Method::MpsMemory));
+        assert_eq!(a.memory_bytes, 5e9);
+        assert_eq!(server.busy_seconds, 0.0);
+        assert_eq!(server.energy_joules, 0.0);
+        assert_eq!(server.memory_bytes, 5e7, "its memory is still its own");
+        let total: f64 = o.shares.iter().map(|s| s.busy_seconds).sum();
+        assert!((total - 0.9).abs() < 1e-9, "conservation: {total}");
+        assert!(o.unattributed_seconds < 1e-9);
+        // Energy by memory too: all of the 300 J, 5:1.
+        assert!((a.energy_joules - 250.0).abs() < 1e-9, "{a:?}");
+        assert!((b.energy_joules - 50.0).abs() < 1e-9, "{b:?}");
+        assert_eq!(o.unallocated_joules, 0.0);
+    }
+
+    #[test]
+    fn an_mps_server_without_clients_is_charged_like_any_process() {
+        let o = attribute(&window(
+            vec![holder("server", 5e7)],
+            Some(vec![("server", 0.4)]),
+        ));
+        let server = get(&o, "server");
+        assert_eq!(
+            (server.method, server.busy_seconds),
+            (Method::ProcessUtilization, 0.4)
+        );
+    }
+
+    #[test]
+    fn mps_without_device_utilization_charges_nothing_rather_than_guessing() {
+        let mut w = window(vec![holder("server", 1.0), mps_client("a", 1e9)], None);
+        w.busy_seconds = None;
+        let o = attribute(&w);
+        assert!(o.shares.iter().all(|s| s.busy_seconds == 0.0));
+        assert_eq!(get(&o, "a").method, Method::MpsMemory);
     }
 }

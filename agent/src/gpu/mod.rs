@@ -233,10 +233,12 @@ impl GpuSource {
                 })
                 .map(|m| m.uuid.clone())
         };
-        let mut holders: Vec<Holder<usize>> = device
-            .processes
-            .iter()
-            .map(|p| Holder {
+        // The compute list (under MPS: the MPS server) and the MPS clients.
+        let listed = device.processes.iter().map(|p| (p, false));
+        let clients = device.mps_clients.iter().map(|p| (p, true));
+        let mut holders: Vec<Holder<usize>> = listed
+            .chain(clients)
+            .map(|(p, mps_client)| Holder {
                 workload: index(resolve(p.pid)),
                 memory_bytes: p.used_memory_bytes.unwrap_or(0) as f64,
                 mig_instance: if device.mig_enabled {
@@ -244,6 +246,7 @@ impl GpuSource {
                 } else {
                     None
                 },
+                mps_client,
             })
             .collect();
         let period_us = device.util_sample_period_us;
@@ -396,7 +399,8 @@ fn sample_loop(
 }
 
 /// Moves what the host row holds on a device (or MIG instance) to the workloads the kubelet
-/// assigned it to, evenly; adds them as holders when nothing visible holds it.
+/// assigned it to, evenly (MPS clients stay MPS clients); adds them as holders when nothing
+/// visible holds it.
 fn reassign(
     holders: &mut Vec<Holder<usize>>,
     mut sampled: Option<&mut Vec<(usize, f64)>>,
@@ -411,23 +415,37 @@ fn reassign(
         let on_target = |h: &Holder<usize>| {
             &h.mig_instance == instance || instance.is_none() && h.mig_instance.is_none()
         };
-        let mut moved = Vec::new();
+        let mut moved: Vec<(f64, bool)> = Vec::new();
         holders.retain(|h| {
             if h.workload == host && on_target(h) {
-                moved.push(h.memory_bytes);
+                moved.push((h.memory_bytes, h.mps_client));
                 false
             } else {
                 true
             }
         });
         let visible = holders.iter().any(on_target);
-        if !moved.is_empty() || !visible {
-            let memory: f64 = moved.iter().sum();
+        // What moves, as MPS client or not; nothing visible at all still holds the device.
+        let kinds: Vec<bool> = if moved.is_empty() && !visible {
+            vec![false]
+        } else {
+            [false, true]
+                .into_iter()
+                .filter(|&client| moved.iter().any(|(_, c)| *c == client))
+                .collect()
+        };
+        for mps_client in kinds {
+            let memory: f64 = moved
+                .iter()
+                .filter(|(_, c)| *c == mps_client)
+                .map(|(m, _)| m)
+                .sum();
             for a in assignees {
                 holders.push(Holder {
                     workload: *a,
                     memory_bytes: memory * share,
                     mig_instance: instance.clone(),
+                    mps_client,
                 });
             }
         }

@@ -105,7 +105,8 @@ pub struct MemoryV2 {
 
 pub const MEMORY_V2_VERSION: c_uint = (std::mem::size_of::<MemoryV2>() as c_uint) | (2 << 24);
 
-/// `nvmlProcessInfo_t` as `nvmlDeviceGetComputeRunningProcesses_v3` fills it.
+/// `nvmlProcessInfo_t` as `nvmlDeviceGetComputeRunningProcesses_v3` and
+/// `nvmlDeviceGetMPSComputeRunningProcesses_v3` fill it.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct ProcessInfo {

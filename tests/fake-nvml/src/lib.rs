@@ -5,6 +5,9 @@
 //! `nvmlDeviceGetProcessUtilization` answers `NOT_FOUND` when nothing is newer than
 //! `lastSeenTimeStamp`, accounting calls answer `NOT_SUPPORTED` with accounting off, event waits
 //! block up to their timeout and answer `TIMEOUT`, a lost GPU answers `GPU_IS_LOST`.
+//! Under MPS (scenario processes marked `"mps": "client"` / `"server"`), the clients are listed
+//! by `nvmlDeviceGetMPSComputeRunningProcesses_v3` only, the compute list shows the MPS server,
+//! and utilization samples are the server's.
 //!
 //! It plays a scenario (see `scenario.rs`): a JSON file named by `TALLY_FAKE_NVML_SCENARIO`,
 //! or else `scenario.json` in the directory the library was loaded from (tests copy the library

@@ -126,11 +126,28 @@ pub struct Process {
     pub memory_percent: Timeline,
     pub gpu_instance_id: Option<u32>,
     pub compute_instance_id: Option<u32>,
+    /// The process's part in MPS (Multi-Process Service) on this device, if any. A `client` is
+    /// listed by `nvmlDeviceGetMPSComputeRunningProcesses_v3` and not by the compute list, and
+    /// has no utilization samples of its own; a `server` (`nvidia-cuda-mps-server`) is listed
+    /// by the compute list and carries the utilization samples of every client, as NVML
+    /// reports them under MPS.
+    pub mps: Option<MpsRole>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MpsRole {
+    Client,
+    Server,
 }
 
 impl Process {
     pub fn alive_at(&self, t_ms: f64) -> bool {
         t_ms >= self.start_ms as f64 && self.end_ms.is_none_or(|end| t_ms < end as f64)
+    }
+
+    pub fn is_mps_client(&self) -> bool {
+        self.mps == Some(MpsRole::Client)
     }
 }
 
@@ -303,8 +320,21 @@ mod tests {
     fn the_example_scenario_parses() {
         let scenario: Scenario =
             serde_json::from_str(include_str!("../example-scenario.json")).unwrap();
-        assert_eq!(scenario.devices.len(), 2);
+        assert_eq!(scenario.devices.len(), 3);
         assert_eq!(scenario.devices[1].mig.as_ref().unwrap().instances.len(), 2);
+        let mps: Vec<Option<MpsRole>> = scenario.devices[2]
+            .processes
+            .iter()
+            .map(|p| p.mps)
+            .collect();
+        assert_eq!(
+            mps,
+            [
+                Some(MpsRole::Server),
+                Some(MpsRole::Client),
+                Some(MpsRole::Client)
+            ]
+        );
     }
 
     #[test]

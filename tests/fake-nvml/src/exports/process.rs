@@ -1,4 +1,5 @@
-//! Per-process queries: running compute processes, process utilization samples, accounting.
+//! Per-process queries: running compute processes, MPS clients, process utilization samples,
+//! accounting.
 
 use std::os::raw::c_uint;
 
@@ -28,9 +29,30 @@ unsafe fn fill<T: Copy>(count: *mut c_uint, array: *mut T, items: &[T]) -> Resul
     Ok(())
 }
 
-/// `nvmlDeviceGetComputeRunningProcesses_v3`: live processes in the v3 layout; on a MIG-enabled
+/// Live processes on this handle in the v3 layout, MPS clients or the others; on a MIG-enabled
 /// GPU's own handle every process carries its GPU / compute instance ids, otherwise
 /// `0xFFFFFFFF`.
+fn process_infos(call: &Call, mps_clients: bool) -> Vec<ProcessInfo> {
+    let mig = call.device().mig.is_some();
+    call.live_processes()
+        .filter(|p| p.is_mps_client() == mps_clients)
+        .map(|p| ProcessInfo {
+            pid: p.pid,
+            used_gpu_memory: p.used_memory_bytes.at(call.now_ms) as u64,
+            gpu_instance_id: p
+                .gpu_instance_id
+                .filter(|_| mig)
+                .unwrap_or(ffi::NO_INSTANCE),
+            compute_instance_id: p
+                .compute_instance_id
+                .filter(|_| mig)
+                .unwrap_or(ffi::NO_INSTANCE),
+        })
+        .collect()
+}
+
+/// `nvmlDeviceGetComputeRunningProcesses_v3`: live processes with a compute context of their
+/// own. Under MPS that is the MPS server, not its clients.
 ///
 /// # Safety
 /// See [`fill`].
@@ -41,29 +63,38 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     infos: *mut ProcessInfo,
 ) -> NvmlReturn {
     device_call("nvmlDeviceGetComputeRunningProcesses_v3", device, |call| {
-        let mig = call.device().mig.is_some();
-        let items: Vec<ProcessInfo> = call
-            .live_processes()
-            .map(|p| ProcessInfo {
-                pid: p.pid,
-                used_gpu_memory: p.used_memory_bytes.at(call.now_ms) as u64,
-                gpu_instance_id: p
-                    .gpu_instance_id
-                    .filter(|_| mig)
-                    .unwrap_or(ffi::NO_INSTANCE),
-                compute_instance_id: p
-                    .compute_instance_id
-                    .filter(|_| mig)
-                    .unwrap_or(ffi::NO_INSTANCE),
-            })
-            .collect();
+        let items = process_infos(call, false);
         // SAFETY: forwarded from the caller.
         unsafe { fill(info_count, infos, &items) }
     })
 }
 
+/// `nvmlDeviceGetMPSComputeRunningProcesses_v3`: live MPS clients, with the compute list's
+/// semantics (count probe with `*infoCount == 0`, `INSUFFICIENT_SIZE` with the needed count
+/// written, `SUCCESS` and a count of 0 when none run) and the same v3 layout.
+///
+/// # Safety
+/// See [`fill`].
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMPSComputeRunningProcesses_v3(
+    device: NvmlDevice,
+    info_count: *mut c_uint,
+    infos: *mut ProcessInfo,
+) -> NvmlReturn {
+    device_call(
+        "nvmlDeviceGetMPSComputeRunningProcesses_v3",
+        device,
+        |call| {
+            let items = process_infos(call, true);
+            // SAFETY: forwarded from the caller.
+            unsafe { fill(info_count, infos, &items) }
+        },
+    )
+}
+
 /// Samples newer than `last_seen_us`: one per sample period per process that was alive with a
-/// non-zero SM or memory utilization, within the driver's buffer.
+/// non-zero SM or memory utilization, within the driver's buffer. MPS clients have none of
+/// their own: their utilization shows in the MPS server's samples.
 #[cfg_attr(
     feature = "without-process-utilization",
     expect(dead_code, reason = "only nvmlDeviceGetProcessUtilization uses it")
@@ -87,9 +118,21 @@ fn utilization_samples(call: &Call, last_seen_us: u64) -> Vec<ffi::ProcessUtiliz
         if time_stamp <= last_seen_us {
             continue;
         }
-        for p in call.device().processes.iter().filter(|p| p.alive_at(t_ms)) {
-            let sm = p.sm_percent.at(t_ms) as c_uint;
-            let mem = p.memory_percent.at(t_ms) as c_uint;
+        let alive = || call.device().processes.iter().filter(|p| p.alive_at(t_ms));
+        let clients = |f: fn(&crate::scenario::Process) -> &crate::scenario::Timeline| {
+            alive()
+                .filter(|p| p.is_mps_client())
+                .map(|p| f(p).at(t_ms))
+                .sum::<f64>()
+        };
+        for p in alive().filter(|p| !p.is_mps_client()) {
+            let (mut sm, mut mem) = (p.sm_percent.at(t_ms), p.memory_percent.at(t_ms));
+            if p.mps == Some(crate::scenario::MpsRole::Server) {
+                sm += clients(|p| &p.sm_percent);
+                mem += clients(|p| &p.memory_percent);
+            }
+            let sm = sm.min(100.0) as c_uint;
+            let mem = mem.min(100.0) as c_uint;
             if sm > 0 || mem > 0 {
                 samples.push(ffi::ProcessUtilizationSample {
                     pid: p.pid,
