@@ -43,6 +43,11 @@ enum Command {
     Release {
         #[arg(long, env = "TALLY_CONFIG")]
         config: Option<PathBuf>,
+        /// The state directory, instead of the configuration's `enforcement.state_dir`. Without
+        /// it, an unreadable configuration falls back to /var/lib/tally: releasing must work
+        /// even when the configuration that throttled is broken.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Show the running agent's workloads, budgets and throttles, refreshed live.
     Top {
@@ -88,12 +93,20 @@ fn main() -> ExitCode {
             ExitCode::from(report.exit_code().clamp(0, 255) as u8)
         }
         Command::FreezeGuard => tally_agent::budget::freeze::guard_main(),
-        Command::Release { config } => {
-            let Some((config, _)) = load(config.as_deref()) else {
-                return ExitCode::from(2);
+        Command::Release { config, state_dir } => {
+            let dir = match (state_dir, load(config.as_deref())) {
+                (Some(dir), _) => dir,
+                (None, Some((config, _))) => config.enforcement.state_dir,
+                (None, None) => {
+                    let fallback = config::EnforcementConfig::default().state_dir;
+                    eprintln!(
+                        "tally release: using the default state directory {}",
+                        fallback.display()
+                    );
+                    fallback
+                }
             };
-            init_logging(&config, true);
-            release(&config)
+            release(&dir)
         }
         Command::Top {
             agent,
@@ -135,9 +148,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn release(config: &Config) -> ExitCode {
+fn release(dir: &Path) -> ExitCode {
     use tally_agent::budget::state::{self, State};
-    let dir = &config.enforcement.state_dir;
     let mut saved = match State::load(dir) {
         Ok(s) => s,
         Err(e) => {

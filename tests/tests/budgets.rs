@@ -368,13 +368,13 @@ fn an_egress_budget_of_10_mb_per_s_holds_and_sighup_raising_it_releases() {
     eprintln!("egress under a 10 MB/s budget: {:.3} MB/s", rate / 1e6);
     assert!((rate / 10e6 - 1.0).abs() <= 0.05, "{rate}");
 
-    // Raise the budget a hundredfold and reload: released.
+    // Raise the budget far above what loopback carries and reload: released.
     std::fs::write(
         &agent.config,
         format!(
             "[agent]\nlisten = \"127.0.0.1:{}\"\n{}",
             agent.port,
-            budget(5e9)
+            budget(5e12)
         ),
     )
     .unwrap();
@@ -567,7 +567,9 @@ fn a_disk_budget_sets_per_device_throttle_rules_and_releases_them() {
     cgroup.spawn(&format!(
         "sleep 0.3; while :; do dd if=/dev/zero of={file} bs=1M count=64 oflag=direct status=none; done"
     ));
-    agent.scrape_until(Duration::from_secs(20), "disk enforced", |t| active(t, "disk"));
+    agent.scrape_until(Duration::from_secs(20), "disk enforced", |t| {
+        active(t, "disk")
+    });
     let written = std::fs::read_to_string(&rules).unwrap();
     let device = std::fs::read_to_string("/sys/block/vda/dev")
         .ok()
@@ -586,7 +588,10 @@ fn a_disk_budget_sets_per_device_throttle_rules_and_releases_them() {
     let (b0, t0) = (usage(&agent.scrape()).unwrap_or(0.0), Instant::now());
     std::thread::sleep(Duration::from_secs(4));
     let rate = (usage(&agent.scrape()).unwrap_or(0.0) - b0) / t0.elapsed().as_secs_f64();
-    eprintln!("direct writes under a 2 MB/s disk throttle: {:.2} MB/s", rate / 1e6);
+    eprintln!(
+        "direct writes under a 2 MB/s disk throttle: {:.2} MB/s",
+        rate / 1e6
+    );
     assert!(rate < 3e6, "{rate}");
 
     agent.signal(libc::SIGTERM);

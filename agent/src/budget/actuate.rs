@@ -229,13 +229,29 @@ pub fn apply(writes: &[FileWrite]) -> Result<(), String> {
 /// Sends SIGTERM to every process of the workload; returns how many got it.
 pub fn terminate(dirs: &CgroupDirs) -> Result<usize, String> {
     let mut sent = 0;
+    let mut refused = Vec::new();
     for pid in dirs.pids()? {
-        // SAFETY: kill takes plain integers; a pid that exited meanwhile gets ESRCH.
+        // SAFETY: kill takes plain integers.
         if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
             sent += 1;
+        } else {
+            let e = std::io::Error::last_os_error();
+            // A process that exited meanwhile is no failure.
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                refused.push(format!("{pid}: {e}"));
+            }
         }
     }
-    Ok(sent)
+    if refused.is_empty() {
+        Ok(sent)
+    } else {
+        Err(format!(
+            "SIGTERM refused for {} of {} processes ({}); the agent needs CAP_KILL",
+            refused.len(),
+            refused.len() + sent,
+            refused.join(", ")
+        ))
+    }
 }
 
 #[cfg(test)]

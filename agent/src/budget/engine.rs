@@ -32,8 +32,10 @@ const SAVE_EVERY: f64 = 5.0;
 /// Bounds of a steered freeze share, and how far one tick may move it.
 const MIN_SHARE: f64 = 0.02;
 const MAX_STEP: f64 = 2.0;
-/// Burst of a network throttle: this many seconds of its rate.
-const BURST_SECS: f64 = 0.05;
+/// Burst of a network throttle: this many seconds of its rate. A TCP sender whose every
+/// segment was dropped waits for its probe timer (200 ms at least) before it sends again, so a
+/// bucket holding less than that starves it well below the rate.
+const BURST_SECS: f64 = 0.25;
 /// Smallest burst: a few full-size packets, or nothing gets through.
 const MIN_BURST: f64 = 64.0 * 1024.0;
 
@@ -1069,6 +1071,12 @@ impl Engine {
                 }
                 ratio.samples.push(sample(&s.labels, extra(), s.ratio));
                 usage.samples.push(sample(&s.labels, extra(), s.usage));
+                // An enforced budget is active where its throttle is in place, not merely
+                // decided: a throttle that failed to apply is an error, not a throttle.
+                let in_place = !enforced
+                    || s.members
+                        .iter()
+                        .any(|(w, _, _)| self.throttles.contains_key(&(b.name.clone(), w.clone())));
                 active.samples.push(sample(
                     &s.labels,
                     vec![
@@ -1079,7 +1087,7 @@ impl Engine {
                             Arc::from(if enforced { "false" } else { "true" }),
                         ),
                     ],
-                    if s.enforcing { 1.0 } else { 0.0 },
+                    if s.enforcing && in_place { 1.0 } else { 0.0 },
                 ));
                 if s.enforcing
                     && enforced
@@ -1102,7 +1110,21 @@ impl Engine {
             "Budget state changes, by budget, action and event (warn, enforce, release).",
             Kind::Counter,
         );
-        for ((budget, action, event), n) in &self.actions {
+        // Every budget's events from zero, so the first one is an increase.
+        let mut counts: BTreeMap<(String, &'static str, &'static str), u64> = self
+            .budgets
+            .iter()
+            .flat_map(|c| {
+                [Event::Warn, Event::Enforce, Event::Release].map(|e| {
+                    (
+                        (c.budget.name.clone(), c.budget.action.as_str(), e.as_str()),
+                        0,
+                    )
+                })
+            })
+            .collect();
+        counts.extend(self.actions.iter().map(|(k, v)| (k.clone(), *v)));
+        for ((budget, action, event), n) in &counts {
             actions.push_labeled(
                 vec![
                     ("budget", Arc::from(budget.as_str())),
@@ -1117,7 +1139,26 @@ impl Engine {
             "Throttles that could not be applied or released, by budget, action and reason.",
             Kind::Counter,
         );
-        for ((budget, action, reason), n) in &self.errors {
+        let mut errors_by: BTreeMap<(String, &'static str, String), u64> = self
+            .budgets
+            .iter()
+            .filter(|c| c.budget.action.actuates())
+            .flat_map(|c| {
+                ["unavailable", "apply", "release"].map(|r| {
+                    (
+                        (
+                            c.budget.name.clone(),
+                            c.budget.action.as_str(),
+                            r.to_owned(),
+                        ),
+                        0,
+                    )
+                })
+            })
+            .collect();
+        errors_by.insert((String::new(), "state", "save".to_owned()), 0);
+        errors_by.extend(self.errors.iter().map(|(k, v)| (k.clone(), *v)));
+        for ((budget, action, reason), n) in &errors_by {
             errors.push_labeled(
                 vec![
                     ("budget", Arc::from(budget.as_str())),
@@ -1138,7 +1179,16 @@ impl Engine {
             "Throttles in force, by action.",
             Kind::Gauge,
         );
-        let mut by_action: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut by_action: BTreeMap<&'static str, u64> = [
+            Action::Cpu,
+            Action::Network,
+            Action::Disk,
+            Action::Freeze,
+            Action::Terminate,
+        ]
+        .iter()
+        .map(|a| (a.as_str(), 0))
+        .collect();
         for t in self.throttles.values() {
             *by_action.entry(t.action.as_str()).or_default() += 1;
         }

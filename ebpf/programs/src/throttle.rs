@@ -8,9 +8,11 @@
 //! bit 0 of an egress verdict is "pass", bit 1 "congestion"). TCP sees a positive error from
 //! `ip_queue_xmit()`, enters CWR (net/ipv4/tcp_output.c, `__tcp_transmit_skb()` calls
 //! `tcp_enter_cwr()` when `err > 0`) and keeps the segment queued to send again, so the drop
-//! costs neither a retransmission timeout nor loss recovery; a UDP `send()` fails with ENOBUFS
-//! (`net_xmit_errno()`). Passing packets that leave the bucket below a quarter of its burst
-//! return 3 ("pass with congestion"), so TCP backs off before it meets a drop.
+//! costs neither a retransmission timeout nor loss recovery. UDP gets ENOBUFS
+//! (`net_xmit_errno()`), which `udp_send_skb()` (net/ipv4/udp.c) counts as `SndbufErrors` and
+//! hides from `send()` unless the socket set IP_RECVERR; a plain drop (0) would fail `send()` with
+//! EPERM instead. Passing packets that leave the bucket below a quarter of its burst return 3
+//! ("pass with congestion"), so TCP backs off before it meets a drop.
 //!
 //! The bucket state (`EgressLimit::clock_ns`) is shared by every CPU and kept without a lock;
 //! BPF offers no compare-and-swap here (the object targets BPF v1, whose only atomic is an add

@@ -176,39 +176,105 @@ fn kubernetes_manifests_render_validate_and_agree_with_the_unit() {
             .map(|v| (v["name"].as_str().unwrap_or_default().to_owned(), v.clone()))
             .collect();
         let mut host_paths = BTreeMap::new();
+        let mut mounts = BTreeMap::new();
         for mount in container["volumeMounts"].as_array().into_iter().flatten() {
             let name = mount["name"].as_str().unwrap_or_default();
             let volume = volumes
                 .get(name)
                 .unwrap_or_else(|| panic!("{overlay}: no volume {name}"));
+            let path = mount["mountPath"].as_str().unwrap_or_default().to_owned();
             if let Some(host) = volume["hostPath"]["path"].as_str() {
-                host_paths.insert(
-                    mount["mountPath"].as_str().unwrap_or_default().to_owned(),
-                    host.to_owned(),
-                );
+                host_paths.insert(path.clone(), host.to_owned());
             }
+            mounts.insert(path, (mount.clone(), volume.clone()));
         }
 
-        // The configuration: the generated ConfigMap, mounted where --config points, valid,
-        // and its host roots are the host's.
-        let configmap = of_kind(&docs, "ConfigMap");
-        let config_volume = volumes
-            .values()
-            .find(|v| v["configMap"].is_object())
-            .unwrap();
+        // The configuration and the budget policy: two generated ConfigMaps projected into the
+        // directory --config points into; valid together, the policy's examples too.
+        let configmap = |key: &str| {
+            let found: Vec<_> = docs
+                .iter()
+                .filter(|d| d["kind"] == "ConfigMap" && d["data"][key].is_string())
+                .collect();
+            assert_eq!(found.len(), 1, "{overlay}: one ConfigMap holding {key}");
+            found[0]
+        };
+        let (config_map, policy_map) = (configmap("tally.toml"), configmap("policy.toml"));
         assert_eq!(
-            config_volume["configMap"]["name"],
-            configmap["metadata"]["name"]
+            docs.iter().filter(|d| d["kind"] == "ConfigMap").count(),
+            2,
+            "{overlay}"
+        );
+        let (etc_mount, etc_volume) = &mounts["/etc/tally"];
+        assert_eq!(etc_mount["readOnly"], true);
+        let sources: Vec<&serde_json::Value> = etc_volume["projected"]["sources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| &s["configMap"]["name"])
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                &config_map["metadata"]["name"],
+                &policy_map["metadata"]["name"]
+            ],
+            "{overlay}: /etc/tally"
         );
         assert_eq!(
             container["args"],
             serde_json::json!(["--config", "/etc/tally/tally.toml"])
         );
-        let toml = configmap["data"]["tally.toml"].as_str().unwrap();
-        let config_file = dir.path().join("configmap.toml");
-        std::fs::write(&config_file, toml).unwrap();
-        run_ok(Command::new(tally_bin()).arg("validate").arg(&config_file));
+        let toml = config_map["data"]["tally.toml"].as_str().unwrap();
         let config = Config::parse(toml).unwrap();
+        let policy_path = Path::new("/etc/tally/policy.toml");
+        assert_eq!(config.enforcement.policy_file.as_deref(), Some(policy_path));
+        let policy = policy_map["data"]["policy.toml"].as_str().unwrap();
+        let examples: Vec<&str> = policy
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if rest.starts_with(|c: char| c == '[' || c.is_ascii_lowercase()) => {
+                    rest
+                }
+                _ => l,
+            })
+            .collect();
+        for (name, text, shipped) in [
+            ("policy.toml", policy.to_owned(), true),
+            ("policy-examples.toml", examples.join("\n"), false),
+        ] {
+            let policy_file = dir.path().join(name);
+            std::fs::write(&policy_file, text).unwrap();
+            let config_file = dir.path().join(format!("config-{name}"));
+            std::fs::write(
+                &config_file,
+                toml.replace(
+                    &policy_path.display().to_string(),
+                    &policy_file.display().to_string(),
+                ),
+            )
+            .unwrap();
+            run_ok(Command::new(tally_bin()).arg("validate").arg(&config_file));
+            let budgets = Config::load(&config_file).unwrap().budget;
+            assert_eq!(
+                budgets.is_empty(),
+                shipped,
+                "{overlay}: {name} ships no budget, its examples are budgets: {budgets:?}"
+            );
+        }
+
+        // Enforcement writes the host's cgroupfs, and keeps its state on the node.
+        let (cgroup_mount, _) = &mounts[&config.paths.cgroup_root.display().to_string()];
+        assert_ne!(cgroup_mount["readOnly"], true, "{overlay}: cgroupfs");
+        let state_dir = config.enforcement.state_dir.display().to_string();
+        assert_eq!(
+            host_paths.get(&state_dir).map(String::as_str),
+            Some("/var/lib/tally"),
+            "{overlay}: enforcement.state_dir must be the node's"
+        );
+        let (state_mount, state_volume) = &mounts[&state_dir];
+        assert_ne!(state_mount["readOnly"], true, "{overlay}: {state_dir}");
+        assert_eq!(state_volume["hostPath"]["type"], "DirectoryOrCreate");
         for (root, host) in [
             (&config.paths.proc_root, "/proc"),
             (&config.paths.cgroup_root, "/sys/fs/cgroup"),

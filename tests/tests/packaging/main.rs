@@ -40,6 +40,19 @@ pub(crate) fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// `unified` and every v1 hierarchy a workload's CPU, memory and disk files can be in on this
+/// node, for test cgroups the agent meters (and budgets select) as it would a real unit.
+pub(crate) fn every_hierarchy(unified: PathBuf) -> Vec<PathBuf> {
+    let mut roots = vec![unified];
+    for controller in ["cpu,cpuacct", "cpuacct", "memory", "blkio"] {
+        let dir = Path::new("/sys/fs/cgroup").join(controller);
+        if dir.join("cgroup.procs").is_file() && !dir.join("cgroup.controllers").exists() {
+            roots.push(dir);
+        }
+    }
+    roots
+}
+
 pub(crate) fn read(rel: &str) -> String {
     let path = root().join(rel);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))

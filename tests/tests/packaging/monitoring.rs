@@ -1,5 +1,8 @@
 //! Alert rules and the dashboard: promtool, and every metric they use served by a live agent.
 
+use tally_rdma::netlink::nldev::DeviceInfo;
+use tally_tests::fake_rdma::{FakeSysfs, Responder, Script, ScriptCounter};
+
 use super::kubernetes::*;
 use super::*;
 
@@ -45,7 +48,7 @@ fn alert_rules_pass_promtool_and_the_prometheusrule_is_the_same() {
             .args(["check", "rules"])
             .arg(&extracted),
     );
-    assert!(checked.contains("SUCCESS: 5 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 8 rules found"), "{checked}");
 }
 
 /// Sends one HTTP request to the agent and reads the answer: traffic both ways.
@@ -105,13 +108,7 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
 
     // A systemd-unit workload with CPU, memory and disk files in every hierarchy this node has,
     // and traffic both ways; a CRI endpoint that never answers, for the CRI error counters.
-    let mut roots = vec![unified];
-    for controller in ["cpu,cpuacct", "cpuacct", "memory", "blkio"] {
-        let dir = Path::new("/sys/fs/cgroup").join(controller);
-        if dir.join("cgroup.procs").is_file() && !dir.join("cgroup.controllers").exists() {
-            roots.push(dir);
-        }
-    }
+    let roots = every_hierarchy(unified);
     let unit = format!("tally-pkg-{}.service", random_hex(8));
     let mut cg = TestCgroup::create(&roots, &format!("/system.slice/{unit}"));
     // A GPU (the fake libnvidia-ml) held by the unit's process, with an XID, for the GPU rules.
@@ -129,11 +126,61 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
             "xids": [{ "at_ms": 200, "device": 0, "xid": 79 }]
         }),
     );
+    // RDMA: a fixture sysfs with two ports, and a fake kernel whose QP counter belongs to the
+    // unit's process, for the per-workload and port families.
+    let sysfs = FakeSysfs::new("mlx5");
+    let responder = Responder::start(Script {
+        devices: vec![
+            DeviceInfo {
+                index: 1,
+                name: "mlx5_0".into(),
+                ports: 1,
+            },
+            DeviceInfo {
+                index: 2,
+                name: "mlx5_1".into(),
+                ports: 1,
+            },
+        ],
+        counters: vec![ScriptCounter {
+            device_index: 1,
+            port: 1,
+            id: 1,
+            pid: Some(gpu_pid),
+            qps: vec![0x40],
+            per_dump: [1_000_000, 2_000_000, 100, 200],
+        }],
+        ..Script::default()
+    });
+    // Budgets, on a second unit that burns a CPU: one enforced (a freeze throttle, so the
+    // throttle, latency and freeze share families), one alert-only (dry_run="true"), and one
+    // whose action cannot work here — a disk limit on a node whose sysfs (the RDMA fixture)
+    // lists no block devices — for the enforcement errors. Their alerts go to an Alertmanager
+    // nobody listens on: failed deliveries. Windows are an hour long, so nothing is released
+    // while the test looks.
+    let burner_unit = format!("tally-pkg-burn-{}.service", random_hex(8));
+    let mut burner = TestCgroup::create(&roots, &format!("/system.slice/{burner_unit}"));
+    burner.burn();
+    let budget = |name: &str, action: &str, extra: &str| {
+        format!(
+            "[[budget]]\nname = \"{name}\"\nresource = \"cpu_seconds\"\nlimit = 0.05\nwindow = \"1h\"\naction = \"{action}\"\nselect.unit = \"{burner_unit}\"\n{extra}"
+        )
+    };
+    let state = tempfile::tempdir().unwrap();
     let sockets = tempfile::tempdir().unwrap();
     let agent = Agent::start(&format!(
-        "[agent]\ntick_interval_ms = 200\n[cri]\nendpoints = [\"{}\"]\n{}",
+        "[agent]\ntick_interval_ms = 200\n[paths]\nsys_root = \"{}\"\n[cri]\nendpoints = [\"{}\"]\n{}{}\
+         [enforcement]\nstate_dir = \"{}\"\n\
+         [alerts]\nalertmanager_urls = [\"http://127.0.0.1:{}\"]\ntimeout_ms = 500\nmax_attempts = 1\n{}{}{}",
+        sysfs.root().display(),
         sockets.path().join("no-runtime.sock").display(),
-        nvml.config()
+        nvml.config(),
+        responder.config(true),
+        state.path().display(),
+        free_port(),
+        budget("pkg-freeze", "freeze", "throttle.share = 0.5\n"),
+        budget("pkg-alert", "alert", ""),
+        budget("pkg-no-disk", "disk", "throttle.disk_bytes_per_sec = 1000000.0\n"),
     ));
     let out = cg.run(
         &python.display().to_string(),
@@ -141,10 +188,11 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
     );
     assert!(out.status.success(), "client: {}", text(&out.stderr));
     let unit_label = format!("unit=\"{unit}\"");
-    // The unit's traffic reaches the ledger on the next tick; then every family is there or
-    // never will be.
-    agent.scrape_until(Duration::from_secs(10), "the unit's traffic", |t| {
-        [
+    // The unit's traffic reaches the ledger on the next tick, the GPU families need two samples
+    // of the fake GPU (and its XID at 200 ms), RDMA a counter dump, the budgets a tick over their
+    // limit and a delivery attempt; then every family is there or never will be.
+    let everything_seen = |t: &str| {
+        let network = [
             "transmit_bytes",
             "receive_bytes",
             "transmit_packets",
@@ -158,15 +206,39 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
                 &[&unit_label],
             )
             .is_some()
-        }) && [
-            // The GPU families need two samples of the fake GPU, and its XID at 200 ms.
+        });
+        let gpu = [
             "tally_workload_gpu_seconds_total",
             "tally_workload_gpu_energy_joules_total",
             "tally_gpu_xid_errors_total",
         ]
         .iter()
-        .all(|f| sample(t, f, &[]).is_some())
-    });
+        .all(|f| sample(t, f, &[]).is_some());
+        let rdma = sample(t, "tally_workload_rdma_receive_bytes_total", &[&unit_label]).is_some();
+        let active = |budget: &str| {
+            sample(
+                t,
+                "tally_enforcement_active",
+                &[&format!("budget=\"{budget}\"")],
+            ) == Some(1.0)
+        };
+        let budgets = active("pkg-freeze")
+            && active("pkg-alert")
+            && sample(
+                t,
+                "tally_enforcement_errors_total",
+                &["budget=\"pkg-no-disk\""],
+            )
+            .is_some()
+            && sample(t, "tally_alert_requests_total", &["result=\"failed\""])
+                .is_some_and(|n| n >= 1.0);
+        network && gpu && rdma && budgets
+    };
+    agent.scrape_until(
+        Duration::from_secs(20),
+        "the unit's traffic, GPU, RDMA and budget families",
+        everything_seen,
+    );
     let metrics = agent.scrape();
     let missing: Vec<&String> = names.iter().filter(|n| !serves(&metrics, n)).collect();
     assert!(
@@ -191,5 +263,40 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
         let result = server.query_until_found(&query, Duration::from_secs(15));
         eprintln!("{title}: {} series", result.len());
     }
+
+    // The budget alerts fire on what the agent serves: the freeze budget's throttle (not the
+    // alert-only budget, which throttles nothing), the disk budget's errors, the failed
+    // deliveries.
+    let Some(plain) = yaml_docs(TEST, &root().join("packaging/prometheus/rules.yml")) else {
+        return;
+    };
+    let rules = plain[0]["groups"][0]["rules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for (alert, label, value) in [
+        ("TallyBudgetEnforced", "budget", "pkg-freeze"),
+        ("TallyEnforcementErrors", "budget", "pkg-no-disk"),
+        ("TallyAlertDeliveryFailing", "result", "failed"),
+    ] {
+        let expr = rules
+            .iter()
+            .find(|r| r["alert"] == alert)
+            .and_then(|r| r["expr"].as_str())
+            .unwrap_or_else(|| panic!("no rule {alert} in rules.yml"));
+        let firing = server.query_until_found(expr, Duration::from_secs(15));
+        assert!(
+            firing.iter().any(|s| s["metric"][label] == value),
+            "{alert}: {firing:?}"
+        );
+        assert!(
+            !firing.iter().any(|s| s["metric"]["budget"] == "pkg-alert"),
+            "{alert} fired for the alert-only budget: {firing:?}"
+        );
+    }
+    // The agent first: its freeze guard thaws the burner before the cgroups go.
+    drop(server);
+    drop(agent);
+    drop(burner);
     drop(cg);
 }

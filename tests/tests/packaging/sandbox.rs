@@ -176,6 +176,7 @@ impl Sandbox {
                 "CAP_SYS_ADMIN" => 21,
                 "CAP_PERFMON" => 38,
                 "CAP_BPF" => 39,
+                "CAP_KILL" => 5,
                 other => panic!("add {other} to the test's capability numbers"),
             })
             .fold(0u64, |mask, bit| mask | 1 << bit)
@@ -343,6 +344,9 @@ fn agent_under_the_units_sandbox_works_as_without_it() {
         );
         return;
     }
+    let Some(unified) = require::unified(TEST) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let sandbox = Sandbox::from_unit(&analyze, dir.path());
     let config_text = format!(
@@ -353,18 +357,43 @@ fn agent_under_the_units_sandbox_works_as_without_it() {
     // The reference: the same binary and configuration, unconfined.
     let reference = Agent::start(&config_text);
 
+    // Budgets the sandboxed agent enforces, on two units that burn a CPU: one duty-cycled by
+    // freezing (its freeze guard is the agent executing itself), one terminated — its loop runs
+    // as `nobody`, so the SIGTERM needs the unit's CAP_KILL.
+    let roots = every_hierarchy(unified.clone());
+    let freeze_unit = format!("tally-pkg-freeze-{}.service", random_hex(8));
+    let mut freeze_cg = TestCgroup::create(&roots, &format!("/system.slice/{freeze_unit}"));
+    freeze_cg.burn();
+    let term_unit = format!("tally-pkg-term-{}.service", random_hex(8));
+    let mut term_cg = TestCgroup::create(&roots, &format!("/system.slice/{term_unit}"));
+    let victim = term_cg.spawn(
+        "exec setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'while :; do :; done'",
+    );
+    let state = tempfile::tempdir().unwrap();
+    let budget = |name: &str, unit: &str, action: &str| {
+        format!(
+            "[[budget]]\nname = \"{name}\"\nresource = \"cpu_seconds\"\nlimit = 0.05\nwindow = \"1h\"\naction = \"{action}\"\nselect.unit = \"{unit}\"\n"
+        )
+    };
+
     let port = free_port();
     let config = dir.path().join("tally.toml");
     std::fs::write(
         &config,
-        config_text.replace(
-            "[agent]\n",
-            &format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n"),
+        format!(
+            "{}[enforcement]\nstate_dir = \"{}\"\n{}throttle.share = 0.5\n{}",
+            config_text.replace(
+                "[agent]\n",
+                &format!("[agent]\nlisten = \"127.0.0.1:{port}\"\n"),
+            ),
+            state.path().display(),
+            budget("sandbox-freeze", &freeze_unit, "freeze"),
+            budget("sandbox-terminate", &term_unit, "terminate"),
         ),
     )
     .unwrap();
     let config_arg = config.display().to_string();
-    let agent = Spawned::start(
+    let mut agent = Spawned::start(
         sandbox.command(&tally_bin(), &["agent", "--config", &config_arg]),
         port,
         dir.path().join("sandboxed.log"),
@@ -418,9 +447,7 @@ fn agent_under_the_units_sandbox_works_as_without_it() {
 
     // The node's own address is `node` scope inside too: the agent learns it through
     // getifaddrs(3), a netlink socket (RestrictAddressFamilies= must keep AF_NETLINK).
-    if let Some(unified) = require::unified(TEST) {
-        node_scope_is_the_same(&unified, &reference, &agent);
-    }
+    node_scope_is_the_same(&unified, &reference, &agent);
 
     // ExecStartPre's `tally validate`, and `tally check`, under the sandbox too.
     let shipped = root().join("packaging/config/tally.toml");
@@ -431,6 +458,83 @@ fn agent_under_the_units_sandbox_works_as_without_it() {
         output(Command::new(tally_bin()).args(["check", "--json", "--config", &config_arg]));
     assert_eq!(inside.status.code(), outside.status.code());
     assert_eq!(check_statuses(&inside), check_statuses(&outside));
+
+    // Enforcement works inside: the freeze is in force, the SIGTERM reached another user's
+    // process, and nothing failed.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let enforced = loop {
+        let text = agent.scrape();
+        let enforcing = |budget: &str| {
+            sample(
+                &text,
+                "tally_enforcement_actions_total",
+                &[&format!("budget=\"{budget}\""), "event=\"enforce\""],
+            )
+            .is_some_and(|n| n >= 1.0)
+        };
+        if enforcing("sandbox-freeze") && enforcing("sandbox-terminate") && !running(victim) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "budgets not enforced under the sandbox (victim running: {});\n{text}\nlog:\n{}",
+            running(victim),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        sample(
+            &enforced,
+            "tally_enforcement_active",
+            &["budget=\"sandbox-freeze\""]
+        ),
+        Some(1.0)
+    );
+    // Every error counter is exported from zero; none may have moved.
+    let errors: Vec<&str> = enforced
+        .lines()
+        .filter(|l| l.starts_with("tally_enforcement_errors_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}\nlog:\n{}", agent.log());
+
+    // SIGKILL mid-cycle: the freeze guard thaws the cgroup; then ExecStopPost's `tally release`,
+    // under the sandbox, lifts what the state file still records.
+    let _ = agent.child.kill();
+    let _ = agent.child.wait();
+    let events = freeze_cg.dirs[0].join("cgroup.events");
+    let frozen = || {
+        std::fs::read_to_string(&events)
+            .unwrap_or_else(|e| panic!("{}: {e}", events.display()))
+            .lines()
+            .any(|l| l == "frozen 1")
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while frozen() {
+        assert!(
+            Instant::now() < deadline,
+            "still frozen 2 s after the agent was killed; log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let release = unit_values(&read(UNIT), "ExecStopPost")
+        .pop()
+        .unwrap_or_default()
+        .replace("/usr/bin/tally", &tally_bin().display().to_string())
+        .replace("/etc/tally/tally.toml", &config_arg);
+    let words: Vec<&str> = release.split_whitespace().collect();
+    let released = run_ok(&mut sandbox.command(Path::new(words[0]), &words[1..]));
+    assert!(released.contains("released freeze on "), "{released}");
+    assert!(!frozen());
+}
+
+/// Whether `pid` is alive (a zombie, killed and not yet reaped, is not).
+pub(super) fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ use super::*;
 
 pub(super) const UNIT: &str = "packaging/systemd/tally.service";
 
+/// The unit's `ExecStopPost=`.
+pub(super) const RELEASE: &str = "/usr/bin/tally release --config /etc/tally/tally.toml";
+
 /// The values of every `key=` line of a unit file, in order.
 pub(super) fn unit_values(unit: &str, key: &str) -> Vec<String> {
     unit.lines()
@@ -70,9 +73,15 @@ fn systemd_unit_verifies_and_its_exposure_is_as_documented() {
     let caps = unit_capabilities(&unit);
     assert_eq!(
         caps,
-        ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON", "CAP_SYS_ADMIN"]
-            .map(str::to_owned)
-            .into(),
+        [
+            "CAP_BPF",
+            "CAP_KILL",
+            "CAP_NET_ADMIN",
+            "CAP_PERFMON",
+            "CAP_SYS_ADMIN"
+        ]
+        .map(str::to_owned)
+        .into(),
     );
     for (key, want) in [
         ("Type", "notify"),
@@ -86,7 +95,11 @@ fn systemd_unit_verifies_and_its_exposure_is_as_documented() {
     ] {
         assert_eq!(unit_value(&unit, key).as_deref(), Some(want), "{key}=");
     }
-    for forbidden in ["PrivateDevices", "ProtectKernelTunables", "ExecStopPost"] {
+    for forbidden in [
+        "PrivateDevices",
+        "ProtectKernelTunables",
+        "ProtectControlGroups",
+    ] {
         assert!(
             unit_value(&unit, forbidden).is_none(),
             "{forbidden}= must stay out of the unit (see its comments)"
@@ -96,6 +109,9 @@ fn systemd_unit_verifies_and_its_exposure_is_as_documented() {
         unit_values(&unit, "ExecStartPre"),
         ["/usr/bin/tally validate /etc/tally/tally.toml"]
     );
+    // Whatever ended the agent, the throttles its state file records are lifted (the sandbox
+    // test runs this command under the unit's sandbox).
+    assert_eq!(unit_values(&unit, "ExecStopPost"), [RELEASE]);
 
     let dir = tempfile::tempdir().unwrap();
     let copy = unit_copy(dir.path(), &tally_bin());
