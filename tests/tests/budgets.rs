@@ -144,6 +144,22 @@ fn cpu_budgets_of_30_and_70_percent_hold_at_once() {
     });
     assert_eq!(quota(&a), "30000");
     assert_eq!(quota(&b), "70000");
+    // `tally top` shows both, throttled.
+    let top = std::process::Command::new(tally_bin())
+        .args(["top", "--once", "--interval", "1", "--agent"])
+        .arg(format!("127.0.0.1:{}", agent.port))
+        .output()
+        .unwrap();
+    let view = String::from_utf8_lossy(&top.stdout);
+    assert!(top.status.success(), "{view}{}", String::from_utf8_lossy(&top.stderr));
+    for u in [&a, &b] {
+        let row = view
+            .lines()
+            .find(|l| l.starts_with(&u.name))
+            .unwrap_or_else(|| panic!("{} not in:\n{view}", u.name));
+        assert!(row.trim_end().ends_with("cpu"), "{row}");
+    }
+
     let shares = share_over(&[&a, &b], 6.0);
     eprintln!("achieved shares: {shares:?} (targets 0.30, 0.70)");
     assert!((shares[0] - 0.30).abs() <= 0.03, "{shares:?}");
