@@ -151,7 +151,11 @@ fn cpu_budgets_of_30_and_70_percent_hold_at_once() {
         .output()
         .unwrap();
     let view = String::from_utf8_lossy(&top.stdout);
-    assert!(top.status.success(), "{view}{}", String::from_utf8_lossy(&top.stderr));
+    assert!(
+        top.status.success(),
+        "{view}{}",
+        String::from_utf8_lossy(&top.stderr)
+    );
     for u in [&a, &b] {
         let row = view
             .lines()
