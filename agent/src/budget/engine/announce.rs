@@ -1,0 +1,164 @@
+//! State changes told: a structured log event, journald fields under systemd, counters, and
+//! alerts to the sender.
+
+use super::*;
+
+impl Engine {
+    /// Logs, counts and alerts a state change.
+    pub(super) fn announce(&mut self, key: &(String, String), event: Event) {
+        let Some(c) = self.budgets.iter().find(|c| c.budget.name == key.0) else {
+            return;
+        };
+        let b = &c.budget;
+        let (usage, ratio, labels) = self
+            .subjects
+            .get(key)
+            .map_or((0.0, 0.0, empty_labels()), |s| {
+                (s.usage, s.ratio, s.labels.clone())
+            });
+        *self
+            .actions
+            .entry((b.name.clone(), b.action.as_str(), event.as_str()))
+            .or_default() += 1;
+        let label = |name: &str| {
+            labels
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map_or("", |(_, v)| v.as_ref())
+                .to_owned()
+        };
+        let enforced = self.enforce && !b.dry_run && b.action.actuates();
+        // For a shared budget, the slowest of its workloads' throttles.
+        let latency_ms = self
+            .applied
+            .iter()
+            .filter(|((budget, w), _)| budget == &key.0 && (b.shared || w == &key.1))
+            .map(|(_, d)| d.as_secs_f64() * 1e3)
+            .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))));
+        let message = match event {
+            Event::Warn => "budget warning",
+            Event::Enforce if enforced => "budget exceeded: enforcing",
+            Event::Enforce => "budget exceeded (not enforced: dry run or alert only)",
+            Event::Release => "budget released",
+        };
+        tracing::warn!(
+            budget = %b.name,
+            event = event.as_str(),
+            action = b.action.as_str(),
+            dry_run = !enforced,
+            resource = b.resource.as_str(),
+            usage,
+            limit = b.limit,
+            ratio,
+            workload = %key.1,
+            namespace = %label("namespace"),
+            pod = %label("pod"),
+            container = %label("container"),
+            unit = %label("unit"),
+            latency_ms,
+            "{message}"
+        );
+        journal(&[
+            format!(
+                "MESSAGE=tally: {message}: budget {} workload {}",
+                b.name, key.1
+            ),
+            format!("PRIORITY={}", if event == Event::Release { 5 } else { 4 }),
+            format!("TALLY_EVENT={}", event.as_str()),
+            format!("TALLY_BUDGET={}", b.name),
+            format!("TALLY_ACTION={}", b.action.as_str()),
+            format!("TALLY_DRY_RUN={}", !enforced),
+            format!("TALLY_RESOURCE={}", b.resource.as_str()),
+            format!("TALLY_USAGE={usage}"),
+            format!("TALLY_LIMIT={}", b.limit),
+            format!("TALLY_USAGE_RATIO={ratio}"),
+            format!("TALLY_WORKLOAD={}", key.1),
+            format!("TALLY_NAMESPACE={}", label("namespace")),
+            format!("TALLY_POD={}", label("pod")),
+            format!("TALLY_CONTAINER={}", label("container")),
+            format!("TALLY_UNIT={}", label("unit")),
+        ]);
+        let Some(alerts) = &self.alerts else {
+            return;
+        };
+        let alert_key = |kind: &str| format!("{kind}/{}/{}", b.name, key.1);
+        let mut alert_labels = BTreeMap::from([
+            ("budget".to_owned(), b.name.clone()),
+            ("action".to_owned(), b.action.as_str().to_owned()),
+            ("resource".to_owned(), b.resource.as_str().to_owned()),
+            ("node".to_owned(), self.node.clone()),
+        ]);
+        for name in ["namespace", "pod", "container", "unit"] {
+            let v = label(name);
+            if !v.is_empty() {
+                alert_labels.insert(name.to_owned(), v);
+            }
+        }
+        if b.shared {
+            alert_labels.insert("workload".to_owned(), SHARED.to_owned());
+        }
+        let annotations = BTreeMap::from([
+            (
+                "summary".to_owned(),
+                format!("{message}: budget {} on {}", b.name, key.1),
+            ),
+            ("usage".to_owned(), format!("{usage}")),
+            ("limit".to_owned(), format!("{}", b.limit)),
+            ("usage_ratio".to_owned(), format!("{ratio:.3}")),
+            ("dry_run".to_owned(), (!enforced).to_string()),
+        ]);
+        let with = |name: &str, severity: &str| {
+            let mut l = alert_labels.clone();
+            l.insert("alertname".to_owned(), name.to_owned());
+            l.insert("severity".to_owned(), severity.to_owned());
+            l
+        };
+        match event {
+            Event::Warn => alerts.fire(
+                alert_key("warning"),
+                with("TallyBudgetWarning", "warning"),
+                annotations,
+            ),
+            Event::Enforce => {
+                alerts.fire(
+                    alert_key("warning"),
+                    with("TallyBudgetWarning", "warning"),
+                    annotations.clone(),
+                );
+                alerts.fire(
+                    alert_key("exceeded"),
+                    with("TallyBudgetExceeded", "critical"),
+                    annotations,
+                );
+            }
+            Event::Release => {
+                alerts.resolve(alert_key("exceeded"));
+                let still_warning = self.subjects.get(key).is_some_and(|s| s.warning);
+                if !still_warning {
+                    alerts.resolve(alert_key("warning"));
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    if !ok {
+        return String::new();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Sends a structured entry to the journal when the agent runs under systemd (its stderr is a
+/// journal stream); elsewhere the tracing line is the record.
+fn journal(fields: &[String]) {
+    if std::env::var_os("JOURNAL_STREAM").is_none() {
+        return;
+    }
+    let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+    systemd::journal::send(&fields);
+}

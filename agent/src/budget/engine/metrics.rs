@@ -1,0 +1,193 @@
+//! The engine's metric families.
+
+use super::*;
+
+impl Engine {
+    /// The engine's metric families; none on a node without budgets (nor throttles left).
+    pub fn families(&self) -> Vec<Family> {
+        if self.budgets.is_empty() && self.throttles.is_empty() {
+            return Vec::new();
+        }
+        let mut ratio = Family::new(
+            "tally_budget_usage_ratio",
+            "Usage of a budget in its window divided by its limit, per workload (all labels empty for a shared budget).",
+            Kind::Gauge,
+        );
+        let mut usage = Family::new(
+            "tally_budget_usage",
+            "Usage of a budget in its window, in the resource's base unit.",
+            Kind::Gauge,
+        );
+        let mut limit = Family::new(
+            "tally_budget_limit",
+            "A budget's limit, in the resource's base unit.",
+            Kind::Gauge,
+        );
+        let mut active = Family::new(
+            "tally_enforcement_active",
+            "Whether a budget is being enforced on the workload (1) or not (0); dry_run says whether anything was actually throttled.",
+            Kind::Gauge,
+        );
+        let mut share = Family::new(
+            "tally_enforcement_freeze_share_ratio",
+            "Fraction of each freeze cycle a duty-cycled workload runs.",
+            Kind::Gauge,
+        );
+        for c in &self.budgets {
+            let b = &c.budget;
+            let extra = || {
+                vec![
+                    ("budget", Arc::from(b.name.as_str())),
+                    ("resource", Arc::from(b.resource.as_str())),
+                ]
+            };
+            limit.push_labeled(extra(), b.limit);
+            let enforced = self.enforce && !b.dry_run && b.action.actuates();
+            for ((name, _), s) in &self.subjects {
+                if name != &b.name {
+                    continue;
+                }
+                ratio.samples.push(sample(&s.labels, extra(), s.ratio));
+                usage.samples.push(sample(&s.labels, extra(), s.usage));
+                // An enforced budget is active where its throttle is in place, not merely
+                // decided: a throttle that failed to apply is an error, not a throttle.
+                let in_place = !enforced
+                    || s.members
+                        .iter()
+                        .any(|(w, _, _)| self.throttles.contains_key(&(b.name.clone(), w.clone())));
+                active.samples.push(sample(
+                    &s.labels,
+                    vec![
+                        ("budget", Arc::from(b.name.as_str())),
+                        ("action", Arc::from(b.action.as_str())),
+                        (
+                            "dry_run",
+                            Arc::from(if enforced { "false" } else { "true" }),
+                        ),
+                    ],
+                    if s.enforcing && in_place { 1.0 } else { 0.0 },
+                ));
+                if s.enforcing
+                    && enforced
+                    && matches!(c.target, Target::FreezeRate(_) | Target::FreezeShare(_))
+                {
+                    let v = match c.target {
+                        Target::FreezeShare(v) => v,
+                        _ => s.freeze_share,
+                    };
+                    share.samples.push(sample(
+                        &s.labels,
+                        vec![("budget", Arc::from(b.name.as_str()))],
+                        v,
+                    ));
+                }
+            }
+        }
+        let mut actions = Family::new(
+            "tally_enforcement_actions_total",
+            "Budget state changes, by budget, action and event (warn, enforce, release).",
+            Kind::Counter,
+        );
+        // Every budget's events from zero, so the first one is an increase.
+        let mut counts: BTreeMap<(String, &'static str, &'static str), u64> = self
+            .budgets
+            .iter()
+            .flat_map(|c| {
+                [Event::Warn, Event::Enforce, Event::Release].map(|e| {
+                    (
+                        (c.budget.name.clone(), c.budget.action.as_str(), e.as_str()),
+                        0,
+                    )
+                })
+            })
+            .collect();
+        counts.extend(self.actions.iter().map(|(k, v)| (k.clone(), *v)));
+        for ((budget, action, event), n) in &counts {
+            actions.push_labeled(
+                vec![
+                    ("budget", Arc::from(budget.as_str())),
+                    ("action", Arc::from(*action)),
+                    ("event", Arc::from(*event)),
+                ],
+                *n as f64,
+            );
+        }
+        let mut errors = Family::new(
+            "tally_enforcement_errors_total",
+            "Throttles that could not be applied or released, by budget, action and reason.",
+            Kind::Counter,
+        );
+        let mut errors_by: BTreeMap<(String, &'static str, String), u64> = self
+            .budgets
+            .iter()
+            .filter(|c| c.budget.action.actuates())
+            .flat_map(|c| {
+                ["unavailable", "apply", "release"].map(|r| {
+                    (
+                        (
+                            c.budget.name.clone(),
+                            c.budget.action.as_str(),
+                            r.to_owned(),
+                        ),
+                        0,
+                    )
+                })
+            })
+            .collect();
+        errors_by.insert((String::new(), "state", "save".to_owned()), 0);
+        errors_by.extend(self.errors.iter().map(|(k, v)| (k.clone(), *v)));
+        for ((budget, action, reason), n) in &errors_by {
+            errors.push_labeled(
+                vec![
+                    ("budget", Arc::from(budget.as_str())),
+                    ("action", Arc::from(*action)),
+                    ("reason", Arc::from(reason.as_str())),
+                ],
+                *n as f64,
+            );
+        }
+        let mut latency = Family::new(
+            "tally_enforcement_latency_seconds",
+            "Time from the start of the tick that detected an exceeded budget to its throttle being in place.",
+            Kind::Histogram,
+        );
+        latency.push_histogram(&Arc::from([]), Vec::new(), self.latency.clone());
+        let mut throttles = Family::new(
+            "tally_enforcement_throttles",
+            "Throttles in force, by action.",
+            Kind::Gauge,
+        );
+        let mut by_action: BTreeMap<&'static str, u64> = [
+            Action::Cpu,
+            Action::Network,
+            Action::Disk,
+            Action::Freeze,
+            Action::Terminate,
+        ]
+        .iter()
+        .map(|a| (a.as_str(), 0))
+        .collect();
+        for t in self.throttles.values() {
+            *by_action.entry(t.action.as_str()).or_default() += 1;
+        }
+        for (action, n) in by_action {
+            throttles.push_labeled(vec![("action", Arc::from(action))], n as f64);
+        }
+        vec![
+            ratio, usage, limit, active, share, actions, errors, latency, throttles,
+        ]
+    }
+}
+
+fn sample(
+    labels: &LabelSet,
+    extra: Vec<(&'static str, Arc<str>)>,
+    value: f64,
+) -> tally_exporters::Sample {
+    tally_exporters::Sample {
+        labels: labels.clone(),
+        extra,
+        value,
+        histogram: None,
+    }
+}

@@ -1,0 +1,144 @@
+use super::*;
+use crate::cgroupfs::Reading;
+
+fn unit(name: &str, labels: &[(&str, &str)]) -> Arc<Workload> {
+    let names = Names {
+        labels: Arc::new(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Names::default()
+    };
+    Arc::new(Workload::new(PathIdentity::Unit(name.into()), names))
+}
+
+fn engine(policy: &str, state: &std::path::Path) -> Engine {
+    let mut config = Config::parse(policy).unwrap();
+    config.enforcement.state_dir = state.to_path_buf();
+    Engine::new(&config)
+}
+
+/// Feeds the ledger `cpu` seconds per workload and runs one engine tick.
+fn tick(engine: &mut Engine, ledger: &mut Ledger, layout: &Layout, cpu: &[(&Arc<Workload>, f64)]) {
+    let mut placements = HashMap::new();
+    for (i, (w, v)) in cpu.iter().enumerate() {
+        let reading = Reading {
+            cpu_seconds: Some(*v),
+            ..Reading::default()
+        };
+        ledger.observe((*w).clone(), i as u64 + 1, true, &reading);
+        placements.insert(
+            w.identity.clone(),
+            Placement {
+                rel: format!("/system.slice/{}", subject_key(&w.identity)),
+                v2_id: None,
+            },
+        );
+    }
+    ledger.end_tick(Instant::now());
+    engine.tick(Inputs {
+        ledger,
+        placements: &placements,
+        layout,
+        gpu_memory: HashMap::new(),
+        gpu_models: HashMap::new(),
+        net: None,
+        tick_started: Instant::now(),
+    });
+}
+
+fn layout(dir: &std::path::Path) -> Layout {
+    std::fs::write(dir.join("cgroup.controllers"), "").unwrap();
+    Layout::detect(dir).unwrap()
+}
+
+#[test]
+fn a_shared_budget_sums_its_workloads_and_selects_by_label_and_cgroup() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = layout(dir.path());
+    let mut engine = engine(
+        "[[budget]]\nname = 'team'\nresource = 'cpu_seconds'\nlimit = 10.0\nperiod = 'day'\nshared = true\nselect.labels = { team = 'ml' }\n\
+         [[budget]]\nname = 'one'\nresource = 'cpu_seconds'\nlimit = 10.0\nperiod = 'day'\nselect.cgroup = '/system.slice/unit:b*'\n",
+        &dir.path().join("state"),
+    );
+    let mut ledger = Ledger::new(Duration::from_secs(60));
+    let a = unit("a.service", &[("team", "ml")]);
+    let b = unit("b.service", &[("team", "ml")]);
+    let c = unit("c.service", &[("team", "web")]);
+    // The first tick is a baseline: what ran before the agent is not this window's.
+    tick(
+        &mut engine,
+        &mut ledger,
+        &layout,
+        &[(&a, 100.0), (&b, 50.0), (&c, 7.0)],
+    );
+    tick(
+        &mut engine,
+        &mut ledger,
+        &layout,
+        &[(&a, 103.0), (&b, 54.0), (&c, 9.0)],
+    );
+    let usage = |budget: &str, subject: &str| {
+        engine
+            .subjects
+            .get(&(budget.to_owned(), subject.to_owned()))
+            .map(|s| s.usage)
+    };
+    assert_eq!(usage("team", SHARED), Some(7.0));
+    assert_eq!(usage("one", "unit:b.service"), Some(4.0));
+    assert_eq!(usage("one", "unit:a.service"), None);
+    // Past the limit together (a 6 s more, b 1 s more): one enforcement of the shared row.
+    tick(
+        &mut engine,
+        &mut ledger,
+        &layout,
+        &[(&a, 109.0), (&b, 55.0), (&c, 9.0)],
+    );
+    let shared = &engine.subjects[&("team".to_owned(), SHARED.to_owned())];
+    assert!(shared.enforcing, "{shared:?}");
+    assert_eq!(shared.members.len(), 2);
+    assert_eq!(
+        engine.actions.get(&("team".to_owned(), "alert", "enforce")),
+        Some(&1)
+    );
+}
+
+#[test]
+fn hysteresis_releases_only_below_the_release_fraction() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = layout(dir.path());
+    let mut engine = engine(
+        "[[budget]]\nname = 'b'\nresource = 'cpu_seconds'\nlimit = 10.0\nwindow = '1h'\n",
+        &dir.path().join("state"),
+    );
+    let mut ledger = Ledger::new(Duration::from_secs(60));
+    let a = unit("a.service", &[]);
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 0.0)]);
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 8.5)]);
+    let key = ("b".to_owned(), "unit:a.service".to_owned());
+    assert!(engine.subjects[&key].warning && !engine.subjects[&key].enforcing);
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 10.5)]);
+    assert!(engine.subjects[&key].enforcing);
+    // A smaller limit on reload keeps the window; a larger one releases.
+    let mut config = Config::parse(
+        "[[budget]]\nname = 'b'\nresource = 'cpu_seconds'\nlimit = 11.0\nwindow = '1h'\n",
+    )
+    .unwrap();
+    config.enforcement.state_dir = dir.path().join("state");
+    engine.reconfigure(&config);
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 10.5)]);
+    assert!(
+        engine.subjects[&key].enforcing,
+        "0.95 is above release_below"
+    );
+    config.budget[0].limit = 20.0;
+    engine.reconfigure(&config);
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 10.5)]);
+    assert!(!engine.subjects[&key].enforcing);
+    assert!(
+        !engine.subjects[&key].warning,
+        "released at 0.525, below warn_at: no warning left either"
+    );
+}

@@ -1,0 +1,334 @@
+//! Throttles: which ones the decisions want, reconciling them with those in force (recorded in
+//! the state file first), releasing, and noticing when one holds a workload back.
+
+use super::*;
+
+impl Engine {
+    /// Marks the subjects whose throttles held them back since the last tick.
+    pub(super) fn find_binding(&mut self, net: Option<&tally_ebpf::net::Net>) {
+        let drops: HashMap<u64, u64> = net
+            .and_then(|n| n.egress_drops().ok())
+            .map(|d| {
+                d.into_iter()
+                    .map(|(id, packets, _)| (id, packets))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let shared: HashSet<&str> = self
+            .budgets
+            .iter()
+            .filter(|c| c.budget.shared)
+            .map(|c| c.budget.name.as_str())
+            .collect();
+        for s in self.subjects.values_mut() {
+            s.binding = false;
+        }
+        for (key, t) in &self.throttles {
+            let count = match t.action {
+                Action::Cpu => t
+                    .writes
+                    .first()
+                    .and_then(|w| w.path.parent())
+                    .and_then(|dir| std::fs::read_to_string(dir.join("cpu.stat")).ok())
+                    .and_then(|stat| {
+                        stat.lines()
+                            .find_map(|l| l.strip_prefix("nr_throttled "))
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                    }),
+                Action::Network => t.egress.and_then(|e| drops.get(&e.cgroup_id).copied()),
+                _ => None,
+            };
+            let binding = match (t.action, count) {
+                // A steered freeze below a full share is holding the rate down.
+                (Action::Freeze, _) => {
+                    self.budgets.iter().any(|c| {
+                        c.budget.name == t.budget && matches!(c.target, Target::FreezeRate(_))
+                    }) && t.setting < 0.999
+                }
+                (_, Some(n)) => {
+                    let before = self.held_back.insert(key.clone(), n);
+                    before.is_none_or(|b| n > b)
+                }
+                (_, None) => false,
+            };
+            if binding {
+                let subject = if shared.contains(t.budget.as_str()) {
+                    SHARED.to_owned()
+                } else {
+                    t.subject.clone()
+                };
+                if let Some(s) = self.subjects.get_mut(&(t.budget.clone(), subject)) {
+                    s.binding = true;
+                }
+            }
+        }
+        let throttles = &self.throttles;
+        self.held_back.retain(|k, _| throttles.contains_key(k));
+    }
+
+    /// Steers the running share of rate-held freezes: the share that would have made the last
+    /// tick's rate the budget's, moved at most a factor of two per tick.
+    pub(super) fn steer_freeze(&mut self, elapsed: f64) {
+        if elapsed <= 0.0 {
+            return;
+        }
+        for c in &self.budgets {
+            let Target::FreezeRate(target) = c.target else {
+                continue;
+            };
+            for ((name, _), s) in self.subjects.iter_mut() {
+                if name != &c.budget.name || !s.enforcing {
+                    continue;
+                }
+                let rate = s.last_amount / elapsed;
+                let share = s.freeze_share.max(MIN_SHARE);
+                let wanted = if rate > 0.0 {
+                    share * target / rate
+                } else {
+                    share * MAX_STEP
+                };
+                s.freeze_share = wanted
+                    .clamp(share / MAX_STEP, share * MAX_STEP)
+                    .clamp(MIN_SHARE, 1.0);
+            }
+        }
+    }
+
+    /// What should be in force: (budget, workload) → (action, setting, member).
+    pub(super) fn desired(&self) -> BTreeMap<(String, String), Wanted> {
+        let mut want = BTreeMap::new();
+        if !self.enforce {
+            return want;
+        }
+        for c in &self.budgets {
+            let b = &c.budget;
+            if b.dry_run || !b.action.actuates() {
+                continue;
+            }
+            for ((name, _), s) in &self.subjects {
+                if name != &b.name || !s.enforcing || s.members.is_empty() {
+                    continue;
+                }
+                let n = s.members.len() as f64;
+                let setting = match c.target {
+                    Target::CpuCores(v)
+                    | Target::EgressBytesPerSec(v)
+                    | Target::DiskBytesPerSec(v) => v / n,
+                    Target::FreezeShare(v) => v,
+                    Target::FreezeRate(_) => s.freeze_share,
+                    Target::Terminate | Target::None => 0.0,
+                };
+                let scope = b
+                    .scope
+                    .as_deref()
+                    .and_then(|s| policy::SCOPES.iter().position(|x| *x == s))
+                    .map(|i| i as u32);
+                for (wkey, dirs, id) in &s.members {
+                    want.insert(
+                        (b.name.clone(), wkey.clone()),
+                        Wanted {
+                            action: b.action,
+                            setting,
+                            dirs: dirs.clone(),
+                            v2_id: *id,
+                            scope,
+                        },
+                    );
+                }
+            }
+        }
+        want
+    }
+
+    /// Makes the throttles in force the desired ones. New and changed throttles are recorded in
+    /// the state file before they are applied.
+    pub(super) fn reconcile(&mut self, inputs: &mut Inputs<'_>, now: f64) {
+        let want = self.desired();
+        // Release what is no longer wanted.
+        let stale: Vec<(String, String)> = self
+            .throttles
+            .keys()
+            .filter(|k| !want.contains_key(*k))
+            .cloned()
+            .collect();
+        let mut changed = !stale.is_empty();
+        for key in stale {
+            if let Some(t) = self.throttles.remove(&key) {
+                self.release(&t, inputs.net.as_deref_mut());
+            }
+        }
+        // Plan what is new or changed.
+        let mut to_apply = Vec::new();
+        for (key, w) in want {
+            let Wanted {
+                action,
+                setting,
+                dirs,
+                v2_id,
+                scope,
+            } = w;
+            let current = self.throttles.get(&key);
+            if let Some(t) = current {
+                if (t.setting - setting).abs() <= setting.abs() * 1e-3 {
+                    if action == Action::Freeze {
+                        // Cheap, and re-arms the cycle after a restart adopted the record.
+                        if let Some(file) = &t.freeze {
+                            if self.freezer.share(file) != Some(setting) {
+                                to_apply.push((key, action, setting, v2_id, scope, false));
+                            }
+                        }
+                    }
+                    continue;
+                }
+            }
+            let plan = match action {
+                Action::Cpu => actuate::plan_cpu(&dirs, setting).map(|w| (w, None)),
+                Action::Disk => {
+                    actuate::plan_disk(&dirs, &self.sys_root, setting).map(|w| (w, None))
+                }
+                Action::Freeze => dirs.freeze_file().map(|f| (Vec::new(), Some(f))),
+                Action::Network => match v2_id {
+                    Some(_) if inputs.net.is_some() => Ok((Vec::new(), None)),
+                    Some(_) => Err("the network programs are not loaded".to_owned()),
+                    None => Err(
+                        "the workload has no cgroup2 directory for the egress program".to_owned(),
+                    ),
+                },
+                Action::Terminate => Ok((Vec::new(), None)),
+                Action::Alert => continue,
+            };
+            let (mut writes, freeze) = match plan {
+                Ok(p) => p,
+                Err(e) => {
+                    self.fail(&key.0, action, "unavailable", &e);
+                    continue;
+                }
+            };
+            // A changed setting keeps what the file held before Tally first touched it.
+            if let Some(old) = current {
+                for w in &mut writes {
+                    if let Some(o) = old.writes.iter().find(|o| {
+                        o.path == w.path && first_field(&o.original) == first_field(&w.original)
+                    }) {
+                        w.original = o.original.clone();
+                    }
+                }
+            }
+            let first = current.is_none();
+            self.throttles.insert(
+                key.clone(),
+                Throttle {
+                    budget: key.0.clone(),
+                    subject: key.1.clone(),
+                    action,
+                    setting,
+                    writes,
+                    freeze,
+                    egress: v2_id
+                        .filter(|_| action == Action::Network)
+                        .map(|cgroup_id| Egress { cgroup_id, scope }),
+                    applied_at: now,
+                },
+            );
+            changed = true;
+            to_apply.push((key, action, setting, v2_id, scope, first));
+        }
+        if changed {
+            // Recorded before applied: a crash between the two leaves a record of a throttle
+            // that may not be there, which releasing handles; never the reverse.
+            self.save(now);
+        }
+        for (key, action, setting, _, _, first) in to_apply {
+            let Some(t) = self.throttles.get(&key) else {
+                continue;
+            };
+            let result = match action {
+                Action::Cpu | Action::Disk => actuate::apply(&t.writes),
+                Action::Freeze => match &t.freeze {
+                    Some(file) => self.freezer.set(file, setting),
+                    None => Err("no freeze file".to_owned()),
+                },
+                Action::Network => match (t.egress, inputs.net.as_deref_mut()) {
+                    (Some(e), Some(net)) => {
+                        let rate = setting.max(1.0);
+                        net.set_egress_limit(
+                            e.cgroup_id,
+                            e.scope,
+                            rate as u64,
+                            (rate * BURST_SECS).max(MIN_BURST) as u64,
+                        )
+                        .map_err(|e| tally_ebpf::chain(&e))
+                    }
+                    _ => Err("the network programs are not loaded".to_owned()),
+                },
+                Action::Terminate if first => {
+                    let member = self
+                        .subjects
+                        .values()
+                        .flat_map(|s| s.members.iter())
+                        .find(|(w, _, _)| *w == key.1);
+                    match member {
+                        Some((_, dirs, _)) => actuate::terminate(dirs).map(|n| {
+                            tracing::warn!(budget = %key.0, workload = %key.1, processes = n, "sent SIGTERM");
+                        }),
+                        None => Ok(()),
+                    }
+                }
+                Action::Terminate | Action::Alert => Ok(()),
+            };
+            match result {
+                Ok(()) => {
+                    if first {
+                        let latency = inputs.tick_started.elapsed();
+                        self.observe_latency(latency);
+                        self.applied.insert(key.clone(), latency);
+                    }
+                }
+                Err(e) => self.fail(&key.0, action, "apply", &e),
+            }
+        }
+    }
+
+    pub(super) fn release(&mut self, t: &Throttle, net: Option<&mut tally_ebpf::net::Net>) {
+        if let Some(file) = &t.freeze {
+            if let Err(e) = self.freezer.remove(file) {
+                self.fail(&t.budget, t.action, "release", &e);
+            }
+        }
+        if let (Some(e), Some(net)) = (t.egress, net) {
+            if let Err(err) = net.clear_egress_limit(e.cgroup_id, e.scope) {
+                self.fail(&t.budget, t.action, "release", &tally_ebpf::chain(&err));
+            }
+        }
+        for e in state::release_files(t) {
+            self.fail(&t.budget, t.action, "release", &e);
+        }
+    }
+
+    pub(super) fn fail(&mut self, budget: &str, action: Action, reason: &'static str, error: &str) {
+        let key = (budget.to_owned(), action.as_str(), reason.to_owned());
+        let n = self.errors.entry(key).or_default();
+        // Logged the first time and then every 60th, counted always.
+        if *n % 60 == 0 {
+            tracing::error!(
+                budget,
+                action = action.as_str(),
+                reason,
+                error,
+                "enforcement failed"
+            );
+        }
+        *n += 1;
+    }
+
+    pub(super) fn observe_latency(&mut self, latency: Duration) {
+        let s = latency.as_secs_f64();
+        for (bound, count) in &mut self.latency.buckets {
+            if s <= *bound {
+                *count += 1;
+            }
+        }
+        self.latency.sum += s;
+        self.latency.count += 1;
+    }
+}
