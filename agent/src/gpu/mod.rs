@@ -21,7 +21,7 @@ use tally_gpu::{DeviceSample, GpuError, GpuOptions, GpuSample, Sampler, XidEvent
 
 use crate::config::Config;
 use crate::identity::podresources::Assignments;
-use crate::identity::{Identity, PathIdentity, PidError, Workload};
+use crate::identity::{Identity, PathIdentity, Workload};
 use crate::ledger::{CounterId, GpuCounter, Ledger};
 use attribution::{attribute, DeviceWindow, Holder};
 
@@ -199,18 +199,7 @@ impl GpuSource {
             return;
         }
         let mut resolve = |pid: u32| -> Arc<Workload> {
-            if let Some(w) = pids.get(&pid).or_else(|| self.pids.get(&pid)) {
-                let w = w.clone();
-                pids.insert(pid, w.clone());
-                return w;
-            }
-            let w = match identity.resolve_pid(pid) {
-                Ok(w) => w,
-                // Exited before we looked, or hidden (another pid namespace): the host row.
-                Err(PidError::Gone { .. } | PidError::Read { .. }) => host.clone(),
-            };
-            pids.insert(pid, w.clone());
-            w
+            crate::identity::resolve_sampled_pid(identity, host, &self.pids, pids, pid)
         };
         // Workloads by index, so attribution works on a plain ordered key.
         let mut keys: Vec<Arc<Workload>> = Vec::new();

@@ -222,3 +222,27 @@ impl Identity {
         )))
     }
 }
+
+/// Resolves `pid` for a source that samples processes (GPU, RDMA): the answer of this sample
+/// (`now`) or of the last (`last`: pids are reused, so only the last sample's are trusted), else
+/// a fresh lookup. A pid that exited before it was looked at, or lives in another pid
+/// namespace, is charged to `host`. Records the answer in `now`.
+pub fn resolve_sampled_pid(
+    identity: &mut Identity,
+    host: &Arc<Workload>,
+    last: &std::collections::HashMap<u32, Arc<Workload>>,
+    now: &mut std::collections::HashMap<u32, Arc<Workload>>,
+    pid: u32,
+) -> Arc<Workload> {
+    if let Some(w) = now.get(&pid).or_else(|| last.get(&pid)) {
+        let w = w.clone();
+        now.insert(pid, w.clone());
+        return w;
+    }
+    let w = match identity.resolve_pid(pid) {
+        Ok(w) => w,
+        Err(PidError::Gone { .. } | PidError::Read { .. }) => host.clone(),
+    };
+    now.insert(pid, w.clone());
+    w
+}

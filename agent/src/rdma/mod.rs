@@ -27,7 +27,7 @@ use tally_rdma::{Availability, Client, Endpoint, ProcessCounters, ProcessOptions
 use crate::config::Config;
 use crate::errors::ErrorCounts;
 use crate::identity::podresources::Assignments;
-use crate::identity::{Identity, PathIdentity, PidError, Workload};
+use crate::identity::{Identity, PathIdentity, Workload};
 use crate::ledger::{CounterId, Ledger, RdmaCounter};
 
 /// `method` of traffic read from a process's own QP counter.
@@ -167,7 +167,9 @@ impl RdmaSource {
                 continue;
             }
             let w = match t.pid {
-                Some(pid) => resolve(identity, host, &self.pids, &mut pids, pid),
+                Some(pid) => {
+                    crate::identity::resolve_sampled_pid(identity, host, &self.pids, &mut pids, pid)
+                }
                 None => host.clone(),
             };
             let device: Arc<str> = Arc::from(t.device.as_str());
@@ -274,28 +276,6 @@ fn start_netlink(config: &Config, devices: &[String]) -> Netlink {
         }
     }
     Netlink::Up { reader, method }
-}
-
-/// The workload of `pid`, from this round's cache, the last round's, or identity.
-fn resolve(
-    identity: &mut Identity,
-    host: &Arc<Workload>,
-    last: &HashMap<u32, Arc<Workload>>,
-    now: &mut HashMap<u32, Arc<Workload>>,
-    pid: u32,
-) -> Arc<Workload> {
-    if let Some(w) = now.get(&pid).or_else(|| last.get(&pid)) {
-        let w = w.clone();
-        now.insert(pid, w.clone());
-        return w;
-    }
-    let w = match identity.resolve_pid(pid) {
-        Ok(w) => w,
-        // Exited before we looked, or in another pid namespace: the host row.
-        Err(PidError::Gone { .. } | PidError::Read { .. }) => host.clone(),
-    };
-    now.insert(pid, w.clone());
-    w
 }
 
 /// What a port moved between two reads; a counter that went down (driver reload) counts from
