@@ -26,9 +26,7 @@ pub fn settings(config: &Config) -> Option<OtlpSettings> {
             env!("CARGO_PKG_VERSION").to_owned(),
         ),
     ];
-    let hostname = std::fs::read_to_string(config.paths.proc_root.join("sys/kernel/hostname"))
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default();
+    let hostname = config.hostname();
     if !hostname.is_empty() {
         resource.push(("host.name".to_owned(), hostname));
     }

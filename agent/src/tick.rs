@@ -162,28 +162,30 @@ impl Ticker {
         self.asked_cri
             .retain(|id| live_containers.contains(id.as_str()));
         self.ledger.end_tick(Instant::now());
-        let placements = found
-            .iter()
-            .map(|f| {
-                let placement = crate::budget::Placement {
-                    rel: f.rel.clone(),
-                    v2_id: discovery
-                        .v2_ids
-                        .contains_key(&f.cgroup_id)
-                        .then_some(f.cgroup_id),
-                };
-                (f.identity.clone(), placement)
-            })
-            .collect();
-        self.budgets.tick(crate::budget::Inputs {
-            ledger: &self.ledger,
-            placements: &placements,
-            layout: self.collector.layout(),
-            gpu_memory: self.gpu.memory_held(),
-            gpu_models: self.gpu.models(),
-            net: self.bpf.net_mut(),
-            tick_started: started,
-        });
+        if !self.budgets.is_idle() {
+            let placements = found
+                .iter()
+                .map(|f| {
+                    let placement = crate::budget::Placement {
+                        rel: f.rel.clone(),
+                        v2_id: discovery
+                            .v2_ids
+                            .contains_key(&f.cgroup_id)
+                            .then_some(f.cgroup_id),
+                    };
+                    (f.identity.clone(), placement)
+                })
+                .collect();
+            self.budgets.tick(crate::budget::Inputs {
+                ledger: &self.ledger,
+                placements: &placements,
+                layout: self.collector.layout(),
+                gpu_memory: self.gpu.memory_held(),
+                gpu_models: self.gpu.models(),
+                net: self.bpf.net_mut(),
+                tick_started: started,
+            });
+        }
         if let Some(cri) = &self.cri {
             if unknown_container {
                 cri.request_refresh();

@@ -458,6 +458,22 @@ impl Config {
         self.agent.listen.parse()
     }
 
+    /// The host's name, from `paths.proc_root`; empty when unreadable.
+    pub fn hostname(&self) -> String {
+        std::fs::read_to_string(self.paths.proc_root.join("sys/kernel/hostname"))
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// The node's name for labels: `NODE_NAME` (the DaemonSet's downward API), else the host's
+    /// name (inside a pod the hostname is the pod's).
+    pub fn node_name(&self) -> String {
+        std::env::var("NODE_NAME")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| self.hostname())
+    }
+
     pub fn tick_interval(&self) -> Duration {
         Duration::from_millis(self.agent.tick_interval_ms)
     }

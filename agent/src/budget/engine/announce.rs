@@ -142,17 +142,6 @@ impl Engine {
     }
 }
 
-pub(super) fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
-    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
-    if !ok {
-        return String::new();
-    }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
 /// Sends a structured entry to the journal when the agent runs under systemd (its stderr is a
 /// journal stream); elsewhere the tracing line is the record.
 fn journal(fields: &[String]) {

@@ -14,7 +14,6 @@ mod tests;
 mod throttles;
 mod usage;
 
-use announce::hostname;
 use usage::{cumulative, delta, matches};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -232,7 +231,7 @@ impl Engine {
             throttles: BTreeMap::new(),
             freezer: Freezer::new(Duration::from_millis(config.enforcement.freeze_period_ms)),
             alerts: None,
-            node: hostname(),
+            node: config.node_name(),
             actions: BTreeMap::new(),
             errors: BTreeMap::new(),
             latency: Histogram {
@@ -335,6 +334,12 @@ impl Engine {
         }
     }
 
+    /// Whether the engine has nothing to do: no budgets, no throttles, no windows. The tick
+    /// then skips building its inputs.
+    pub fn is_idle(&self) -> bool {
+        self.budgets.is_empty() && self.throttles.is_empty() && self.subjects.is_empty()
+    }
+
     /// One evaluation, after the tick has updated the ledger.
     pub fn tick(&mut self, mut inputs: Inputs<'_>) {
         let now = unix_now();
@@ -342,7 +347,7 @@ impl Engine {
             .last_tick
             .map_or(0.0, |t| inputs.tick_started.duration_since(t).as_secs_f64());
         self.last_tick = Some(inputs.tick_started);
-        if self.budgets.is_empty() && self.throttles.is_empty() && self.subjects.is_empty() {
+        if self.is_idle() {
             return;
         }
         self.charge(&inputs, now);
