@@ -195,6 +195,7 @@ impl Ticker {
             }
         }
         self.lost = self.bpf.lost(&mut self.errors);
+        self.bpf.sample_stats(Instant::now());
         self.ticks += 1;
         self.last_duration = started.elapsed();
         self.snapshot()
@@ -357,13 +358,24 @@ impl Ticker {
         duration.push_labeled(Vec::new(), self.last_duration.as_secs_f64());
         let mut run_seconds = Family::new(
             "tally_ebpf_program_run_seconds_total",
-            "Time the kernel spent running each of the agent's BPF programs (bpf_stats).",
+            "Time the kernel spent running each of the agent's BPF programs, counted while bpf_stats \
+             is on (tally_ebpf_program_stats_seconds_total).",
             Kind::Counter,
         );
         let mut runs = Family::new(
             "tally_ebpf_program_runs_total",
-            "Runs of each of the agent's BPF programs (bpf_stats).",
+            "Runs of each of the agent's BPF programs, counted while bpf_stats is on.",
             Kind::Counter,
+        );
+        let mut stats_held = Family::new(
+            "tally_ebpf_program_stats_seconds_total",
+            "Time the agent has held bpf_stats on (ebpf.program_stats), the time the \
+             tally_ebpf_program_* counters cover.",
+            Kind::Counter,
+        );
+        stats_held.push_labeled(
+            Vec::new(),
+            self.bpf.stats_held(Instant::now()).as_secs_f64(),
         );
         for stats in self.bpf.program_stats() {
             let label = vec![("program", Arc::from(stats.program))];
@@ -387,6 +399,7 @@ impl Ticker {
             duration,
             run_seconds,
             runs,
+            stats_held,
             lost,
         ];
         if let Some(otlp) = &self.otlp {

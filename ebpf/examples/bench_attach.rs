@@ -14,20 +14,30 @@
 //! program=<name> runs=<n> run_ns=<total> avg_ns=<avg>
 //! ```
 //!
-//! and exits, which detaches everything (nothing is pinned). The scope tries get the same
+//! and exits, which detaches everything (nothing is pinned).
+//!
+//! With `--toggle` it loads the programs but attaches nothing, prints `ready`, then reads one
+//! command per line from stdin: `attach` turns `bpf_stats` on (as the agent holds it) and attaches
+//! every named program, `detach` detaches them and turns `bpf_stats` off again; each is answered
+//! with `attached` / `detached` once done. At EOF it prints the stats lines above (runs and time
+//! accumulate over the attached periods only) and exits. `--no-stats` leaves `bpf_stats` off
+//! throughout, to measure what holding it on costs (the stats lines then read 0). `bench/ebpf_toggle.py` uses this to
+//! switch the programs on and off many times within one iperf3 stream.
+//!
+//! The scope tries get the same
 //! loopback ranges the agent installs (127.0.0.0/8 and ::1/128 are `node`), so `net_egress` /
 //! `net_ingress` take their real lookup path on loopback traffic. Must run as root.
 
 use std::error::Error;
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::net::Ipv6Addr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::programs::cgroup_skb::CgroupSkbAttachType;
+use aya::programs::cgroup_skb::{CgroupSkbAttachType, CgroupSkbLinkId};
 use aya::programs::{CgroupAttachMode, CgroupSkb};
 use aya::EbpfLoader;
 use tally_ebpf::stats::{program_stats, StatsGuard};
@@ -43,7 +53,7 @@ const PROGRAMS: [(&str, CgroupSkbAttachType); 4] = [
     ("bench_counter", CgroupSkbAttachType::Egress),
 ];
 
-const USAGE: &str = "usage: bench_attach [--cgroup DIR] PROGRAM...\n\
+const USAGE: &str = "usage: bench_attach [--cgroup DIR] [--toggle] [--no-stats] PROGRAM...\n\
                      programs: net_egress net_ingress bench_empty bench_counter";
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -62,6 +72,8 @@ fn main() {
 fn run() -> Result<()> {
     let mut cgroup = PathBuf::from("/sys/fs/cgroup/unified");
     let mut wanted: Vec<(&'static str, CgroupSkbAttachType)> = Vec::new();
+    let mut toggle = false;
+    let mut with_stats = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -71,6 +83,8 @@ fn run() -> Result<()> {
                     .ok_or_else(|| format!("--cgroup needs a directory\n{USAGE}"))?
                     .into();
             }
+            "--toggle" => toggle = true,
+            "--no-stats" => with_stats = false,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -91,26 +105,33 @@ fn run() -> Result<()> {
     }
 
     install_signal_handlers()?;
-    // Before loading: run times are only collected while stats are on.
-    let _stats = StatsGuard::enable()?;
+    let mut stats = if toggle || !with_stats {
+        None
+    } else {
+        // Before loading: run times are only collected while stats are on.
+        Some(StatsGuard::enable()?)
+    };
 
     let started = Instant::now();
     let mut ebpf = EbpfLoader::new().load(TALLY_OBJECT)?;
     fill_scopes(&mut ebpf)?;
     let dir = File::open(&cgroup).map_err(|e| format!("opening {}: {e}", cgroup.display()))?;
-    for (name, attach_type) in &wanted {
+    for (name, _) in &wanted {
         let program: &mut CgroupSkb = ebpf
             .program_mut(name)
             .ok_or_else(|| format!("no program `{name}` in the object"))?
             .try_into()?;
         program.load().map_err(|e| format!("loading {name}: {e}"))?;
-        program
-            .attach(&dir, *attach_type, attach_mode())
-            .map_err(|e| format!("attaching {name} at {}: {e}", cgroup.display()))?;
     }
+    let mut links = if toggle {
+        Vec::new()
+    } else {
+        attach(&mut ebpf, &wanted, &dir)?
+    };
     eprintln!(
-        "bench_attach: {} program(s) loaded and attached at {} in {:.1} ms",
+        "bench_attach: {} program(s) loaded{} at {} in {:.1} ms",
         wanted.len(),
+        if toggle { "" } else { " and attached" },
         cgroup.display(),
         started.elapsed().as_secs_f64() * 1e3
     );
@@ -119,7 +140,39 @@ fn run() -> Result<()> {
     writeln!(out, "ready")?;
     out.flush()?;
 
-    wait_for_stop()?;
+    if toggle {
+        let mut commands = std::io::stdin().lock();
+        let mut line = String::new();
+        while !STOP.load(Ordering::SeqCst) {
+            line.clear();
+            match commands.read_line(&mut line) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("reading a command: {e}").into()),
+            }
+            match line.trim() {
+                "attach" if links.is_empty() => {
+                    if with_stats {
+                        stats = Some(StatsGuard::enable()?);
+                    }
+                    links = attach(&mut ebpf, &wanted, &dir)?;
+                    writeln!(out, "attached")?;
+                }
+                "detach" if !links.is_empty() => {
+                    detach(&mut ebpf, &mut links)?;
+                    stats = None;
+                    writeln!(out, "detached")?;
+                }
+                "attach" | "detach" => writeln!(out, "{}ed", line.trim())?,
+                other => return Err(format!("unknown command `{other}`").into()),
+            }
+            out.flush()?;
+        }
+        detach(&mut ebpf, &mut links)?;
+    } else {
+        wait_for_stop()?;
+    }
 
     for (name, _) in &wanted {
         let program = ebpf
@@ -139,8 +192,45 @@ fn run() -> Result<()> {
         )?;
     }
     out.flush()?;
+    drop(stats);
     // Dropping `ebpf` detaches the links and frees the programs and maps.
     drop(ebpf);
+    Ok(())
+}
+
+type Links = Vec<(&'static str, CgroupSkbLinkId)>;
+
+/// Attaches every wanted (already loaded) program at `dir`, in order.
+fn attach(
+    ebpf: &mut aya::Ebpf,
+    wanted: &[(&'static str, CgroupSkbAttachType)],
+    dir: &File,
+) -> Result<Links> {
+    let mut links = Vec::with_capacity(wanted.len());
+    for (name, attach_type) in wanted {
+        let program: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("no program `{name}` in the object"))?
+            .try_into()?;
+        let link = program
+            .attach(dir, *attach_type, attach_mode())
+            .map_err(|e| format!("attaching {name}: {e}"))?;
+        links.push((*name, link));
+    }
+    Ok(links)
+}
+
+/// Detaches what [`attach`] attached; the programs stay loaded.
+fn detach(ebpf: &mut aya::Ebpf, links: &mut Links) -> Result<()> {
+    for (name, link) in links.drain(..) {
+        let program: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("no program `{name}` in the object"))?
+            .try_into()?;
+        program
+            .detach(link)
+            .map_err(|e| format!("detaching {name}: {e}"))?;
+    }
     Ok(())
 }
 

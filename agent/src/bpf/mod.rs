@@ -3,19 +3,21 @@
 //! entries of cgroups that are gone once their final values are in.
 
 mod families;
+mod sampler;
 mod scopes;
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tally_ebpf::disk::{Disk, DiskConfig};
 use tally_ebpf::net::{Net, NetConfig};
-use tally_ebpf::stats::StatsGuard;
 use tally_ebpf::tcp::{Tcp, TcpConfig};
 use tally_ebpf::{chain, DiskValue, NetKey, NetValue, ProbeStatus, ProgramStats, TcpValue};
 
 pub use families::BpfFamilies;
+use sampler::StatsSampler;
 pub use scopes::scope_name;
 
 use crate::cgroupfs::layout::Layout;
@@ -34,7 +36,7 @@ pub struct BpfSources {
     net: Option<Net>,
     tcp: Option<Tcp>,
     disk: Option<Disk>,
-    _stats: Option<StatsGuard>,
+    stats: StatsSampler,
     statuses: Vec<ProbeStatus>,
     /// Last cumulative value of each map entry.
     last_net: HashMap<NetKey, NetValue>,
@@ -97,13 +99,11 @@ impl BpfSources {
             tracing::info!("eBPF sources disabled by `ebpf.enabled = false`");
             return sources;
         }
-        sources._stats = match StatsGuard::enable() {
-            Ok(guard) => Some(guard),
-            Err(e) => {
-                tracing::warn!(error = %chain(&e), "bpf_stats unavailable: program run times will read 0");
-                None
-            }
-        };
+        sources.stats = StatsSampler::new(
+            config.ebpf.program_stats,
+            Duration::from_secs(config.ebpf.program_stats_every_secs),
+        );
+        sources.stats.tick(Instant::now());
         let disabled = &config.ebpf.disabled_methods;
         let net = match (&layout.unified, disabled.iter().any(|m| m == "cgroup_skb")) {
             (_, true) => Err("disabled by `ebpf.disabled_methods`".to_owned()),
@@ -153,8 +153,14 @@ impl BpfSources {
         sources
     }
 
-    /// Applies a reloaded configuration's scopes.
+    /// Applies a reloaded configuration's scopes and `bpf_stats` sampling.
     pub fn reconfigure(&mut self, config: &Config, errors: &mut ErrorCounts) {
+        if config.ebpf.enabled {
+            self.stats.reconfigure(
+                config.ebpf.program_stats,
+                Duration::from_secs(config.ebpf.program_stats_every_secs),
+            );
+        }
         if let Some(net) = &mut self.net {
             if let Err(e) = net.set_scopes(&scopes::scope_ranges(config)) {
                 errors.record(COLLECTOR, "map", || chain(&e));
@@ -169,6 +175,16 @@ impl BpfSources {
     /// Whether per-workload disk bytes come from the block-layer programs.
     pub fn disk_up(&self) -> bool {
         self.disk.is_some()
+    }
+
+    /// Turns `bpf_stats` on or off for the tick starting at `now` (see [`StatsSampler`]).
+    pub fn sample_stats(&mut self, now: Instant) {
+        self.stats.tick(now);
+    }
+
+    /// How long the agent has held `bpf_stats` on: the time `program_stats` covers.
+    pub fn stats_held(&self, now: Instant) -> Duration {
+        self.stats.held(now)
     }
 
     pub fn program_stats(&self) -> Vec<ProgramStats> {

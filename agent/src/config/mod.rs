@@ -161,6 +161,12 @@ pub struct EbpfConfig {
     /// Attach methods never to use, e.g. `["tp_btf"]` to force the fallback
     /// (`fentry`, `tp_btf`, `raw_tracepoint`, `tracepoint`, `kprobe`, `cgroup_skb`).
     pub disabled_methods: Vec<String>,
+    /// When the kernel's `bpf_stats` (run count and time of every BPF program, for
+    /// `tally_ebpf_program_*`) is on: `sampled` for one tick every `program_stats_every_secs`,
+    /// `always`, or `off`. While on, every BPF program on the node pays two clock reads per run.
+    pub program_stats: ProgramStatsMode,
+    /// The sampling period of `program_stats = "sampled"`, in seconds (1–3600).
+    pub program_stats_every_secs: u64,
 }
 
 impl Default for EbpfConfig {
@@ -170,8 +176,19 @@ impl Default for EbpfConfig {
             max_net_entries: 16384,
             max_cgroup_entries: 16384,
             disabled_methods: Vec::new(),
+            program_stats: ProgramStatsMode::Sampled,
+            program_stats_every_secs: 30,
         }
     }
+}
+
+/// See [`EbpfConfig::program_stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProgramStatsMode {
+    Sampled,
+    Always,
+    Off,
 }
 
 /// Where remote addresses are, for `tally_workload_network_*{scope}`. Loopback and the node's

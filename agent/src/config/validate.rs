@@ -351,6 +351,15 @@ fn semantic_errors(config: &Config) -> Vec<(&'static str, String)> {
             ),
         ));
     }
+    if !(1..=3600).contains(&config.ebpf.program_stats_every_secs) {
+        errors.push((
+            "ebpf.program_stats_every_secs",
+            format!(
+                "{} is out of range 1..=3600",
+                config.ebpf.program_stats_every_secs
+            ),
+        ));
+    }
     for method in &config.ebpf.disabled_methods {
         if !super::ATTACH_METHODS.contains(&method.as_str()) {
             errors.push((
