@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--no-pin", action="store_true", help="do not pin client and server to CPUs")
     ap.add_argument("--target", type=float, default=1.0, help="largest acceptable loss, percent")
     ap.add_argument("--no-stats", action="store_true", help="leave bpf_stats off while attached")
+    ap.add_argument("--raw", help="also write every interval (block, state, bits/s) to this file")
     ap.add_argument("--strict", action="store_true")
     args = ap.parse_args()
 
@@ -99,6 +100,9 @@ def main():
     stats = attach.stdout.read()
     if attach.wait() != 0:
         die(f"bench_attach exited with {attach.returncode}")
+    if args.raw:
+        with open(args.raw, "w") as f:
+            f.writelines(f"{b}\t{s}\t{bps:.0f}\n" for b, s, bps in samples)
     report(args, samples, per_block, stats)
 
 

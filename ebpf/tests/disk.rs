@@ -74,9 +74,15 @@ fn direct_io(disk: &Disk, test: &str, enough: impl Fn(&DiskValue) -> bool) -> Di
             return v;
         }
         eprintln!(
-            "WARNING {test}: round {round}: cgroup {} charged short: {:?}",
+            "WARNING {test}: round {round}: cgroup {} charged short: {:?}; lost updates {:?}; \
+             program runs {:?}",
             cgroup.id(),
-            value(disk, cgroup.id())
+            value(disk, cgroup.id()),
+            disk.lost(),
+            disk.program_stats()
+                .iter()
+                .map(|s| (s.program, s.run_count))
+                .collect::<Vec<_>>()
         );
     }
     panic!("{test}: {ROUNDS} rounds of direct I/O were all charged short");
