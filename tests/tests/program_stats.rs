@@ -115,16 +115,19 @@ fn held(text: &str) -> f64 {
     sample(text, "tally_ebpf_program_stats_seconds_total", &[]).unwrap()
 }
 
+/// Whether `test` can run here (root, cgroup v2, bpftool); if so, starts the traffic it watches.
+fn ready(test: &str) -> Option<Traffic> {
+    let can = require::root(test)
+        && require::unified(test).is_some()
+        && require::binary(test, "bpftool").is_some();
+    can.then(Traffic::start)
+}
+
 #[test]
 fn sampled_mode_holds_bpf_stats_for_one_tick_in_each_period() {
-    let test = "sampled_mode_holds_bpf_stats_for_one_tick_in_each_period";
-    if !require::root(test)
-        || require::unified(test).is_none()
-        || require::binary(test, "bpftool").is_none()
-    {
+    let Some(_traffic) = ready("sampled_mode_holds_bpf_stats_for_one_tick_in_each_period") else {
         return;
-    }
-    let _traffic = Traffic::start();
+    };
     let before = programs();
     let started = Instant::now();
     let agent = agent("sampled");
@@ -147,14 +150,9 @@ fn sampled_mode_holds_bpf_stats_for_one_tick_in_each_period() {
 
 #[test]
 fn always_holds_it_and_off_never_turns_it_on() {
-    let test = "always_holds_it_and_off_never_turns_it_on";
-    if !require::root(test)
-        || require::unified(test).is_none()
-        || require::binary(test, "bpftool").is_none()
-    {
+    let Some(_traffic) = ready("always_holds_it_and_off_never_turns_it_on") else {
         return;
-    }
-    let _traffic = Traffic::start();
+    };
 
     let before = programs();
     let started = Instant::now();
