@@ -1,23 +1,47 @@
 //! Device-level readings of one GPU: utilization, memory, power and the energy counter,
 //! temperature, clocks, clock event reasons, and the counters read as field values (PCIe,
-//! NVLink, ECC, retired pages, remapped rows).
-
-use std::collections::HashSet;
+//! NVLink, ECC, retired pages, remapped rows). It holds each GPU's state between samples and
+//! hands the MIG and per-process parts to their own modules.
 
 use nvml_wrapper::enum_wrappers::device::{Clock, PcieUtilCounter, TemperatureSensor};
 use nvml_wrapper::{Device, Nvml};
 use nvml_wrapper_sys::bindings::field_id;
 use tracing::{error, info};
 
-use crate::raw::{self, RawDevice, RawNvml};
+use crate::calls::{Calls, Failure, GpuCalls};
+use crate::error::error_code;
+use crate::mig::{self, MigState};
+use crate::process::{self, ProcessState};
+use crate::raw::{self, device_of, RawDevice, RawNvml};
 use crate::sample::DeviceSample;
-use crate::tick::{DeviceState, Failure, Tick};
 
-/// A wrapper `Device` for a handle this `Nvml` handed out.
-pub(crate) fn device_of(nvml: &Nvml, handle: RawDevice) -> Device<'_> {
-    // SAFETY: every RawDevice comes from this Nvml instance (handle by index or MIG handle), and
-    // NVML keeps handles valid until nvmlShutdown, which runs only when that Nvml drops.
-    unsafe { Device::new(handle.0, nvml) }
+/// What the sampler remembers about one GPU between ticks.
+#[derive(Debug)]
+pub(crate) struct DeviceState {
+    pub(crate) index: u32,
+    /// `None` until `nvmlDeviceGetHandleByIndex_v2` has answered.
+    pub(crate) handle: Option<RawDevice>,
+    pub(crate) name: String,
+    /// The UUID, what is not supported, and whether the GPU is lost now.
+    pub(crate) gpu: GpuCalls,
+    /// Lost at the end of the previous tick (to log the change only).
+    was_lost: bool,
+    mig: MigState,
+    processes: ProcessState,
+}
+
+impl DeviceState {
+    pub(crate) fn new(index: u32, handle: Option<RawDevice>, started_us: u64) -> DeviceState {
+        DeviceState {
+            index,
+            handle,
+            name: String::new(),
+            gpu: GpuCalls::default(),
+            was_lost: false,
+            mig: MigState::default(),
+            processes: ProcessState::new(started_us),
+        }
+    }
 }
 
 /// Samples one GPU. NVML calls per GPU per tick, steady state: 9 device readings (11 with the
@@ -28,27 +52,43 @@ pub(crate) fn device_of(nvml: &Nvml, handle: RawDevice) -> Device<'_> {
 /// when off (2 + at most 32 when on): 16 on a busy GPU without MIG and accounting. Calls known
 /// unsupported are not repeated; a lost GPU costs 1.
 pub(crate) fn sample(
-    tick: &mut Tick<'_>,
+    calls: &mut Calls<'_>,
     nvml: &Nvml,
     raw: &RawNvml,
     dev: &mut DeviceState,
 ) -> DeviceSample {
-    dev.lost_now = false;
+    dev.gpu.lost_now = false;
     let mut out = DeviceSample {
         index: dev.index,
         ..DeviceSample::default()
     };
-    match handle(tick, nvml, dev) {
+    match handle(calls, nvml, dev) {
         Ok(handle) => {
             let device = device_of(nvml, handle);
-            identity(tick, &device, dev);
-            readings(tick, &device, raw, handle, dev, &mut out);
-            crate::mig::sample(tick, nvml, raw, handle, dev, &mut out);
-            crate::process::sample(tick, &device, raw, handle, dev, &mut out);
+            identity(calls, &device, dev);
+            readings(calls, &device, raw, handle, &mut dev.gpu, &mut out);
+            mig::sample(
+                calls,
+                nvml,
+                raw,
+                handle,
+                &mut dev.gpu,
+                &mut dev.mig,
+                &mut out,
+            );
+            process::sample(
+                calls,
+                &device,
+                raw,
+                handle,
+                &mut dev.gpu,
+                &mut dev.processes,
+                &mut out,
+            );
         }
         Err(failure) => out.process_utilization = Err(failure.unavailable()),
     }
-    if dev.lost_now {
+    if dev.gpu.lost_now {
         // Whatever was read before NVML said so is not reported: a lost GPU reads as empty.
         out = DeviceSample {
             index: dev.index,
@@ -57,23 +97,23 @@ pub(crate) fn sample(
             ..DeviceSample::default()
         };
     }
-    out.uuid.clone_from(&dev.uuid);
+    out.uuid.clone_from(&dev.gpu.uuid);
     out.name.clone_from(&dev.name);
-    match (dev.was_lost, dev.lost_now) {
+    match (dev.was_lost, dev.gpu.lost_now) {
         (false, true) => error!(
-            gpu = %dev.uuid,
+            gpu = %dev.gpu.uuid,
             index = dev.index,
             "GPU is lost (fell off the bus); reporting it and retrying each tick"
         ),
-        (true, false) => info!(gpu = %dev.uuid, index = dev.index, "GPU answers again"),
+        (true, false) => info!(gpu = %dev.gpu.uuid, index = dev.index, "GPU answers again"),
         _ => {}
     }
-    dev.was_lost = dev.lost_now;
+    dev.was_lost = dev.gpu.lost_now;
     out
 }
 
 /// The device handle, asking NVML again if start-up could not get it.
-fn handle(tick: &mut Tick<'_>, nvml: &Nvml, dev: &mut DeviceState) -> Result<RawDevice, Failure> {
+fn handle(calls: &mut Calls<'_>, nvml: &Nvml, dev: &mut DeviceState) -> Result<RawDevice, Failure> {
     if let Some(handle) = dev.handle {
         return Ok(handle);
     }
@@ -81,64 +121,64 @@ fn handle(tick: &mut Tick<'_>, nvml: &Nvml, dev: &mut DeviceState) -> Result<Raw
         .device_by_index(dev.index)
         // SAFETY: only the raw pointer is read; it stays owned by NVML.
         .map(|d| RawDevice(unsafe { d.handle() }));
-    let handle = tick.record_uncached(dev, "nvmlDeviceGetHandleByIndex_v2", 1, result)?;
+    let handle = calls.record_uncached(&mut dev.gpu, "nvmlDeviceGetHandleByIndex_v2", 1, result)?;
     dev.handle = Some(handle);
     Ok(handle)
 }
 
 /// UUID and name, until NVML has answered them once.
-fn identity(tick: &mut Tick<'_>, device: &Device<'_>, dev: &mut DeviceState) {
-    if dev.uuid.is_empty() {
-        if let Some(uuid) = tick.get(dev, "nvmlDeviceGetUUID", || device.uuid()) {
-            dev.uuid = uuid;
+fn identity(calls: &mut Calls<'_>, device: &Device<'_>, dev: &mut DeviceState) {
+    if dev.gpu.uuid.is_empty() {
+        if let Some(uuid) = calls.get(&mut dev.gpu, "nvmlDeviceGetUUID", || device.uuid()) {
+            dev.gpu.uuid = uuid;
         }
     }
     if dev.name.is_empty() {
-        if let Some(name) = tick.get(dev, "nvmlDeviceGetName", || device.name()) {
+        if let Some(name) = calls.get(&mut dev.gpu, "nvmlDeviceGetName", || device.name()) {
             dev.name = name;
         }
     }
 }
 
 fn readings(
-    tick: &mut Tick<'_>,
+    calls: &mut Calls<'_>,
     device: &Device<'_>,
     raw: &RawNvml,
     handle: RawDevice,
-    dev: &mut DeviceState,
+    gpu: &mut GpuCalls,
     out: &mut DeviceSample,
 ) {
-    if let Some(u) = tick.get(dev, "nvmlDeviceGetUtilizationRates", || {
+    if let Some(u) = calls.get(gpu, "nvmlDeviceGetUtilizationRates", || {
         device.utilization_rates()
     }) {
         out.utilization_gpu_percent = Some(u.gpu);
         out.utilization_memory_percent = Some(u.memory);
     }
-    if let Some(m) = tick.get(dev, "nvmlDeviceGetMemoryInfo_v2", || device.memory_info()) {
+    if let Some(m) = calls.get(gpu, "nvmlDeviceGetMemoryInfo_v2", || device.memory_info()) {
         out.memory_used_bytes = Some(m.used);
         out.memory_total_bytes = Some(m.total);
     }
-    out.power_watts = tick
-        .get(dev, "nvmlDeviceGetPowerUsage", || device.power_usage())
+    out.power_watts = calls
+        .get(gpu, "nvmlDeviceGetPowerUsage", || device.power_usage())
         .map(|mw| f64::from(mw) / 1000.0);
-    out.energy_joules_total = tick
-        .get(dev, "nvmlDeviceGetTotalEnergyConsumption", || {
+    out.energy_joules_total = calls
+        .get(gpu, "nvmlDeviceGetTotalEnergyConsumption", || {
             device.total_energy_consumption()
         })
         .map(|mj| mj as f64 / 1000.0);
-    out.temperature_celsius = tick.get(dev, "nvmlDeviceGetTemperature", || {
+    out.temperature_celsius = calls.get(gpu, "nvmlDeviceGetTemperature", || {
         device.temperature(TemperatureSensor::Gpu)
     });
-    out.sm_clock_mhz = tick.get(dev, "nvmlDeviceGetClockInfo", || {
+    out.sm_clock_mhz = calls.get(gpu, "nvmlDeviceGetClockInfo", || {
         device.clock_info(Clock::SM)
     });
-    out.memory_clock_mhz = tick.get(dev, "nvmlDeviceGetClockInfo", || {
+    out.memory_clock_mhz = calls.get(gpu, "nvmlDeviceGetClockInfo", || {
         device.clock_info(Clock::Memory)
     });
-    out.throttle_reasons = tick.get(dev, raw.clock_reasons_call(), || raw.clock_reasons(handle));
-    fields(tick, raw, handle, dev, out);
+    out.throttle_reasons = calls.get(gpu, raw.clock_reasons_call(), || raw.clock_reasons(handle));
+    fields(calls, raw, handle, gpu, out);
     // Older drivers lack the PCIe byte counters; their throughput call is the fallback.
-    if dev
+    if gpu
         .unsupported_fields
         .contains(&field_id::NVML_FI_DEV_PCIE_COUNT_TX_BYTES)
     {
@@ -147,10 +187,10 @@ fn readings(
                 .pcie_throughput(counter)
                 .map(|kb| u64::from(kb) * 1024)
         };
-        out.pcie_tx_bytes_per_second = tick.get(dev, "nvmlDeviceGetPcieThroughput", || {
+        out.pcie_tx_bytes_per_second = calls.get(gpu, "nvmlDeviceGetPcieThroughput", || {
             kbps(PcieUtilCounter::Send)
         });
-        out.pcie_rx_bytes_per_second = tick.get(dev, "nvmlDeviceGetPcieThroughput", || {
+        out.pcie_rx_bytes_per_second = calls.get(gpu, "nvmlDeviceGetPcieThroughput", || {
             kbps(PcieUtilCounter::Receive)
         });
     }
@@ -177,25 +217,25 @@ const FIELDS: &[(u32, u32)] = &[
 const FIELD_VALUES: &str = "nvmlDeviceGetFieldValues";
 
 fn fields(
-    tick: &mut Tick<'_>,
+    calls: &mut Calls<'_>,
     raw: &RawNvml,
     handle: RawDevice,
-    dev: &mut DeviceState,
+    gpu: &mut GpuCalls,
     out: &mut DeviceSample,
 ) {
-    if tick.skip(dev, FIELD_VALUES).is_some() {
+    if calls.skip(gpu, FIELD_VALUES).is_some() {
         return;
     }
     let mut values: Vec<_> = FIELDS
         .iter()
-        .filter(|(id, _)| !dev.unsupported_fields.contains(id))
+        .filter(|(id, _)| !gpu.unsupported_fields.contains(id))
         .map(|&(id, scope)| raw::field_request(id, scope))
         .collect();
     if values.is_empty() {
         return;
     }
     let result = raw.field_values(handle, &mut values);
-    if tick.record(dev, FIELD_VALUES, 1, result).is_err() {
+    if calls.record(gpu, FIELD_VALUES, 1, result).is_err() {
         return;
     }
     let mut read = std::collections::HashMap::new();
@@ -205,11 +245,11 @@ fn fields(
                 read.insert(value.fieldId, v);
             }
             Err(nvml_wrapper::error::NvmlError::NotSupported) => {
-                dev.unsupported_fields.insert(value.fieldId);
+                gpu.unsupported_fields.insert(value.fieldId);
             }
             Err(e) => {
-                let code = crate::error::error_code(&e);
-                tick.fail(dev, FIELD_VALUES, code, &e);
+                let code = error_code(&e);
+                calls.fail(gpu, FIELD_VALUES, code, &e);
             }
         }
     }
@@ -231,10 +271,4 @@ fn fields(
         get(field_id::NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX).map(|kib| kib * 1024);
     out.nvlink_rx_bytes_total =
         get(field_id::NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX).map(|kib| kib * 1024);
-}
-
-/// Forget what was unsupported (the MIG mode changed, and with it what the GPU answers).
-pub(crate) fn reset_support(dev: &mut DeviceState) {
-    dev.unsupported = HashSet::new();
-    dev.unsupported_fields = HashSet::new();
 }

@@ -15,9 +15,8 @@ use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{EventSet, Nvml};
 use tracing::{info, warn};
 
-use crate::device::device_of;
 use crate::error::error_code;
-use crate::raw::RawDevice;
+use crate::raw::{device_of, RawDevice};
 use crate::sample::XidEvent;
 
 /// How long one `nvmlEventSetWait_v2` blocks; also the longest a drop waits for the thread.

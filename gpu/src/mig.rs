@@ -9,10 +9,9 @@ use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::Nvml;
 use tracing::info;
 
-use crate::device::{device_of, reset_support};
-use crate::raw::{RawDevice, RawNvml};
+use crate::calls::{Calls, Failure, GpuCalls};
+use crate::raw::{device_of, RawDevice, RawNvml};
 use crate::sample::{DeviceSample, MigSample};
-use crate::tick::{DeviceState, Failure, Tick};
 
 const LAYOUT_REFRESH: Duration = Duration::from_secs(60);
 /// More slots than any GPU has (7 on A100 / H100); bounds the enumeration.
@@ -37,29 +36,30 @@ struct MigInstance {
 }
 
 pub(crate) fn sample(
-    tick: &mut Tick<'_>,
+    calls: &mut Calls<'_>,
     nvml: &Nvml,
     raw: &RawNvml,
     handle: RawDevice,
-    dev: &mut DeviceState,
+    gpu: &mut GpuCalls,
+    state: &mut MigState,
     out: &mut DeviceSample,
 ) {
-    let Some(mode) = tick.get(dev, "nvmlDeviceGetMigMode", || {
+    let Some(mode) = calls.get(gpu, "nvmlDeviceGetMigMode", || {
         device_of(nvml, handle).mig_mode()
     }) else {
         // No MIG on this GPU (not supported) or the call failed: keep what we knew.
-        out.mig_enabled = dev.mig.enabled == Some(true);
+        out.mig_enabled = state.enabled == Some(true);
         return;
     };
     let enabled = mode.current == nvml_wrapper_sys::bindings::NVML_DEVICE_MIG_ENABLE;
-    if dev.mig.enabled != Some(enabled) {
-        if dev.mig.enabled.is_some() {
-            info!(gpu = %dev.uuid, enabled, "MIG mode changed");
+    if state.enabled != Some(enabled) {
+        if state.enabled.is_some() {
+            info!(gpu = %gpu.uuid, enabled, "MIG mode changed");
             // What the GPU supports depends on the mode (utilization rates, per-process
             // utilization): ask again.
-            reset_support(dev);
+            gpu.reset_support();
         }
-        dev.mig = MigState {
+        *state = MigState {
             enabled: Some(enabled),
             ..MigState::default()
         };
@@ -68,18 +68,16 @@ pub(crate) fn sample(
     if !enabled {
         return;
     }
-    if dev.mig.stale
-        || dev
-            .mig
+    if state.stale
+        || state
             .refreshed
             .is_none_or(|t| t.elapsed() >= LAYOUT_REFRESH)
     {
-        refresh_layout(tick, nvml, raw, handle, dev);
+        refresh_layout(calls, nvml, raw, handle, gpu, state);
     }
     let mut stale = false;
-    let mut samples = Vec::with_capacity(dev.mig.instances.len());
-    for i in 0..dev.mig.instances.len() {
-        let instance = &dev.mig.instances[i];
+    let mut samples = Vec::with_capacity(state.instances.len());
+    for instance in &state.instances {
         let mut sample = MigSample {
             uuid: instance.uuid.clone(),
             gpu_instance_id: instance.gpu_instance_id,
@@ -88,7 +86,7 @@ pub(crate) fn sample(
         };
         let result = device_of(nvml, instance.handle).memory_info();
         stale |= matches!(result, Err(NvmlError::InvalidArg | NvmlError::NotFound));
-        match tick.record_uncached(dev, "nvmlDeviceGetMemoryInfo_v2", 1, result) {
+        match calls.record_uncached(gpu, "nvmlDeviceGetMemoryInfo_v2", 1, result) {
             Ok(memory) => {
                 sample.memory_used_bytes = Some(memory.used);
                 sample.memory_total_bytes = Some(memory.total);
@@ -98,22 +96,23 @@ pub(crate) fn sample(
         }
         samples.push(sample);
     }
-    dev.mig.stale = stale;
+    state.stale = stale;
     out.mig = samples;
 }
 
 /// Enumerates the MIG devices: one call for the slot count, one per slot, three per instance.
 fn refresh_layout(
-    tick: &mut Tick<'_>,
+    calls: &mut Calls<'_>,
     nvml: &Nvml,
     raw: &RawNvml,
     handle: RawDevice,
-    dev: &mut DeviceState,
+    gpu: &mut GpuCalls,
+    state: &mut MigState,
 ) {
     const MAX_COUNT: &str = "nvmlDeviceGetMaxMigDeviceCount";
     const BY_INDEX: &str = "nvmlDeviceGetMigDeviceHandleByIndex";
     let result = raw.max_mig_device_count(handle);
-    let Ok(slots) = tick.record_uncached(dev, MAX_COUNT, 1, result) else {
+    let Ok(slots) = calls.record_uncached(gpu, MAX_COUNT, 1, result) else {
         return;
     };
     let mut instances = Vec::new();
@@ -121,27 +120,27 @@ fn refresh_layout(
         let mig = match raw.mig_device(handle, slot) {
             // An empty slot.
             Err(NvmlError::NotFound) => {
-                tick.counted(1);
+                calls.counted(1);
                 continue;
             }
-            result => match tick.record_uncached(dev, BY_INDEX, 1, result) {
+            result => match calls.record_uncached(gpu, BY_INDEX, 1, result) {
                 Ok(mig) => mig,
                 Err(Failure::Lost) => return,
                 Err(_) => continue,
             },
         };
         let uuid = device_of(nvml, mig).uuid();
-        let Ok(uuid) = tick.record_uncached(dev, "nvmlDeviceGetUUID", 1, uuid) else {
+        let Ok(uuid) = calls.record_uncached(gpu, "nvmlDeviceGetUUID", 1, uuid) else {
             continue;
         };
         let gi = raw.gpu_instance_id(mig);
-        let Ok(gpu_instance_id) = tick.record_uncached(dev, "nvmlDeviceGetGpuInstanceId", 1, gi)
+        let Ok(gpu_instance_id) = calls.record_uncached(gpu, "nvmlDeviceGetGpuInstanceId", 1, gi)
         else {
             continue;
         };
         let ci = raw.compute_instance_id(mig);
         let Ok(compute_instance_id) =
-            tick.record_uncached(dev, "nvmlDeviceGetComputeInstanceId", 1, ci)
+            calls.record_uncached(gpu, "nvmlDeviceGetComputeInstanceId", 1, ci)
         else {
             continue;
         };
@@ -152,10 +151,10 @@ fn refresh_layout(
             compute_instance_id,
         });
     }
-    if instances.len() != dev.mig.instances.len() {
-        info!(gpu = %dev.uuid, instances = instances.len(), "MIG layout");
+    if instances.len() != state.instances.len() {
+        info!(gpu = %gpu.uuid, instances = instances.len(), "MIG layout");
     }
-    dev.mig.instances = instances;
-    dev.mig.refreshed = Some(Instant::now());
-    dev.mig.stale = false;
+    state.instances = instances;
+    state.refreshed = Some(Instant::now());
+    state.stale = false;
 }

@@ -8,9 +8,10 @@ use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::struct_wrappers::device::ProcessInfo;
 use nvml_wrapper::Device;
 
+use crate::calls::{Calls, Failure, GpuCalls};
+use crate::error::Unavailable;
 use crate::raw::{RawDevice, RawNvml};
 use crate::sample::{AccountingSample, DeviceSample, ProcessSample, UtilSample};
-use crate::tick::{DeviceState, Failure, Tick};
 
 /// Accounting stats queried per GPU per tick at most (one call each); the rest wait a tick.
 pub(crate) const ACCOUNTING_STATS_PER_TICK: usize = 32;
@@ -53,20 +54,21 @@ impl ProcessState {
 }
 
 pub(crate) fn sample(
-    tick: &mut Tick<'_>,
+    calls: &mut Calls<'_>,
     device: &Device<'_>,
     raw: &RawNvml,
     handle: RawDevice,
-    dev: &mut DeviceState,
+    gpu: &mut GpuCalls,
+    state: &mut ProcessState,
     out: &mut DeviceSample,
 ) {
-    out.processes = running(tick, device, dev);
-    out.mps_clients = mps_clients(tick, raw, handle, dev, &out.processes);
-    let (utilization, window) = utilization(tick, device, dev);
+    out.processes = running(calls, device, gpu);
+    out.mps_clients = mps_clients(calls, raw, handle, gpu, state, &out.processes);
+    let (utilization, window) = utilization(calls, device, gpu, state);
     out.process_utilization = utilization;
     out.util_window_us = window;
-    out.util_sample_period_us = dev.processes.period_us;
-    out.accounting = accounting(tick, device, dev, &out.processes);
+    out.util_sample_period_us = state.period_us;
+    out.accounting = accounting(calls, device, gpu, state, &out.processes);
 }
 
 /// NVML calls a wrapper list query made: a count probe, then a fetch unless the list was empty.
@@ -79,13 +81,13 @@ fn list_calls<T>(result: &Result<Vec<T>, NvmlError>) -> u64 {
 }
 
 /// Two calls (count probe, fetch), one when none run.
-fn running(tick: &mut Tick<'_>, device: &Device<'_>, dev: &mut DeviceState) -> Vec<ProcessSample> {
-    if tick.skip(dev, RUNNING).is_some() {
+fn running(calls: &mut Calls<'_>, device: &Device<'_>, gpu: &mut GpuCalls) -> Vec<ProcessSample> {
+    if calls.skip(gpu, RUNNING).is_some() {
         return Vec::new();
     }
     let result = device.running_compute_processes();
-    let calls = list_calls(&result);
-    let Ok(processes) = tick.record(dev, RUNNING, calls, result) else {
+    let count = list_calls(&result);
+    let Ok(processes) = calls.record(gpu, RUNNING, count, result) else {
         return Vec::new();
     };
     processes.into_iter().map(process_sample).collect()
@@ -109,36 +111,37 @@ fn process_sample(p: ProcessInfo) -> ProcessSample {
 /// a count probe and a fetch; two when more clients run than it held. A driver without the
 /// function, or a GPU answering `NOT_SUPPORTED` (remembered), has no MPS: no call, no error.
 fn mps_clients(
-    tick: &mut Tick<'_>,
+    calls: &mut Calls<'_>,
     raw: &RawNvml,
     handle: RawDevice,
-    dev: &mut DeviceState,
+    gpu: &mut GpuCalls,
+    state: &mut ProcessState,
     running: &[ProcessSample],
 ) -> Vec<ProcessSample> {
-    if running.is_empty() || !raw.has_mps_processes() || tick.skip(dev, MPS).is_some() {
+    if running.is_empty() || !raw.has_mps_processes() || calls.skip(gpu, MPS).is_some() {
         return Vec::new();
     }
-    let mut capacity = dev.processes.mps_capacity;
+    let mut capacity = state.mps_capacity;
     let mut retried = false;
     let result = loop {
         match raw.mps_compute_processes(handle, capacity) {
             // No MPS server on this GPU: not a failure.
             Err(NvmlError::NotFound) => {
-                tick.counted(1);
+                calls.counted(1);
                 break Ok(Vec::new());
             }
             // More clients than room: NVML said how many; once more with that much.
             Err(NvmlError::InsufficientSize(Some(needed))) if !retried => {
-                tick.counted(1);
+                calls.counted(1);
                 capacity = u32::try_from(needed)
                     .unwrap_or(u32::MAX)
                     .saturating_add(MPS_HEADROOM);
                 retried = true;
             }
-            result => break tick.record(dev, MPS, 1, result),
+            result => break calls.record(gpu, MPS, 1, result),
         }
     };
-    dev.processes.mps_capacity = capacity;
+    state.mps_capacity = capacity;
     let Ok(clients) = result else {
         return Vec::new();
     };
@@ -148,33 +151,35 @@ fn mps_clients(
         .collect()
 }
 
-type Utilization = (
-    Result<Vec<UtilSample>, crate::error::Unavailable>,
-    Option<(u64, u64)>,
-);
+type Utilization = (Result<Vec<UtilSample>, Unavailable>, Option<(u64, u64)>);
 
 /// Samples newer than the last delivered one. Two calls (count probe, fetch), one when nothing
 /// is new (`NOT_FOUND`); a retry (two more) if new samples arrived between probe and fetch.
-fn utilization(tick: &mut Tick<'_>, device: &Device<'_>, dev: &mut DeviceState) -> Utilization {
-    if let Some(failure) = tick.skip(dev, UTILIZATION) {
+fn utilization(
+    calls: &mut Calls<'_>,
+    device: &Device<'_>,
+    gpu: &mut GpuCalls,
+    state: &mut ProcessState,
+) -> Utilization {
+    if let Some(failure) = calls.skip(gpu, UTILIZATION) {
         return (Err(failure.unavailable()), None);
     }
-    let last_seen = dev.processes.last_seen_us;
+    let last_seen = state.last_seen_us;
     let mut retried = false;
     let result = loop {
         match device.process_utilization_stats(last_seen) {
             // Nothing newer than last_seen: not a failure.
             Err(NvmlError::NotFound) => {
-                tick.counted(1);
+                calls.counted(1);
                 break Ok(Vec::new());
             }
             Err(NvmlError::InsufficientSize(_)) if !retried => {
-                tick.counted(2);
+                calls.counted(2);
                 retried = true;
             }
             result => {
-                let calls = list_calls(&result);
-                break tick.record(dev, UTILIZATION, calls, result);
+                let count = list_calls(&result);
+                break calls.record(gpu, UTILIZATION, count, result);
             }
         }
     };
@@ -197,9 +202,9 @@ fn utilization(tick: &mut Tick<'_>, device: &Device<'_>, dev: &mut DeviceState) 
     let Some(newest) = fresh.iter().map(|s| s.timestamp_us).max() else {
         return (Ok(fresh), None);
     };
-    dev.processes.last_seen_us = newest;
+    state.last_seen_us = newest;
     if let Some(period) = sample_period(&fresh) {
-        dev.processes.period_us = Some(period);
+        state.period_us = Some(period);
     }
     (Ok(fresh), Some((last_seen, newest)))
 }
@@ -230,22 +235,22 @@ fn sample_period(samples: &[UtilSample]) -> Option<u64> {
 /// that is running or has not had its final stats delivered, at most
 /// [`ACCOUNTING_STATS_PER_TICK`].
 fn accounting(
-    tick: &mut Tick<'_>,
+    calls: &mut Calls<'_>,
     device: &Device<'_>,
-    dev: &mut DeviceState,
+    gpu: &mut GpuCalls,
+    state: &mut ProcessState,
     running: &[ProcessSample],
 ) -> Option<Vec<AccountingSample>> {
-    if dev.lost_now {
+    if gpu.lost_now {
         return None;
     }
     let result = device.accounting_pids();
-    let calls = list_calls(&result);
+    let count = list_calls(&result);
     // NOT_SUPPORTED is how NVML says accounting mode is off; it can be turned on at run time,
     // so it is asked every tick and not remembered.
-    let pids = tick
-        .record_uncached(dev, ACCOUNTING_PIDS, calls, result)
+    let pids = calls
+        .record_uncached(gpu, ACCOUNTING_PIDS, count, result)
         .ok()?;
-    let state = &mut dev.processes;
     state.accounting_final.retain(|pid| pids.contains(pid));
     let running: HashSet<u32> = running.iter().map(|p| p.pid).collect();
     let pending: Vec<u32> = pids
@@ -266,17 +271,17 @@ fn accounting(
         let stats = match result {
             // Evicted from the driver's circular buffer since the pid list.
             Err(NvmlError::NotFound) => {
-                tick.counted(1);
+                calls.counted(1);
                 continue;
             }
-            result => match tick.record_uncached(dev, ACCOUNTING_STATS, 1, result) {
+            result => match calls.record_uncached(gpu, ACCOUNTING_STATS, 1, result) {
                 Ok(stats) => stats,
                 Err(Failure::NotSupported | Failure::Lost) => return None,
                 Err(Failure::Failed(_)) => continue,
             },
         };
         if !stats.is_running {
-            dev.processes.accounting_final.insert(pid);
+            state.accounting_final.insert(pid);
         }
         samples.push(AccountingSample {
             pid,

@@ -3,11 +3,13 @@
 //! event reasons under their current name, and MPS clients
 //! (`nvmlDeviceGetMPSComputeRunningProcesses_v3`, which the wrapper's sys crate loads but its
 //! `Device` has no method for). It opens the same library file as the wrapper, so
-//! the loader hands back the already-loaded, already-initialised instance.
+//! the loader hands back the already-loaded, already-initialised instance. [`device_of`] turns a
+//! raw handle back into the wrapper's `Device`.
 
 use std::ffi::OsStr;
 
 use nvml_wrapper::error::{nvml_sym, nvml_try, NvmlError};
+use nvml_wrapper::{Device, Nvml};
 use nvml_wrapper_sys::bindings::{
     nvmlDevice_t, nvmlFieldValue_t, nvmlProcessInfo_t,
     nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE as INSUFFICIENT_SIZE, NvmlLib,
@@ -22,6 +24,13 @@ pub(crate) struct RawDevice(pub(crate) nvmlDevice_t);
 unsafe impl Send for RawDevice {}
 // SAFETY: as above; the handle is never dereferenced on our side.
 unsafe impl Sync for RawDevice {}
+
+/// A wrapper `Device` for a handle this `Nvml` handed out.
+pub(crate) fn device_of(nvml: &Nvml, handle: RawDevice) -> Device<'_> {
+    // SAFETY: every RawDevice comes from this Nvml instance (handle by index or MIG handle), and
+    // NVML keeps handles valid until nvmlShutdown, which runs only when that Nvml drops.
+    unsafe { Device::new(handle.0, nvml) }
+}
 
 /// `NVML_VALUE_TYPE_*`.
 const VALUE_DOUBLE: u32 = 0;

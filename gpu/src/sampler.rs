@@ -12,13 +12,13 @@ use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::Nvml;
 use tracing::{info, warn};
 
-use crate::device::{self, device_of};
+use crate::calls::Calls;
+use crate::device::{self, DeviceState};
 use crate::error::{CallError, GpuError};
 use crate::events::XidWatcher;
-use crate::raw::{RawDevice, RawNvml};
+use crate::library::DEFAULT_LIBRARY;
+use crate::raw::{device_of, RawDevice, RawNvml};
 use crate::sample::{GpuSample, XidEvent};
-use crate::tick::{DeviceState, Tick};
-use crate::DEFAULT_LIBRARY;
 
 /// How to reach NVML.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,7 +95,7 @@ impl Sampler {
         let (sender, xids) = mpsc::channel();
         let watched = devices
             .iter()
-            .filter_map(|d| Some((d.handle?, d.uuid.clone())))
+            .filter_map(|d| Some((d.handle?, d.gpu.uuid.clone())))
             .collect();
         let xid_watcher = XidWatcher::spawn(Arc::clone(&nvml), watched, sender)
             .map_err(|source| GpuError::EventThread { source })?;
@@ -114,16 +114,16 @@ impl Sampler {
     /// Reads every GPU once. Never panics; failed calls are in [`GpuSample::errors`] (each
     /// distinct call and code is logged once, then only counted).
     pub fn sample(&mut self) -> GpuSample {
-        let mut tick = Tick::new(&mut self.logged);
+        let mut calls = Calls::new(&mut self.logged);
         let devices = self
             .devices
             .iter_mut()
-            .map(|dev| device::sample(&mut tick, &self.nvml, &self.raw, dev))
+            .map(|dev| device::sample(&mut calls, &self.nvml, &self.raw, dev))
             .collect();
-        self.calls_last_sample = tick.calls;
+        self.calls_last_sample = calls.made;
         GpuSample {
             devices,
-            errors: tick.errors,
+            errors: calls.errors,
         }
     }
 
@@ -157,7 +157,7 @@ fn start_device(nvml: &Nvml, index: u32, started_us: u64) -> DeviceState {
     let mut dev = DeviceState::new(index, handle, started_us);
     if let Some(handle) = handle {
         let device = device_of(nvml, handle);
-        dev.uuid = device.uuid().unwrap_or_default();
+        dev.gpu.uuid = device.uuid().unwrap_or_default();
         dev.name = device.name().unwrap_or_default();
     }
     dev
