@@ -12,9 +12,11 @@
 #     (`wrk -t1 -c1 -d5s --latency` against a minimal python3 HTTP/1.1 keep-alive responder
 #     sending a fixed 17-byte body). Reported per round, plus the median, min and max of the paired
 #     relative differences (attached vs detached).
-# (b) What each program costs per run: `bench_attach` (ebpf/examples) attaches net_egress,
-#     net_ingress, bench_empty and bench_counter together during one `iperf3 -t 10` (the same
-#     packets pass all of them) and reads bpf_stats; repeated STATS_RUNS times.
+# (b) What each program costs per run: `bench_attach` (ebpf/examples) attaches net_egress and
+#     net_ingress (from ebpf/bpf/tally.bpf.o, the object the agent loads) and the reference
+#     programs bench_empty and bench_counter (from ebpf/bpf/bench.bpf.o, which no node loads)
+#     together during one `iperf3 -t 10` (the same packets pass all of them) and reads bpf_stats;
+#     repeated STATS_RUNS times. Both objects are embedded in bench_attach when it is built.
 # (c) The throughput cost resolved to a fraction of a percent: bench/ebpf_toggle.py switches
 #     net_egress+net_ingress on and off every second inside one `iperf3 -t BENCH_TOGGLE_SECONDS`
 #     (0.1 s intervals, client and server pinned to CPUs 0 and 1), once with bpf_stats off (the
@@ -194,6 +196,7 @@ fi
 if [[ -n ${BENCH_ATTACH_BIN:-} ]]; then
     ATTACH_BIN=$BENCH_ATTACH_BIN
 else
+    # Embeds ebpf/bpf/tally.bpf.o and ebpf/bpf/bench.bpf.o (rebuilt from source by ebpf/build.sh).
     log "building bench_attach (cargo build --release -p tally-ebpf --example bench_attach)"
     (cd "$REPO_ROOT" && cargo build --release -p tally-ebpf --example bench_attach)
     ATTACH_BIN=$TARGET_DIR/release/examples/bench_attach

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Rebuilds the committed BPF objects in ebpf/bpf/ from source:
-#   tally.bpf.o     the Rust programs (ebpf/programs, aya-ebpf, pinned nightly + bpf-linker 0.10.4)
+#   tally.bpf.o     the Rust programs every node loads (ebpf/programs, binary `tally`; aya-ebpf,
+#                   pinned nightly + bpf-linker 0.10.4)
+#   bench.bpf.o     the benchmark's reference programs (ebpf/programs, binary `bench`), loaded
+#                   only by ebpf/examples/bench_attach.rs
 #   <name>.bpf.o    each C CO-RE program ebpf/c/<name>.bpf.c (clang-19, committed vmlinux.h)
 # Installs the pinned nightly, rust-src, bpf-linker and the Debian packages (clang-19, libbpf-dev,
 # llvm-19) when missing. Objects are stripped of DWARF (`.BTF` and `.BTF.ext` stay) and built with
@@ -56,7 +59,10 @@ encoded="$(printf '%s\x1f' "${flags[@]}")"
     cargo "+$toolchain" build --locked --release \
       --target bpfel-unknown-none -Z build-std=core --target-dir "$here/programs/target"
 )
-"$objcopy" --strip-debug "$here/programs/target/bpfel-unknown-none/release/tally" "$out/tally.bpf.o"
+# One object per binary of ebpf/programs (its [[bin]] names).
+for bin in tally bench; do
+  "$objcopy" --strip-debug "$here/programs/target/bpfel-unknown-none/release/$bin" "$out/$bin.bpf.o"
+done
 
 # C CO-RE programs.
 for src in "$here"/c/*.bpf.c; do

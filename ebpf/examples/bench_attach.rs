@@ -1,7 +1,9 @@
-//! Loads Tally's embedded BPF object, attaches the named `cgroup_skb` programs at a cgroup v2 root
-//! and, when told to stop, prints each program's `bpf_stats` (run count and run time). Used by
-//! `bench/ebpf.sh` to compare the agent's hot-path programs with the reference `bench_empty` and
-//! `bench_counter` under the same traffic.
+//! Loads Tally's production object (`tally.bpf.o`, for `net_egress` and `net_ingress`) and the
+//! benchmark's object (`bench.bpf.o`, for the reference programs `bench_empty` and
+//! `bench_counter`), attaches the named `cgroup_skb` programs at a cgroup v2 root and, when told
+//! to stop, prints each program's `bpf_stats` (run count and run time). Used by `bench/ebpf.sh` to
+//! compare the agent's hot-path programs with the references under the same traffic. An object
+//! is loaded only when a named program is in it; the agent itself never loads `bench.bpf.o`.
 //!
 //! ```text
 //! bench_attach [--cgroup /sys/fs/cgroup/unified] net_egress net_ingress bench_empty bench_counter
@@ -21,12 +23,13 @@
 //! every named program, `detach` detaches them and turns `bpf_stats` off again; each is answered
 //! with `attached` / `detached` once done. At EOF it prints the stats lines above (runs and time
 //! accumulate over the attached periods only) and exits. `--no-stats` leaves `bpf_stats` off
-//! throughout, to measure what holding it on costs (the stats lines then read 0). `bench/ebpf_toggle.py` uses this to
-//! switch the programs on and off many times within one iperf3 stream.
+//! throughout, to measure what holding it on costs (the stats lines then read 0).
+//! `bench/ebpf_toggle.py` uses this to switch the programs on and off many times within one
+//! iperf3 stream.
 //!
-//! The scope tries get the same
-//! loopback ranges the agent installs (127.0.0.0/8 and ::1/128 are `node`), so `net_egress` /
-//! `net_ingress` take their real lookup path on loopback traffic. Must run as root.
+//! The scope tries get the same loopback ranges the agent installs (127.0.0.0/8 and ::1/128 are
+//! `node`), so `net_egress` / `net_ingress` take their real lookup path on loopback traffic. Must
+//! run as root.
 
 use std::error::Error;
 use std::fs::File;
@@ -39,18 +42,42 @@ use std::time::Instant;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::programs::cgroup_skb::{CgroupSkbAttachType, CgroupSkbLinkId};
 use aya::programs::{CgroupAttachMode, CgroupSkb};
-use aya::EbpfLoader;
+use aya::{Ebpf, EbpfLoader};
 use tally_ebpf::stats::{program_stats, StatsGuard};
 use tally_ebpf::{scope, TALLY_OBJECT};
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
-/// Every `cgroup_skb` program in the object, with the hook it belongs on.
-const PROGRAMS: [(&str, CgroupSkbAttachType); 4] = [
-    ("net_egress", CgroupSkbAttachType::Egress),
-    ("net_ingress", CgroupSkbAttachType::Ingress),
-    ("bench_empty", CgroupSkbAttachType::Egress),
-    ("bench_counter", CgroupSkbAttachType::Egress),
+/// The benchmark's reference programs (`ebpf/programs/src/bench.rs`), built by `ebpf/build.sh`.
+/// Embedded here, not in the `tally_ebpf` library, so the agent does not carry them.
+static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/bench.bpf.o");
+
+/// The object a program is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Object {
+    /// `tally.bpf.o`, what the agent loads.
+    Tally,
+    /// `bench.bpf.o`.
+    Bench,
+}
+
+impl Object {
+    fn file(self) -> &'static str {
+        match self {
+            Object::Tally => "tally.bpf.o",
+            Object::Bench => "bench.bpf.o",
+        }
+    }
+}
+
+/// A `cgroup_skb` program this tool knows: its name, the hook it belongs on, its object.
+type Known = (&'static str, CgroupSkbAttachType, Object);
+
+const PROGRAMS: [Known; 4] = [
+    ("net_egress", CgroupSkbAttachType::Egress, Object::Tally),
+    ("net_ingress", CgroupSkbAttachType::Ingress, Object::Tally),
+    ("bench_empty", CgroupSkbAttachType::Egress, Object::Bench),
+    ("bench_counter", CgroupSkbAttachType::Egress, Object::Bench),
 ];
 
 const USAGE: &str = "usage: bench_attach [--cgroup DIR] [--toggle] [--no-stats] PROGRAM...\n\
@@ -71,7 +98,7 @@ fn main() {
 
 fn run() -> Result<()> {
     let mut cgroup = PathBuf::from("/sys/fs/cgroup/unified");
-    let mut wanted: Vec<(&'static str, CgroupSkbAttachType)> = Vec::new();
+    let mut wanted: Vec<Known> = Vec::new();
     let mut toggle = false;
     let mut with_stats = true;
     let mut args = std::env::args().skip(1);
@@ -92,9 +119,9 @@ fn run() -> Result<()> {
             name => {
                 let program = PROGRAMS
                     .iter()
-                    .find(|(known, _)| *known == name)
+                    .find(|(known, _, _)| *known == name)
                     .ok_or_else(|| format!("unknown program `{name}`\n{USAGE}"))?;
-                if !wanted.iter().any(|(w, _)| *w == program.0) {
+                if !wanted.iter().any(|(w, _, _)| *w == program.0) {
                     wanted.push(*program);
                 }
             }
@@ -113,20 +140,19 @@ fn run() -> Result<()> {
     };
 
     let started = Instant::now();
-    let mut ebpf = EbpfLoader::new().load(TALLY_OBJECT)?;
-    fill_scopes(&mut ebpf)?;
+    let mut objects = Objects::load(&wanted)?;
     let dir = File::open(&cgroup).map_err(|e| format!("opening {}: {e}", cgroup.display()))?;
-    for (name, _) in &wanted {
-        let program: &mut CgroupSkb = ebpf
-            .program_mut(name)
-            .ok_or_else(|| format!("no program `{name}` in the object"))?
-            .try_into()?;
-        program.load().map_err(|e| format!("loading {name}: {e}"))?;
+    for program in &wanted {
+        let name = program.0;
+        objects
+            .cgroup_skb(program)?
+            .load()
+            .map_err(|e| format!("loading {name}: {e}"))?;
     }
     let mut links = if toggle {
         Vec::new()
     } else {
-        attach(&mut ebpf, &wanted, &dir)?
+        attach(&mut objects, &wanted, &dir)?
     };
     eprintln!(
         "bench_attach: {} program(s) loaded{} at {} in {:.1} ms",
@@ -156,11 +182,11 @@ fn run() -> Result<()> {
                     if with_stats {
                         stats = Some(StatsGuard::enable()?);
                     }
-                    links = attach(&mut ebpf, &wanted, &dir)?;
+                    links = attach(&mut objects, &wanted, &dir)?;
                     writeln!(out, "attached")?;
                 }
                 "detach" if !links.is_empty() => {
-                    detach(&mut ebpf, &mut links)?;
+                    detach(&mut objects, &mut links)?;
                     stats = None;
                     writeln!(out, "detached")?;
                 }
@@ -169,17 +195,15 @@ fn run() -> Result<()> {
             }
             out.flush()?;
         }
-        detach(&mut ebpf, &mut links)?;
+        detach(&mut objects, &mut links)?;
     } else {
         wait_for_stop()?;
     }
 
-    for (name, _) in &wanted {
-        let program = ebpf
-            .program(name)
-            .ok_or_else(|| format!("no program `{name}` in the object"))?;
-        let stats =
-            program_stats(name, program).ok_or_else(|| format!("no bpf_stats for `{name}`"))?;
+    for known in &wanted {
+        let name = known.0;
+        let stats = program_stats(name, objects.program(known)?)
+            .ok_or_else(|| format!("no bpf_stats for `{name}`"))?;
         let avg = if stats.run_count == 0 {
             0.0
         } else {
@@ -193,41 +217,80 @@ fn run() -> Result<()> {
     }
     out.flush()?;
     drop(stats);
-    // Dropping `ebpf` detaches the links and frees the programs and maps.
-    drop(ebpf);
+    // Dropping the objects detaches the links and frees the programs and maps.
+    drop(objects);
     Ok(())
 }
 
-type Links = Vec<(&'static str, CgroupSkbLinkId)>;
+/// The loaded objects; each only when a wanted program is in it.
+struct Objects {
+    tally: Option<Ebpf>,
+    bench: Option<Ebpf>,
+}
+
+impl Objects {
+    fn load(wanted: &[Known]) -> Result<Objects> {
+        let load = |object: Object, data| -> Result<Option<Ebpf>> {
+            if !wanted.iter().any(|(_, _, o)| *o == object) {
+                return Ok(None);
+            }
+            let ebpf = EbpfLoader::new()
+                .load(data)
+                .map_err(|e| format!("loading {}: {e}", object.file()))?;
+            Ok(Some(ebpf))
+        };
+        let mut tally = load(Object::Tally, TALLY_OBJECT)?;
+        if let Some(ebpf) = &mut tally {
+            fill_scopes(ebpf)?;
+        }
+        let bench = load(Object::Bench, BENCH_OBJECT)?;
+        Ok(Objects { tally, bench })
+    }
+
+    fn program(&self, (name, _, object): &Known) -> Result<&aya::programs::Program> {
+        let ebpf = match object {
+            Object::Tally => self.tally.as_ref(),
+            Object::Bench => self.bench.as_ref(),
+        };
+        Ok(ebpf
+            .and_then(|ebpf| ebpf.program(name))
+            .ok_or_else(|| format!("no program `{name}` loaded from {}", object.file()))?)
+    }
+
+    fn cgroup_skb(&mut self, (name, _, object): &Known) -> Result<&mut CgroupSkb> {
+        let ebpf = match object {
+            Object::Tally => self.tally.as_mut(),
+            Object::Bench => self.bench.as_mut(),
+        };
+        Ok(ebpf
+            .and_then(|ebpf| ebpf.program_mut(name))
+            .ok_or_else(|| format!("no program `{name}` loaded from {}", object.file()))?
+            .try_into()?)
+    }
+}
+
+type Links = Vec<(Known, CgroupSkbLinkId)>;
 
 /// Attaches every wanted (already loaded) program at `dir`, in order.
-fn attach(
-    ebpf: &mut aya::Ebpf,
-    wanted: &[(&'static str, CgroupSkbAttachType)],
-    dir: &File,
-) -> Result<Links> {
+fn attach(objects: &mut Objects, wanted: &[Known], dir: &File) -> Result<Links> {
     let mut links = Vec::with_capacity(wanted.len());
-    for (name, attach_type) in wanted {
-        let program: &mut CgroupSkb = ebpf
-            .program_mut(name)
-            .ok_or_else(|| format!("no program `{name}` in the object"))?
-            .try_into()?;
-        let link = program
-            .attach(dir, *attach_type, attach_mode())
+    for known in wanted {
+        let (name, attach_type, _) = *known;
+        let link = objects
+            .cgroup_skb(known)?
+            .attach(dir, attach_type, attach_mode())
             .map_err(|e| format!("attaching {name}: {e}"))?;
-        links.push((*name, link));
+        links.push((*known, link));
     }
     Ok(links)
 }
 
 /// Detaches what [`attach`] attached; the programs stay loaded.
-fn detach(ebpf: &mut aya::Ebpf, links: &mut Links) -> Result<()> {
-    for (name, link) in links.drain(..) {
-        let program: &mut CgroupSkb = ebpf
-            .program_mut(name)
-            .ok_or_else(|| format!("no program `{name}` in the object"))?
-            .try_into()?;
-        program
+fn detach(objects: &mut Objects, links: &mut Links) -> Result<()> {
+    for (known, link) in links.drain(..) {
+        let name = known.0;
+        objects
+            .cgroup_skb(&known)?
             .detach(link)
             .map_err(|e| format!("detaching {name}: {e}"))?;
     }
@@ -235,7 +298,7 @@ fn detach(ebpf: &mut aya::Ebpf, links: &mut Links) -> Result<()> {
 }
 
 /// The ranges the agent always installs: loopback is the node.
-fn fill_scopes(ebpf: &mut aya::Ebpf) -> Result<()> {
+fn fill_scopes(ebpf: &mut Ebpf) -> Result<()> {
     let mut v4: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(
         ebpf.map_mut("SCOPES_V4")
             .ok_or("no map SCOPES_V4 in the object")?,

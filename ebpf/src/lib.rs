@@ -157,4 +157,19 @@ mod tests {
             247
         );
     }
+
+    /// aya creates every map of an object it loads, so a benchmark map left in the production
+    /// object would cost every node its memory. The names are in the symbol table and `.BTF`.
+    #[test]
+    fn the_embedded_object_has_no_benchmark_programs_or_maps() {
+        for name in [&b"bench_empty"[..], b"bench_counter", b"BENCH_COUNTS"] {
+            assert!(
+                !TALLY_OBJECT.windows(name.len()).any(|w| w == name),
+                "{} is in tally.bpf.o",
+                String::from_utf8_lossy(name)
+            );
+        }
+        // The search itself finds what is there.
+        assert!(TALLY_OBJECT.windows(10).any(|w| w == b"net_egress"));
+    }
 }

@@ -32,7 +32,8 @@ pub struct NetValue {
     pub packets: u64,
 }
 
-/// Value of `BENCH_COUNTS`, the reference counter the benchmark compares against.
+/// Value of `BENCH_COUNTS`, the reference counter the benchmark compares against. Only the bench
+/// object (`ebpf/programs/src/bench.rs`, `bench.bpf.o`) has that map; nodes never load it.
 pub type CounterValue = NetValue;
 
 /// Traffic direction as the cgroup sees it.

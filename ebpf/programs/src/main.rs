@@ -1,5 +1,8 @@
-//! Tally's kernel-side programs written in Rust (aya-ebpf). Kept thin: each entry point calls a
-//! `try_` function and turns its result into the verdict.
+//! `tally.bpf.o`, the object every node loads: the network metering (`net`) and egress limit
+//! (`throttle`) programs, written in Rust (aya-ebpf). `net` uses `throttle`, and both use the
+//! leaf helpers of the library (`counter`, `verdict`), never the other way round. The
+//! benchmark's reference programs are in their own object (`src/bench.rs`), so no node creates
+//! their maps.
 #![no_std]
 #![no_main]
 // `core::intrinsics::atomic_xadd`: `AtomicU64::fetch_add` does not exist on bpfel.
@@ -8,13 +11,6 @@
 
 mod net;
 mod throttle;
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // SAFETY: BPF programs cannot panic; the verifier rejects any path that reaches this.
-    unsafe { core::hint::unreachable_unchecked() }
-}
 
 /// The license the kernel checks before offering GPL-only helpers.
 #[unsafe(link_section = "license")]

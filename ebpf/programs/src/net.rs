@@ -8,13 +8,13 @@
 //! `skb->len` counts the IP header, transport header and payload.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::bpf_skb_cgroup_id,
     macros::{cgroup_skb, map},
     maps::{lpm_trie::Key, LpmTrie, PerCpuArray, PerCpuHashMap},
     programs::SkBuffContext,
 };
-use tally_ebpf_common::{direction, scope, CgroupKey, CounterValue, NetKey, NetValue, LOST_SLOT};
+use tally_ebpf_common::{direction, scope, NetKey, NetValue, LOST_SLOT};
+use tally_ebpf_programs::{counter::add, verdict::PASS};
 
 use crate::throttle;
 
@@ -31,19 +31,11 @@ static SCOPES_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(1024, 0);
 #[map]
 static SCOPES_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(1024, 0);
 
-/// The reference counter of the benchmark: what any per-cgroup meter must at least do.
-#[map]
-static BENCH_COUNTS: PerCpuHashMap<CgroupKey, CounterValue> =
-    PerCpuHashMap::with_max_entries(16384, 0);
-
 const ETH_P_IP: u32 = 0x0800u16.to_be() as u32;
 const ETH_P_IPV6: u32 = 0x86DDu16.to_be() as u32;
 /// Offsets of the source address in the IPv4 and IPv6 headers; the destination follows it.
 const IPV4_SADDR: usize = 12;
 const IPV6_SADDR: usize = 8;
-
-/// Allow the packet: metering never drops; only an egress limit does (`throttle`).
-const PASS: i32 = throttle::PASS;
 
 /// Counts what passes; a packet dropped over its cgroup's limit is counted by `throttle` alone
 /// (TCP sends it again, and the resend is what leaves).
@@ -65,23 +57,7 @@ pub fn net_ingress(ctx: SkBuffContext) -> i32 {
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     let scope = remote_scope(&ctx, direction::INGRESS);
     account(&ctx, cgroup_id, direction::INGRESS, scope);
-    PASS
-}
-
-/// Does nothing: the floor of what a `cgroup_skb` program costs, for the benchmark.
-#[cgroup_skb(egress)]
-pub fn bench_empty(_ctx: SkBuffContext) -> i32 {
-    PASS
-}
-
-/// A per-CPU hash keyed by cgroup id, bytes and packets: the benchmark's minimal counter.
-#[cgroup_skb(egress)]
-pub fn bench_counter(ctx: SkBuffContext) -> i32 {
-    // SAFETY: the helper only reads the skb the kernel handed us.
-    let key = CgroupKey {
-        cgroup_id: unsafe { bpf_skb_cgroup_id(ctx.skb.skb) },
-    };
-    add(&BENCH_COUNTS, &key, u64::from(ctx.len()));
+    // Metering never drops; only an egress limit does (`throttle`).
     PASS
 }
 
@@ -156,38 +132,5 @@ fn read<const N: usize>(ctx: &SkBuffContext, offset: usize) -> Option<[u8; N]> {
         Some(unsafe { core::ptr::read_unaligned((data + offset) as *const [u8; N]) })
     } else {
         ctx.load::<[u8; N]>(offset).ok()
-    }
-}
-
-/// Adds one packet of `len` bytes under `key`; false when the map is full and the update is lost.
-#[inline(always)]
-pub(crate) fn add<K>(map: &PerCpuHashMap<K, NetValue>, key: &K, len: u64) -> bool {
-    if let Some(value) = map.get_ptr_mut(key) {
-        // SAFETY: this CPU's copy of the value; BPF programs are not preempted by themselves on
-        // one CPU, so the read-modify-write is not torn.
-        unsafe {
-            (*value).bytes += len;
-            (*value).packets += 1;
-        }
-        return true;
-    }
-    let first = NetValue {
-        bytes: len,
-        packets: 1,
-    };
-    match map.insert(key, &first, u64::from(BPF_NOEXIST)) {
-        Ok(()) => true,
-        // Inserted meanwhile by a nested run on this CPU: add to it.
-        Err(_) => match map.get_ptr_mut(key) {
-            Some(value) => {
-                // SAFETY: as above.
-                unsafe {
-                    (*value).bytes += len;
-                    (*value).packets += 1;
-                }
-                true
-            }
-            None => false,
-        },
     }
 }

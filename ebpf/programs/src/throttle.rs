@@ -38,7 +38,10 @@ use tally_ebpf_common::{
     COST_SHIFT,
 };
 
-use crate::net::add;
+use tally_ebpf_programs::{
+    counter::add,
+    verdict::{DROP_CN, PASS, PASS_CN},
+};
 
 #[map]
 static EGRESS_LIMITS: HashMap<EgressLimitKey, EgressLimit> = HashMap::with_max_entries(4096, 0);
@@ -50,13 +53,6 @@ static EGRESS_LIMITS_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 /// counters outlive its limit until the agent has read them and removes them.
 #[map]
 static EGRESS_DROPS: PerCpuHashMap<CgroupKey, NetValue> = PerCpuHashMap::with_max_entries(8192, 0);
-
-/// Let the packet through.
-pub(crate) const PASS: i32 = 1;
-/// Let it through and tell TCP to reduce its congestion window.
-const PASS_CN: i32 = 3;
-/// Drop it and tell TCP it was congestion (`NET_XMIT_DROP`), not an error.
-const DROP_CN: i32 = 2;
 
 /// The verdict on an egress packet of `cgroup_id` towards `scope`.
 #[inline(always)]
