@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tally_exporters::alerts::{Alert, AlertConfig, AlertSender, AlertStats};
-use tally_exporters::{Family, Kind};
+use tally_exporters::Family;
 
+use crate::catalogue;
 use crate::config::Config;
 
 /// The sender's settings from `[alerts]`.
@@ -53,16 +54,8 @@ impl crate::budget::AlertSink for Sink {
 
 /// The sender's counters as the agent's own metrics.
 pub fn families(stats: &AlertStats) -> Vec<Family> {
-    let mut requests = Family::new(
-        "tally_alert_requests_total",
-        "Alert deliveries by target and result: sent (accepted), failed (given up after every attempt), dropped (shed from a full target queue).",
-        Kind::Counter,
-    );
-    let mut attempts = Family::new(
-        "tally_alert_failed_attempts_total",
-        "Alert delivery attempts that failed (connection, timeout, non-2xx), retried or not.",
-        Kind::Counter,
-    );
+    let mut requests = Family::new(&catalogue::agent::ALERT_REQUESTS);
+    let mut attempts = Family::new(&catalogue::agent::ALERT_FAILED_ATTEMPTS);
     for (kind, url, counts) in stats.targets() {
         let target = || {
             vec![
@@ -81,17 +74,9 @@ pub fn families(stats: &AlertStats) -> Vec<Family> {
         }
         attempts.push_labeled(target(), counts.failed_attempts as f64);
     }
-    let mut dropped = Family::new(
-        "tally_alerts_dropped_total",
-        "Budget alert events not queued for delivery because the queue was full.",
-        Kind::Counter,
-    );
+    let mut dropped = Family::new(&catalogue::agent::ALERTS_DROPPED);
     dropped.push_labeled(Vec::new(), stats.dropped.load(Relaxed) as f64);
-    let mut active = Family::new(
-        "tally_alerts_active",
-        "Budget alerts firing now.",
-        Kind::Gauge,
-    );
+    let mut active = Family::new(&catalogue::agent::ALERTS_ACTIVE);
     active.push_labeled(Vec::new(), stats.active.load(Relaxed) as f64);
     vec![requests, attempts, dropped, active]
 }

@@ -7,6 +7,7 @@
 pub mod alerts;
 pub mod bpf;
 pub mod budget;
+pub mod catalogue;
 pub mod cgroupfs;
 pub mod check;
 pub mod config;

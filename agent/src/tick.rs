@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tally_exporters::{Family, Kind, LabelSet, Snapshot};
+use tally_exporters::{Family, LabelSet, Snapshot};
 
 use crate::bpf::BpfSources;
+use crate::catalogue;
 use crate::cgroupfs::layout::{Layout, NoHierarchy};
 use crate::cgroupfs::Collector;
 use crate::config::Config;
@@ -202,21 +203,9 @@ impl Ticker {
     }
 
     fn snapshot(&self) -> Snapshot {
-        let mut cpu = Family::new(
-            "tally_workload_cpu_seconds_total",
-            "CPU time used by the workload's cgroup, in seconds.",
-            Kind::Counter,
-        );
-        let mut memory = Family::new(
-            "tally_workload_memory_bytes",
-            "Memory charged to the workload's cgroup, in bytes.",
-            Kind::Gauge,
-        );
-        let mut info = Family::new(
-            "tally_workload_info",
-            "Workloads the ledger holds (1), with their runtime, QoS class and whether they still run.",
-            Kind::Gauge,
-        );
+        let mut cpu = Family::new(&catalogue::workload::CPU_SECONDS);
+        let mut memory = Family::new(&catalogue::workload::MEMORY_BYTES);
+        let mut info = Family::new(&catalogue::workload::INFO);
         let mut bpf = crate::bpf::BpfFamilies::new(self.bpf.disk_up());
         let mut gpu = crate::gpu::WorkloadGpuFamilies::default();
         let mut rdma = crate::rdma::WorkloadRdmaFamilies::default();
@@ -280,26 +269,14 @@ impl Ticker {
     }
 
     fn self_metrics(&self, live: u64, exited: u64) -> Vec<Family> {
-        let mut build = Family::new(
-            "tally_build_info",
-            "Version of the running agent (always 1).",
-            Kind::Gauge,
-        );
+        let mut build = Family::new(&catalogue::agent::BUILD_INFO);
         build.push_labeled(vec![("version", Arc::from(env!("CARGO_PKG_VERSION")))], 1.0);
 
-        let mut workloads = Family::new(
-            "tally_workloads",
-            "Workloads in the ledger, by state.",
-            Kind::Gauge,
-        );
+        let mut workloads = Family::new(&catalogue::agent::WORKLOADS);
         workloads.push_labeled(vec![("state", Arc::from("running"))], live as f64);
         workloads.push_labeled(vec![("state", Arc::from("exited"))], exited as f64);
 
-        let mut errors = Family::new(
-            "tally_collector_errors_total",
-            "Failures of the agent's collectors, by collector and reason.",
-            Kind::Counter,
-        );
+        let mut errors = Family::new(&catalogue::agent::COLLECTOR_ERRORS);
         for (collector, reason, n) in self.errors.iter() {
             errors.push_labeled(
                 vec![
@@ -310,11 +287,7 @@ impl Ticker {
             );
         }
 
-        let mut probes = Family::new(
-            "tally_probe_up",
-            "Whether a measurement source works (1) or not (0), by probe and the method in use.",
-            Kind::Gauge,
-        );
+        let mut probes = Family::new(&catalogue::agent::PROBE_UP);
         probes.push_labeled(
             vec![
                 ("probe", Arc::from("cgroupfs")),
@@ -344,35 +317,13 @@ impl Ticker {
             );
         }
 
-        let mut ticks = Family::new(
-            "tally_ticks_total",
-            "Ticks the agent has completed.",
-            Kind::Counter,
-        );
+        let mut ticks = Family::new(&catalogue::agent::TICKS);
         ticks.push_labeled(Vec::new(), self.ticks as f64);
-        let mut duration = Family::new(
-            "tally_tick_duration_seconds",
-            "How long the last tick took to read every source, in seconds.",
-            Kind::Gauge,
-        );
+        let mut duration = Family::new(&catalogue::agent::TICK_DURATION_SECONDS);
         duration.push_labeled(Vec::new(), self.last_duration.as_secs_f64());
-        let mut run_seconds = Family::new(
-            "tally_ebpf_program_run_seconds_total",
-            "Time the kernel spent running each of the agent's BPF programs, counted while bpf_stats \
-             is on (tally_ebpf_program_stats_seconds_total).",
-            Kind::Counter,
-        );
-        let mut runs = Family::new(
-            "tally_ebpf_program_runs_total",
-            "Runs of each of the agent's BPF programs, counted while bpf_stats is on.",
-            Kind::Counter,
-        );
-        let mut stats_held = Family::new(
-            "tally_ebpf_program_stats_seconds_total",
-            "Time the agent has held bpf_stats on (ebpf.program_stats), the time the \
-             tally_ebpf_program_* counters cover.",
-            Kind::Counter,
-        );
+        let mut run_seconds = Family::new(&catalogue::agent::EBPF_PROGRAM_RUN_SECONDS);
+        let mut runs = Family::new(&catalogue::agent::EBPF_PROGRAM_RUNS);
+        let mut stats_held = Family::new(&catalogue::agent::EBPF_PROGRAM_STATS_SECONDS);
         stats_held.push_labeled(
             Vec::new(),
             self.bpf.stats_held(Instant::now()).as_secs_f64(),
@@ -382,11 +333,7 @@ impl Ticker {
             run_seconds.push_labeled(label.clone(), stats.run_time_ns as f64 / 1e9);
             runs.push_labeled(label, stats.run_count as f64);
         }
-        let mut lost = Family::new(
-            "tally_ebpf_map_updates_lost_total",
-            "Counter updates the BPF programs dropped because a map was full.",
-            Kind::Counter,
-        );
+        let mut lost = Family::new(&catalogue::agent::EBPF_MAP_UPDATES_LOST);
         for (map, n) in &self.lost {
             lost.push_labeled(vec![("map", Arc::from(*map))], *n as f64);
         }
@@ -420,11 +367,7 @@ fn push_counter(family: &mut Family, labels: &LabelSet, value: Option<f64>) {
 
 fn otlp_families(stats: &tally_exporters::otlp::OtlpStats) -> Vec<Family> {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut batches = Family::new(
-        "tally_otlp_batches_total",
-        "OTLP batches by outcome: exported, or dropped from a full queue while the collector was unreachable.",
-        Kind::Counter,
-    );
+    let mut batches = Family::new(&catalogue::agent::OTLP_BATCHES);
     batches.push_labeled(
         vec![("result", Arc::from("exported"))],
         stats.exported.load(Relaxed) as f64,
@@ -433,17 +376,9 @@ fn otlp_families(stats: &tally_exporters::otlp::OtlpStats) -> Vec<Family> {
         vec![("result", Arc::from("dropped"))],
         stats.dropped.load(Relaxed) as f64,
     );
-    let mut failures = Family::new(
-        "tally_otlp_export_failures_total",
-        "OTLP export attempts that failed or timed out.",
-        Kind::Counter,
-    );
+    let mut failures = Family::new(&catalogue::agent::OTLP_EXPORT_FAILURES);
     failures.push_labeled(Vec::new(), stats.failed_attempts.load(Relaxed) as f64);
-    let mut queued = Family::new(
-        "tally_otlp_queue_batches",
-        "OTLP batches waiting for the collector.",
-        Kind::Gauge,
-    );
+    let mut queued = Family::new(&catalogue::agent::OTLP_QUEUE_BATCHES);
     queued.push_labeled(Vec::new(), stats.queued.load(Relaxed) as f64);
     vec![batches, failures, queued]
 }

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use crate::catalogue::{self, budget, workload};
+
 /// One series: name, labels, value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Series {
@@ -146,29 +148,33 @@ pub fn rows(series: &[Series]) -> BTreeMap<String, Row> {
             name,
             ..Row::default()
         });
-        match s.name.as_str() {
-            "tally_workload_gpu_seconds_total" => row.gpu_seconds += s.value,
-            "tally_workload_cpu_seconds_total" => row.cpu_seconds += s.value,
-            "tally_workload_network_transmit_bytes_total" => row.tx_bytes += s.value,
-            "tally_workload_network_receive_bytes_total" => row.rx_bytes += s.value,
-            "tally_workload_disk_read_bytes_total" | "tally_workload_disk_write_bytes_total" => {
-                row.disk_bytes += s.value
-            }
-            "tally_workload_gpu_memory_bytes" => row.gpu_memory_bytes += s.value,
-            "tally_workload_memory_bytes" => row.memory_bytes += s.value,
-            "tally_budget_usage_ratio" => {
-                row.budget_ratio = Some(row.budget_ratio.unwrap_or(0.0).max(s.value))
-            }
-            "tally_enforcement_active" if s.value >= 1.0 => {
-                let action = s.labels.get("action").cloned().unwrap_or_default();
-                let dry = s.labels.get("dry_run").is_some_and(|d| d == "true");
-                row.throttles.push(if dry {
-                    format!("{action}(dry)")
-                } else {
-                    action
-                });
-            }
-            _ => {}
+        let Some(metric) = catalogue::find(&s.name) else {
+            continue;
+        };
+        if metric == &workload::GPU_SECONDS {
+            row.gpu_seconds += s.value;
+        } else if metric == &workload::CPU_SECONDS {
+            row.cpu_seconds += s.value;
+        } else if metric == &workload::NETWORK_TRANSMIT_BYTES {
+            row.tx_bytes += s.value;
+        } else if metric == &workload::NETWORK_RECEIVE_BYTES {
+            row.rx_bytes += s.value;
+        } else if metric == &workload::DISK_READ_BYTES || metric == &workload::DISK_WRITE_BYTES {
+            row.disk_bytes += s.value;
+        } else if metric == &workload::GPU_MEMORY_BYTES {
+            row.gpu_memory_bytes += s.value;
+        } else if metric == &workload::MEMORY_BYTES {
+            row.memory_bytes += s.value;
+        } else if metric == &budget::USAGE_RATIO {
+            row.budget_ratio = Some(row.budget_ratio.unwrap_or(0.0).max(s.value));
+        } else if metric == &budget::ENFORCEMENT_ACTIVE && s.value >= 1.0 {
+            let action = s.labels.get("action").cloned().unwrap_or_default();
+            let dry = s.labels.get("dry_run").is_some_and(|d| d == "true");
+            row.throttles.push(if dry {
+                format!("{action}(dry)")
+            } else {
+                action
+            });
         }
     }
     rows

@@ -11,4 +11,4 @@ pub mod otlp;
 pub mod prometheus_text;
 mod snapshot;
 
-pub use snapshot::{Family, Histogram, Kind, LabelSet, Sample, Snapshot};
+pub use snapshot::{Family, Histogram, Kind, LabelSet, Metric, Sample, Snapshot};

@@ -121,7 +121,19 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::LabelSet;
+    use crate::{LabelSet, Metric};
+
+    /// A declaration for a test family (the agent's are `static`s in its catalogue).
+    fn metric(name: &'static str, help: &'static str, kind: Kind) -> &'static Metric {
+        Box::leak(Box::new(Metric {
+            name,
+            help,
+            kind,
+            unit: "",
+            per_workload: false,
+            labels: &[],
+        }))
+    }
 
     #[test]
     fn renders_counters_and_gauges_with_labels_in_order() {
@@ -130,20 +142,24 @@ mod tests {
             ("pod", Arc::from("train-0")),
             ("container", Arc::from("a\"b")),
         ]);
-        let mut cpu = Family::new(
+        let mut cpu = Family::new(metric(
             "tally_workload_cpu_seconds_total",
             "CPU time.",
             Kind::Counter,
-        );
+        ));
         cpu.push(&labels, 1.5);
-        let mut mem = Family::new("tally_workload_memory_bytes", "Memory.", Kind::Gauge);
+        let mut mem = Family::new(metric(
+            "tally_workload_memory_bytes",
+            "Memory.",
+            Kind::Gauge,
+        ));
         mem.push(&labels, 4096.0);
-        let empty = Family::new("tally_nothing", "Never shown.", Kind::Gauge);
-        let mut latency = Family::new(
+        let empty = Family::new(metric("tally_nothing", "Never shown.", Kind::Gauge));
+        let mut latency = Family::new(metric(
             "tally_workload_disk_io_latency_seconds",
             "Latency.",
             Kind::Histogram,
-        );
+        ));
         latency.push_histogram(
             &labels,
             vec![("op", Arc::from("write"))],

@@ -34,6 +34,23 @@ pub struct Sample {
     pub histogram: Option<Histogram>,
 }
 
+/// A metric family's declaration: everything about it but its series. The agent declares each of
+/// its families once, in its catalogue; a [`Family`] is built from one.
+#[derive(Debug, PartialEq)]
+pub struct Metric {
+    pub name: &'static str,
+    /// One sentence, ending with a period (the `HELP` line).
+    pub help: &'static str,
+    pub kind: Kind,
+    /// The base unit the name ends with (`seconds`, `bytes`, `joules`, `ratio`...), or empty for
+    /// counts.
+    pub unit: &'static str,
+    /// Whether every series starts with the workload's labels.
+    pub per_workload: bool,
+    /// The family's own label names, in order, after the workload's.
+    pub labels: &'static [&'static str],
+}
+
 /// A metric family: one name, one help text, one type, many series.
 #[derive(Debug, Clone)]
 pub struct Family {
@@ -44,11 +61,11 @@ pub struct Family {
 }
 
 impl Family {
-    pub fn new(name: &'static str, help: &'static str, kind: Kind) -> Self {
+    pub fn new(metric: &'static Metric) -> Self {
         Self {
-            name,
-            help,
-            kind,
+            name: metric.name,
+            help: metric.help,
+            kind: metric.kind,
             samples: Vec::new(),
         }
     }

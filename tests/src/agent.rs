@@ -110,11 +110,14 @@ impl Agent {
         http_get(self.port, path, &[])
     }
 
-    /// `/metrics` as text, panicking on a non-200.
+    /// `/metrics` as text, panicking on a non-200 or on a family, HELP, TYPE or label set the
+    /// agent's catalogue does not declare.
     pub fn scrape(&self) -> String {
         let r = self.get("/metrics").expect("scrape");
         assert_eq!(r.status, 200, "scrape status");
-        String::from_utf8(r.body).expect("utf-8 metrics")
+        let text = String::from_utf8(r.body).expect("utf-8 metrics");
+        crate::catalogue::assert_declared(&text);
+        text
     }
 
     /// Scrapes until `pred` holds on the text, or panics after `timeout` with the last scrape.

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod alertmanager;
+pub mod catalogue;
 pub mod cgroup;
 pub mod fake_cri;
 pub mod fake_nvml;

@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use tally_exporters::{Family, Histogram, Kind, LabelSet, Sample};
+use tally_exporters::{Family, Histogram, LabelSet, Sample};
 
 use super::scope_name;
+use crate::catalogue;
 use crate::ledger::{CounterId, DiskCounter, Entry, TcpCounter};
 
 /// Upper bound (seconds) of disk latency bucket `i`: `2^(i+1)` µs. The last BPF bucket has no
@@ -33,10 +34,6 @@ impl std::fmt::Debug for BpfFamilies {
     }
 }
 
-fn counter(name: &'static str, help: &'static str) -> Family {
-    Family::new(name, help, Kind::Counter)
-}
-
 fn labelled(labels: &LabelSet, extra: Vec<(&'static str, Arc<str>)>, value: f64) -> Sample {
     Sample {
         labels: labels.clone(),
@@ -51,54 +48,20 @@ impl BpfFamilies {
         Self {
             disk_ebpf,
             net: [
-                counter(
-                    "tally_workload_network_receive_bytes_total",
-                    "Bytes the workload's sockets received (IP header and up), by where the sender is.",
-                ),
-                counter(
-                    "tally_workload_network_transmit_bytes_total",
-                    "Bytes the workload's sockets sent (IP header and up), by where the receiver is.",
-                ),
-                counter(
-                    "tally_workload_network_receive_packets_total",
-                    "Packets the workload's sockets received, by where the sender is.",
-                ),
-                counter(
-                    "tally_workload_network_transmit_packets_total",
-                    "Packets the workload's sockets sent, by where the receiver is.",
-                ),
+                Family::new(&catalogue::workload::NETWORK_RECEIVE_BYTES),
+                Family::new(&catalogue::workload::NETWORK_TRANSMIT_BYTES),
+                Family::new(&catalogue::workload::NETWORK_RECEIVE_PACKETS),
+                Family::new(&catalogue::workload::NETWORK_TRANSMIT_PACKETS),
             ],
-            tcp_retransmits: counter(
-                "tally_workload_tcp_retransmitted_segments_total",
-                "TCP segments the workload's sockets retransmitted.",
-            ),
-            tcp_opened: counter(
-                "tally_workload_tcp_connections_opened_total",
-                "TCP connections established by the workload's sockets: active (it connected) or passive (it accepted).",
-            ),
-            tcp_closed: counter(
-                "tally_workload_tcp_connections_closed_total",
-                "Established TCP connections of the workload that closed.",
-            ),
+            tcp_retransmits: Family::new(&catalogue::workload::TCP_RETRANSMITTED_SEGMENTS),
+            tcp_opened: Family::new(&catalogue::workload::TCP_CONNECTIONS_OPENED),
+            tcp_closed: Family::new(&catalogue::workload::TCP_CONNECTIONS_CLOSED),
             disk_bytes: [
-                counter(
-                    "tally_workload_disk_read_bytes_total",
-                    "Bytes the workload read from block devices; method says the source (ebpf: block-layer programs, cgroupfs: io.stat / blkio).",
-                ),
-                counter(
-                    "tally_workload_disk_write_bytes_total",
-                    "Bytes the workload wrote to block devices; method says the source (ebpf: block-layer programs, cgroupfs: io.stat / blkio).",
-                ),
+                Family::new(&catalogue::workload::DISK_READ_BYTES),
+                Family::new(&catalogue::workload::DISK_WRITE_BYTES),
             ],
-            disk_ops: counter(
-                "tally_workload_disk_operations_total",
-                "Block I/O requests the workload completed, by operation.",
-            ),
-            disk_latency: Family::new(
-                "tally_workload_disk_io_latency_seconds",
-                "Block I/O request latency, issue to completion, of the workload's requests.",
-                Kind::Histogram,
-            ),
+            disk_ops: Family::new(&catalogue::workload::DISK_OPERATIONS),
+            disk_latency: Family::new(&catalogue::workload::DISK_IO_LATENCY_SECONDS),
         }
     }
 

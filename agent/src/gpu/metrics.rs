@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use tally_exporters::{Family, Kind, LabelSet, Sample};
+use tally_exporters::{Family, LabelSet, Sample};
 
 use super::GpuSource;
+use crate::catalogue;
 use crate::ledger::{CounterId, Entry, GpuCounter};
 
 /// `tally_workload_gpu_{seconds,energy_joules,memory_byte_seconds}_total`.
@@ -18,21 +19,9 @@ impl Default for WorkloadGpuFamilies {
     fn default() -> Self {
         Self {
             families: [
-                Family::new(
-                    "tally_workload_gpu_seconds_total",
-                    "Accelerator busy time attributed to the workload, by device (or MIG instance) and how it was attributed (method).",
-                    Kind::Counter,
-                ),
-                Family::new(
-                    "tally_workload_gpu_energy_joules_total",
-                    "GPU energy attributed to the workload: its busy share of each window's energy, plus an equal part of the idle energy of devices it holds.",
-                    Kind::Counter,
-                ),
-                Family::new(
-                    "tally_workload_gpu_memory_byte_seconds_total",
-                    "GPU memory held by the workload's processes, integrated over time.",
-                    Kind::Counter,
-                ),
+                Family::new(&catalogue::workload::GPU_SECONDS),
+                Family::new(&catalogue::workload::GPU_ENERGY_JOULES),
+                Family::new(&catalogue::workload::GPU_MEMORY_BYTE_SECONDS),
             ],
         }
     }
@@ -71,22 +60,14 @@ impl WorkloadGpuFamilies {
 impl GpuSource {
     /// Node-level GPU families and the per-workload memory gauge.
     pub fn families(&self) -> Vec<Family> {
-        let mut up = Family::new(
-            "tally_gpu_up",
-            "Whether NVML loaded and the GPUs are being sampled.",
-            Kind::Gauge,
-        );
+        let mut up = Family::new(&catalogue::gpu::UP);
         up.push_labeled(Vec::new(), if self.up() { 1.0 } else { 0.0 });
         let mut families = vec![up];
         if !self.up() {
             return families;
         }
 
-        let mut memory = Family::new(
-            "tally_workload_gpu_memory_bytes",
-            "GPU memory held by the workload's processes, by device (or MIG instance).",
-            Kind::Gauge,
-        );
+        let mut memory = Family::new(&catalogue::workload::GPU_MEMORY_BYTES);
         // Several processes of one workload on one device add up to one series.
         let mut held: Vec<(&LabelSet, &Arc<str>, f64)> = Vec::new();
         for (w, gpu, bytes) in &self.memory {
@@ -108,60 +89,25 @@ impl GpuSource {
         }
         families.push(memory);
 
-        let gauge = |name, help| Family::new(name, help, Kind::Gauge);
-        let counter = |name, help| Family::new(name, help, Kind::Counter);
-        let mut info = gauge(
-            "tally_gpu_info",
-            "GPUs NVML reports (always 1), with name, index, driver and MIG mode.",
-        );
-        let mut util = gauge(
-            "tally_gpu_utilization_ratio",
-            "Fraction of the last sample period the GPU was busy.",
-        );
-        let mut used = gauge("tally_gpu_memory_used_bytes", "GPU memory in use.");
-        let mut total = gauge("tally_gpu_memory_total_bytes", "GPU memory installed.");
-        let mut power = gauge("tally_gpu_power_watts", "Power draw.");
-        let mut energy = counter(
-            "tally_gpu_energy_joules_total",
-            "Energy since the driver loaded (NVML total-energy counter).",
-        );
-        let mut temp = gauge("tally_gpu_temperature_celsius", "GPU temperature.");
-        let mut sm_clock = gauge("tally_gpu_sm_clock_hertz", "SM clock.");
-        let mut mem_clock = gauge("tally_gpu_memory_clock_hertz", "Memory clock.");
-        let mut throttle = gauge(
-            "tally_gpu_clock_event_reasons",
-            "NVML clock event (throttle) reasons bitmask; 0 when the clocks run free.",
-        );
-        let mut pcie = counter("tally_gpu_pcie_bytes_total", "PCIe bytes by direction.");
-        let mut nvlink = counter(
-            "tally_gpu_nvlink_bytes_total",
-            "NVLink bytes over all links, by direction.",
-        );
-        let mut ecc = counter(
-            "tally_gpu_ecc_errors_total",
-            "ECC errors since the driver loaded, by type.",
-        );
-        let mut retired = gauge(
-            "tally_gpu_retired_pages",
-            "Memory pages retired (single and double bit).",
-        );
-        let mut remapped = gauge(
-            "tally_gpu_remapped_rows",
-            "Memory rows remapped (correctable and uncorrectable).",
-        );
-        let mut lost = gauge(
-            "tally_gpu_lost",
-            "1 when the GPU fell off the bus (GPU_IS_LOST).",
-        );
-        let mut busy = counter(
-            "tally_gpu_busy_seconds_total",
-            "Device busy time (utilization × sample period).",
-        );
-        let mut unattributed = counter("tally_gpu_unattributed_seconds_total", "Device busy time no workload was charged with (busy time of processes that could not be seen, or beyond what process samples cover).");
-        let mut unallocated = counter(
-            "tally_gpu_unallocated_energy_joules_total",
-            "Energy the GPU spent while no workload held it.",
-        );
+        let mut info = Family::new(&catalogue::gpu::INFO);
+        let mut util = Family::new(&catalogue::gpu::UTILIZATION_RATIO);
+        let mut used = Family::new(&catalogue::gpu::MEMORY_USED_BYTES);
+        let mut total = Family::new(&catalogue::gpu::MEMORY_TOTAL_BYTES);
+        let mut power = Family::new(&catalogue::gpu::POWER_WATTS);
+        let mut energy = Family::new(&catalogue::gpu::ENERGY_JOULES);
+        let mut temp = Family::new(&catalogue::gpu::TEMPERATURE_CELSIUS);
+        let mut sm_clock = Family::new(&catalogue::gpu::SM_CLOCK_HERTZ);
+        let mut mem_clock = Family::new(&catalogue::gpu::MEMORY_CLOCK_HERTZ);
+        let mut throttle = Family::new(&catalogue::gpu::CLOCK_EVENT_REASONS);
+        let mut pcie = Family::new(&catalogue::gpu::PCIE_BYTES);
+        let mut nvlink = Family::new(&catalogue::gpu::NVLINK_BYTES);
+        let mut ecc = Family::new(&catalogue::gpu::ECC_ERRORS);
+        let mut retired = Family::new(&catalogue::gpu::RETIRED_PAGES);
+        let mut remapped = Family::new(&catalogue::gpu::REMAPPED_ROWS);
+        let mut lost = Family::new(&catalogue::gpu::LOST);
+        let mut busy = Family::new(&catalogue::gpu::BUSY_SECONDS);
+        let mut unattributed = Family::new(&catalogue::gpu::UNATTRIBUTED_SECONDS);
+        let mut unallocated = Family::new(&catalogue::gpu::UNALLOCATED_ENERGY_JOULES);
         let driver: Arc<str> = Arc::from(self.driver_version.as_deref().unwrap_or(""));
         for (uuid, state) in &self.devices {
             let Some(d) = &state.last else { continue };
@@ -244,10 +190,7 @@ impl GpuSource {
             opt(&mut retired, gpu(), d.retired_pages.map(|b| b as f64));
             opt(&mut remapped, gpu(), d.remapped_rows.map(|b| b as f64));
         }
-        let mut xid = counter(
-            "tally_gpu_xid_errors_total",
-            "XID errors NVML reported, by device and XID.",
-        );
+        let mut xid = Family::new(&catalogue::gpu::XID_ERRORS);
         for ((uuid, code), n) in &self.xids {
             xid.push_labeled(
                 vec![
@@ -257,20 +200,14 @@ impl GpuSource {
                 *n as f64,
             );
         }
-        let mut errors = counter(
-            "tally_gpu_nvml_errors_total",
-            "NVML calls that failed, by call and error code.",
-        );
+        let mut errors = Family::new(&catalogue::gpu::NVML_ERRORS);
         for ((call, code), n) in &self.nvml_errors {
             errors.push_labeled(
                 vec![("call", Arc::from(*call)), ("code", Arc::from(*code))],
                 *n as f64,
             );
         }
-        let mut calls = gauge(
-            "tally_gpu_nvml_calls_per_gpu",
-            "NVML calls per GPU in the last sampling round.",
-        );
+        let mut calls = Family::new(&catalogue::gpu::NVML_CALLS_PER_GPU);
         if let Some(c) = self.calls_per_gpu {
             calls.push_labeled(Vec::new(), c);
         }

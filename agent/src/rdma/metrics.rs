@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use tally_exporters::{Family, Kind, LabelSet, Sample};
+use tally_exporters::{Family, LabelSet, Sample};
 
 use super::{Netlink, RdmaSource};
+use crate::catalogue;
 use crate::ledger::{CounterId, Entry, RdmaCounter};
 
 /// `tally_workload_rdma_{transmit,receive}_{bytes,packets}_total{device,port,method}`.
@@ -16,25 +17,12 @@ pub struct WorkloadRdmaFamilies {
 
 impl Default for WorkloadRdmaFamilies {
     fn default() -> Self {
-        let family = |name, help| Family::new(name, help, Kind::Counter);
         Self {
             families: [
-                family(
-                    "tally_workload_rdma_transmit_bytes_total",
-                    "RDMA bytes the workload sent, by device, port and how they were attributed (method: qp_counter, its processes' own QP counters; device, the port counters of a device assigned to it).",
-                ),
-                family(
-                    "tally_workload_rdma_receive_bytes_total",
-                    "RDMA bytes the workload received, by device, port and method.",
-                ),
-                family(
-                    "tally_workload_rdma_transmit_packets_total",
-                    "RDMA packets the workload sent, by device, port and method.",
-                ),
-                family(
-                    "tally_workload_rdma_receive_packets_total",
-                    "RDMA packets the workload received, by device, port and method.",
-                ),
+                Family::new(&catalogue::workload::RDMA_TRANSMIT_BYTES),
+                Family::new(&catalogue::workload::RDMA_RECEIVE_BYTES),
+                Family::new(&catalogue::workload::RDMA_TRANSMIT_PACKETS),
+                Family::new(&catalogue::workload::RDMA_RECEIVE_PACKETS),
             ],
         }
     }
@@ -86,44 +74,15 @@ impl RdmaSource {
         if self.devices.is_empty() {
             return Vec::new();
         }
-        let gauge = |name, help| Family::new(name, help, Kind::Gauge);
-        let counter = |name, help| Family::new(name, help, Kind::Counter);
-        let mut info = gauge(
-            "tally_rdma_port_info",
-            "RDMA ports (always 1), with link layer, state and rate as sysfs shows them.",
-        );
-        let mut tx = counter(
-            "tally_rdma_port_transmit_bytes_total",
-            "Bytes the port sent (port_xmit_data × 4).",
-        );
-        let mut rx = counter(
-            "tally_rdma_port_receive_bytes_total",
-            "Bytes the port received (port_rcv_data × 4).",
-        );
-        let mut tx_packets = counter(
-            "tally_rdma_port_transmit_packets_total",
-            "Packets the port sent.",
-        );
-        let mut rx_packets = counter(
-            "tally_rdma_port_receive_packets_total",
-            "Packets the port received.",
-        );
-        let mut counters = counter(
-            "tally_rdma_port_counters_total",
-            "The port's other IB PMA counters (errors, discards, waits), raw, by counter name.",
-        );
-        let mut hw = counter(
-            "tally_rdma_port_hw_counters_total",
-            "The driver's own port counters (hw_counters), raw, by counter name.",
-        );
-        let mut per_process = gauge(
-            "tally_rdma_port_per_process",
-            "Whether the port's traffic is read per process (QP counters in auto mode by pid) (1) or only per port (0).",
-        );
-        let mut qp_counters = gauge(
-            "tally_rdma_qp_counters",
-            "Per-process QP counters on the port in the last read.",
-        );
+        let mut info = Family::new(&catalogue::rdma::PORT_INFO);
+        let mut tx = Family::new(&catalogue::rdma::PORT_TRANSMIT_BYTES);
+        let mut rx = Family::new(&catalogue::rdma::PORT_RECEIVE_BYTES);
+        let mut tx_packets = Family::new(&catalogue::rdma::PORT_TRANSMIT_PACKETS);
+        let mut rx_packets = Family::new(&catalogue::rdma::PORT_RECEIVE_PACKETS);
+        let mut counters = Family::new(&catalogue::rdma::PORT_COUNTERS);
+        let mut hw = Family::new(&catalogue::rdma::PORT_HW_COUNTERS);
+        let mut per_process = Family::new(&catalogue::rdma::PORT_PER_PROCESS);
+        let mut qp_counters = Family::new(&catalogue::rdma::QP_COUNTERS);
         let modes = match &self.netlink {
             Netlink::Up { reader, .. } => Some(reader.ports()),
             _ => None,

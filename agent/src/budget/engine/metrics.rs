@@ -1,6 +1,7 @@
 //! The engine's metric families.
 
 use super::*;
+use crate::catalogue;
 
 impl Engine {
     /// The engine's metric families; none on a node without budgets (nor throttles left).
@@ -8,31 +9,11 @@ impl Engine {
         if self.budgets.is_empty() && self.throttles.is_empty() {
             return Vec::new();
         }
-        let mut ratio = Family::new(
-            "tally_budget_usage_ratio",
-            "Usage of a budget in its window divided by its limit, per workload (all labels empty for a shared budget).",
-            Kind::Gauge,
-        );
-        let mut usage = Family::new(
-            "tally_budget_usage",
-            "Usage of a budget in its window, in the resource's base unit.",
-            Kind::Gauge,
-        );
-        let mut limit = Family::new(
-            "tally_budget_limit",
-            "A budget's limit, in the resource's base unit.",
-            Kind::Gauge,
-        );
-        let mut active = Family::new(
-            "tally_enforcement_active",
-            "Whether a budget is being enforced on the workload (1) or not (0); dry_run says whether anything was actually throttled.",
-            Kind::Gauge,
-        );
-        let mut share = Family::new(
-            "tally_enforcement_freeze_share_ratio",
-            "Fraction of each freeze cycle a duty-cycled workload runs.",
-            Kind::Gauge,
-        );
+        let mut ratio = Family::new(&catalogue::budget::USAGE_RATIO);
+        let mut usage = Family::new(&catalogue::budget::USAGE);
+        let mut limit = Family::new(&catalogue::budget::LIMIT);
+        let mut active = Family::new(&catalogue::budget::ENFORCEMENT_ACTIVE);
+        let mut share = Family::new(&catalogue::budget::ENFORCEMENT_FREEZE_SHARE_RATIO);
         for c in &self.budgets {
             let b = &c.budget;
             let extra = || {
@@ -83,11 +64,7 @@ impl Engine {
                 }
             }
         }
-        let mut actions = Family::new(
-            "tally_enforcement_actions_total",
-            "Budget state changes, by budget, action and event (warn, enforce, release).",
-            Kind::Counter,
-        );
+        let mut actions = Family::new(&catalogue::budget::ENFORCEMENT_ACTIONS);
         // Every budget's events from zero, so the first one is an increase.
         let mut counts: BTreeMap<(String, &'static str, &'static str), u64> = self
             .budgets
@@ -112,11 +89,7 @@ impl Engine {
                 *n as f64,
             );
         }
-        let mut errors = Family::new(
-            "tally_enforcement_errors_total",
-            "Throttles that could not be applied or released, by budget, action and reason.",
-            Kind::Counter,
-        );
+        let mut errors = Family::new(&catalogue::budget::ENFORCEMENT_ERRORS);
         let mut errors_by: BTreeMap<(String, &'static str, String), u64> = self
             .budgets
             .iter()
@@ -146,17 +119,9 @@ impl Engine {
                 *n as f64,
             );
         }
-        let mut latency = Family::new(
-            "tally_enforcement_latency_seconds",
-            "Time from the start of the tick that detected an exceeded budget to its throttle being in place.",
-            Kind::Histogram,
-        );
+        let mut latency = Family::new(&catalogue::budget::ENFORCEMENT_LATENCY_SECONDS);
         latency.push_histogram(&Arc::from([]), Vec::new(), self.latency.clone());
-        let mut throttles = Family::new(
-            "tally_enforcement_throttles",
-            "Throttles in force, by action.",
-            Kind::Gauge,
-        );
+        let mut throttles = Family::new(&catalogue::budget::ENFORCEMENT_THROTTLES);
         let mut by_action: BTreeMap<&'static str, u64> = [
             Action::Cpu,
             Action::Network,

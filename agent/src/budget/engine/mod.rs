@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tally_ebpf_common::{direction, scope as net_scope};
-use tally_exporters::{Family, Histogram, Kind, LabelSet};
+use tally_exporters::{Family, Histogram, LabelSet};
 
 use super::actuate::{self, CgroupDirs};
 use super::freeze::Freezer;

@@ -1,0 +1,84 @@
+//! Budget and enforcement families.
+
+use tally_exporters::{Kind, Metric};
+
+pub static USAGE_RATIO: Metric = Metric {
+    name: "tally_budget_usage_ratio",
+    help: "Usage of a budget in its window divided by its limit, per workload (all labels empty for a shared budget).",
+    kind: Kind::Gauge,
+    unit: "ratio",
+    per_workload: true,
+    labels: &["budget", "resource"],
+};
+
+pub static USAGE: Metric = Metric {
+    name: "tally_budget_usage",
+    help: "Usage of a budget in its window, in the resource's base unit.",
+    kind: Kind::Gauge,
+    unit: "",
+    per_workload: true,
+    labels: &["budget", "resource"],
+};
+
+pub static LIMIT: Metric = Metric {
+    name: "tally_budget_limit",
+    help: "A budget's limit, in the resource's base unit.",
+    kind: Kind::Gauge,
+    unit: "",
+    per_workload: false,
+    labels: &["budget", "resource"],
+};
+
+pub static ENFORCEMENT_ACTIVE: Metric = Metric {
+    name: "tally_enforcement_active",
+    help: "Whether a budget is being enforced on the workload (1) or not (0); dry_run says whether anything was actually throttled.",
+    kind: Kind::Gauge,
+    unit: "",
+    per_workload: true,
+    labels: &["budget", "action", "dry_run"],
+};
+
+pub static ENFORCEMENT_FREEZE_SHARE_RATIO: Metric = Metric {
+    name: "tally_enforcement_freeze_share_ratio",
+    help: "Fraction of each freeze cycle a duty-cycled workload runs.",
+    kind: Kind::Gauge,
+    unit: "ratio",
+    per_workload: true,
+    labels: &["budget"],
+};
+
+pub static ENFORCEMENT_ACTIONS: Metric = Metric {
+    name: "tally_enforcement_actions_total",
+    help: "Budget state changes, by budget, action and event (warn, enforce, release).",
+    kind: Kind::Counter,
+    unit: "",
+    per_workload: false,
+    labels: &["budget", "action", "event"],
+};
+
+pub static ENFORCEMENT_ERRORS: Metric = Metric {
+    name: "tally_enforcement_errors_total",
+    help: "Throttles that could not be applied or released, by budget, action and reason.",
+    kind: Kind::Counter,
+    unit: "",
+    per_workload: false,
+    labels: &["budget", "action", "reason"],
+};
+
+pub static ENFORCEMENT_LATENCY_SECONDS: Metric = Metric {
+    name: "tally_enforcement_latency_seconds",
+    help: "Time from the start of the tick that detected an exceeded budget to its throttle being in place.",
+    kind: Kind::Histogram,
+    unit: "seconds",
+    per_workload: false,
+    labels: &[],
+};
+
+pub static ENFORCEMENT_THROTTLES: Metric = Metric {
+    name: "tally_enforcement_throttles",
+    help: "Throttles in force, by action.",
+    kind: Kind::Gauge,
+    unit: "",
+    per_workload: false,
+    labels: &["action"],
+};

@@ -1,0 +1,106 @@
+//! Every metric family the agent exports, declared once: name, help, type, unit and labels.
+//!
+//! Sources build their [`Family`](tally_exporters::Family) from these declarations and the ledger
+//! is keyed by them; nothing else in the agent spells a metric name. [`ALL`] is the exposition
+//! order. A new family is one `static` in the file of its area plus its place in [`ALL`]; the
+//! golden file (`catalogue/golden.txt`) and the README's metric table are checked against it.
+
+pub mod agent;
+pub mod budget;
+pub mod gpu;
+pub mod rdma;
+pub mod workload;
+
+use tally_exporters::Metric;
+
+/// Every family, in the order `/metrics` shows them.
+pub static ALL: &[&Metric] = &[
+    &workload::CPU_SECONDS,
+    &workload::MEMORY_BYTES,
+    &workload::DISK_READ_BYTES,
+    &workload::DISK_WRITE_BYTES,
+    &workload::DISK_OPERATIONS,
+    &workload::DISK_IO_LATENCY_SECONDS,
+    &workload::NETWORK_RECEIVE_BYTES,
+    &workload::NETWORK_TRANSMIT_BYTES,
+    &workload::NETWORK_RECEIVE_PACKETS,
+    &workload::NETWORK_TRANSMIT_PACKETS,
+    &workload::TCP_RETRANSMITTED_SEGMENTS,
+    &workload::TCP_CONNECTIONS_OPENED,
+    &workload::TCP_CONNECTIONS_CLOSED,
+    &workload::GPU_SECONDS,
+    &workload::GPU_ENERGY_JOULES,
+    &workload::GPU_MEMORY_BYTE_SECONDS,
+    &gpu::UP,
+    &workload::GPU_MEMORY_BYTES,
+    &gpu::INFO,
+    &gpu::UTILIZATION_RATIO,
+    &gpu::MEMORY_USED_BYTES,
+    &gpu::MEMORY_TOTAL_BYTES,
+    &gpu::POWER_WATTS,
+    &gpu::ENERGY_JOULES,
+    &gpu::TEMPERATURE_CELSIUS,
+    &gpu::SM_CLOCK_HERTZ,
+    &gpu::MEMORY_CLOCK_HERTZ,
+    &gpu::CLOCK_EVENT_REASONS,
+    &gpu::PCIE_BYTES,
+    &gpu::NVLINK_BYTES,
+    &gpu::ECC_ERRORS,
+    &gpu::RETIRED_PAGES,
+    &gpu::REMAPPED_ROWS,
+    &gpu::LOST,
+    &gpu::BUSY_SECONDS,
+    &gpu::UNATTRIBUTED_SECONDS,
+    &gpu::UNALLOCATED_ENERGY_JOULES,
+    &gpu::XID_ERRORS,
+    &gpu::NVML_ERRORS,
+    &gpu::NVML_CALLS_PER_GPU,
+    &workload::RDMA_TRANSMIT_BYTES,
+    &workload::RDMA_RECEIVE_BYTES,
+    &workload::RDMA_TRANSMIT_PACKETS,
+    &workload::RDMA_RECEIVE_PACKETS,
+    &rdma::PORT_INFO,
+    &rdma::PORT_TRANSMIT_BYTES,
+    &rdma::PORT_RECEIVE_BYTES,
+    &rdma::PORT_TRANSMIT_PACKETS,
+    &rdma::PORT_RECEIVE_PACKETS,
+    &rdma::PORT_COUNTERS,
+    &rdma::PORT_HW_COUNTERS,
+    &rdma::PORT_PER_PROCESS,
+    &rdma::QP_COUNTERS,
+    &workload::INFO,
+    &budget::USAGE_RATIO,
+    &budget::USAGE,
+    &budget::LIMIT,
+    &budget::ENFORCEMENT_ACTIVE,
+    &budget::ENFORCEMENT_FREEZE_SHARE_RATIO,
+    &budget::ENFORCEMENT_ACTIONS,
+    &budget::ENFORCEMENT_ERRORS,
+    &budget::ENFORCEMENT_LATENCY_SECONDS,
+    &budget::ENFORCEMENT_THROTTLES,
+    &agent::BUILD_INFO,
+    &agent::WORKLOADS,
+    &agent::COLLECTOR_ERRORS,
+    &agent::PROBE_UP,
+    &agent::TICKS,
+    &agent::TICK_DURATION_SECONDS,
+    &agent::EBPF_PROGRAM_RUN_SECONDS,
+    &agent::EBPF_PROGRAM_RUNS,
+    &agent::EBPF_PROGRAM_STATS_SECONDS,
+    &agent::EBPF_MAP_UPDATES_LOST,
+    &agent::OTLP_BATCHES,
+    &agent::OTLP_EXPORT_FAILURES,
+    &agent::OTLP_QUEUE_BATCHES,
+    &agent::ALERT_REQUESTS,
+    &agent::ALERT_FAILED_ATTEMPTS,
+    &agent::ALERTS_DROPPED,
+    &agent::ALERTS_ACTIVE,
+];
+
+/// The declaration named `name`.
+pub fn find(name: &str) -> Option<&'static Metric> {
+    ALL.iter().copied().find(|m| m.name == name)
+}
+
+#[cfg(test)]
+mod tests;
