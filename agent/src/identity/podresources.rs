@@ -16,9 +16,6 @@ use tonic::codegen::http::uri::PathAndQuery;
 
 use super::Names;
 
-/// The kubelet's socket.
-pub const DEFAULT_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
-
 /// The subset of `k8s.io/kubelet/pkg/apis/podresources/v1/api.proto` Tally reads; hand-written
 /// (no `protoc` in the build), tags are upstream's, prost skips the rest.
 pub mod proto {
