@@ -13,6 +13,7 @@ pub mod config;
 pub mod errors;
 pub mod gpu;
 pub mod health;
+pub mod host;
 pub mod identity;
 pub mod ledger;
 pub mod otlp;

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use tally_exporters::{Family, Kind, LabelSet, Snapshot};
 
 use crate::bpf::BpfSources;
-use crate::cgroupfs::layout::{Layout, NoHierarchy};
 use crate::cgroupfs::Collector;
 use crate::config::Config;
 use crate::errors::ErrorCounts;
+use crate::host::layout::{Layout, NoHierarchy};
 use crate::identity::{cri::CriHandle, Identity, Names, PathIdentity, Workload};
 use crate::ledger::{CounterId, Ledger};
 

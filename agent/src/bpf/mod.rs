@@ -20,10 +20,10 @@ pub use families::BpfFamilies;
 use sampler::StatsSampler;
 pub use scopes::scope_name;
 
-use crate::cgroupfs::layout::Layout;
 use crate::cgroupfs::Discovery;
 use crate::config::Config;
 use crate::errors::ErrorCounts;
+use crate::host::layout::Layout;
 use crate::identity::Workload;
 use crate::ledger::{CounterId, DiskCounter, Ledger, TcpCounter};
 

@@ -3,8 +3,8 @@
 
 use super::{Item, Status};
 use crate::budget::policy::Action;
-use crate::cgroupfs::layout::Layout;
 use crate::config::Config;
+use crate::host::layout::Layout;
 
 pub(super) fn enforcement_item(config: &Config) -> Item {
     let Ok(layout) = Layout::detect(&config.paths.cgroup_root) else {
