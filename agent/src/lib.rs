@@ -20,5 +20,6 @@ pub mod otlp;
 pub mod rdma;
 pub mod runtime;
 pub mod server;
+mod sys;
 pub mod tick;
 pub mod top;

@@ -453,9 +453,6 @@ fn otlp_families(stats: &tally_exporters::otlp::OtlpStats) -> Vec<Family> {
 /// freed once the programs are loaded, but kept by the allocator as resident memory otherwise.
 fn start_bpf(config: &Config, layout: &Layout) -> BpfSources {
     let sources = BpfSources::start(config, layout);
-    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    crate::sys::trim_heap();
     sources
 }

@@ -363,7 +363,7 @@ fn sample_loop(
     tx: mpsc::Sender<Batch>,
     stop: Arc<AtomicBool>,
 ) {
-    crate::runtime::lower_priority();
+    crate::sys::lower_priority();
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
         let sample = sampler.sample();
