@@ -11,7 +11,9 @@ use aya::programs::{BtfTracePoint, FEntry, FExit, Program, RawTracePoint, TraceP
 use aya::{Btf, Ebpf, EbpfLoader, Pod};
 use tally_ebpf_common::LOST_SLOT;
 
-use crate::{chain, Error, ProbeStatus, ProgramStats};
+use tally_error_chain::chain;
+
+use crate::{Error, ProbeStatus, ProgramStats};
 
 /// Where one program attaches.
 #[derive(Debug, Clone, Copy)]
@@ -251,7 +253,7 @@ impl<V: Pod + Default> Counters<V> {
             ),
             Err(e) => {
                 status.up = false;
-                status.error = Some(crate::chain(&e));
+                status.error = Some(chain(&e));
                 (None, status)
             }
         }

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use tally_ebpf::disk::{Disk, DiskConfig};
 use tally_ebpf::net::{Net, NetConfig};
 use tally_ebpf::tcp::{Tcp, TcpConfig};
-use tally_ebpf::{chain, DiskValue, NetKey, NetValue, ProbeStatus, ProgramStats, TcpValue};
+use tally_ebpf::{DiskValue, NetKey, NetValue, ProbeStatus, ProgramStats, TcpValue};
+use tally_error_chain::chain;
 
 pub use families::BpfFamilies;
 use sampler::StatsSampler;

@@ -96,7 +96,7 @@ impl GpuSource {
                 return source;
             }
             Err(e) => {
-                tracing::warn!(error = %tally_ebpf::chain(&e), "NVML did not start: GPU metering off");
+                tracing::warn!(error = %tally_error_chain::chain(&e), "NVML did not start: GPU metering off");
                 return source;
             }
         };
