@@ -49,7 +49,11 @@ enum Command {
 
 /// Runs the agent until a signal stops it.
 pub fn run(config: Config, options: Options) -> anyhow::Result<()> {
-    raise_fd_limit();
+    // The collector keeps three cgroup files open per workload; the usual soft limit of 1024 is
+    // too low for a node with hundreds of containers.
+    if let Ok(limit) = crate::sys::raise_fd_limit() {
+        tracing::debug!(limit, "open file limit");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tally-rt")
@@ -246,7 +250,7 @@ fn tick_loop(
     inbox: mpsc::Receiver<Command>,
     snapshots: tokio::sync::watch::Sender<Arc<Snapshot>>,
 ) {
-    lower_priority();
+    crate::sys::lower_priority();
     let watchdog = std::env::var_os("WATCHDOG_USEC").is_some();
     let mut first = true;
     let mut next = Instant::now();
@@ -299,40 +303,5 @@ fn notify(state: &[(&str, &str)]) {
     }
     if let Err(e) = systemd::daemon::notify(false, state.iter()) {
         tracing::warn!(error = %e, "sd_notify failed");
-    }
-}
-
-/// The collector keeps three cgroup files open per workload; lift the soft descriptor limit to
-/// the hard one (the usual 1024 soft limit is too low for a node with hundreds of containers).
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
-    }
-    tracing::debug!(limit = limit.rlim_cur, "open file limit");
-}
-
-/// Gives the calling thread a lower scheduling priority (nice 5) than the HTTP server's, so a
-/// scrape arriving during a long tick is served first on a busy node. Failure is harmless.
-pub(crate) fn lower_priority() {
-    // SAFETY: gettid and setpriority take and return plain integers.
-    unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 5);
     }
 }

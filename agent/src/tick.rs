@@ -8,10 +8,10 @@ use tally_exporters::{Family, LabelSet, Snapshot};
 
 use crate::bpf::BpfSources;
 use crate::catalogue;
-use crate::cgroupfs::layout::{Layout, NoHierarchy};
 use crate::cgroupfs::Collector;
 use crate::config::Config;
 use crate::errors::ErrorCounts;
+use crate::host::layout::{Layout, NoHierarchy};
 use crate::identity::{cri::CriHandle, Identity, Names, PathIdentity, Workload};
 use crate::ledger::{CounterId, Ledger};
 
@@ -388,9 +388,6 @@ fn otlp_families(stats: &tally_exporters::otlp::OtlpStats) -> Vec<Family> {
 /// freed once the programs are loaded, but kept by the allocator as resident memory otherwise.
 fn start_bpf(config: &Config, layout: &Layout) -> BpfSources {
     let sources = BpfSources::start(config, layout);
-    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    crate::sys::trim_heap();
     sources
 }

@@ -91,7 +91,7 @@ extern "C" fn on_signal(_signal: libc::c_int) {
 
 fn main() {
     if let Err(e) = run() {
-        eprintln!("bench_attach: {}", tally_ebpf::chain(e.as_ref()));
+        eprintln!("bench_attach: {}", tally_error_chain::chain(e.as_ref()));
         std::process::exit(1);
     }
 }

@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 
 pub use tally_ebpf_common::{direction, scope, CgroupKey, NetKey, NetValue, ALL_SCOPES};
 pub use tally_ebpf_common::{DiskValue, TcpValue, DISK_LATENCY_BUCKETS};
+// The agent's budget engine still calls it by this path; the function is defined once, in
+// tally-error-chain.
+pub use tally_error_chain::chain;
 
 /// The Rust programs (`ebpf/programs`), built by `ebpf/build.sh`.
 pub static TALLY_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/tally.bpf.o");
@@ -121,18 +124,6 @@ pub struct ProgramStats {
     pub program: &'static str,
     pub run_time_ns: u64,
     pub run_count: u64,
-}
-
-/// Formats an error with its sources, for probe status lines and logs.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@ use aya::programs::{BtfTracePoint, FEntry, FExit, Program, RawTracePoint, TraceP
 use aya::{Btf, Ebpf, EbpfLoader, Pod};
 use tally_ebpf_common::LOST_SLOT;
 
-use crate::{chain, Error, ProbeStatus, ProgramStats};
+use tally_error_chain::chain;
+
+use crate::{Error, ProbeStatus, ProgramStats};
 
 /// Where one program attaches.
 #[derive(Debug, Clone, Copy)]
@@ -97,13 +99,14 @@ impl Source {
                     return (Some((ebpf, method)), status);
                 }
                 Err(e) => {
+                    let text = chain(&e);
                     tracing::debug!(
                         probe = self.probe,
                         method = method.name,
-                        error = %e,
+                        error = %text,
                         "attach method failed"
                     );
-                    failures.push(format!("{}: {}", method.name, shorten(&e)));
+                    failures.push(format!("{}: {}", method.name, shorten(&text)));
                 }
             }
         }
@@ -121,26 +124,22 @@ impl Source {
         method: &Method,
         btf: &Btf,
         max_entries: &[(&'static str, u32)],
-    ) -> Result<Ebpf, String> {
+    ) -> Result<Ebpf, Error> {
         let mut loader = EbpfLoader::new();
         loader.btf(Some(btf));
         for (map, size) in max_entries {
             loader.map_max_entries(map, *size);
         }
-        let mut ebpf = loader.load(self.object).map_err(|source| {
-            chain(&Error::Load {
-                object: self.object_name,
-                source,
-            })
+        let mut ebpf = loader.load(self.object).map_err(|source| Error::Load {
+            object: self.object_name,
+            source,
         })?;
         for (name, hook) in method.programs {
-            let program = ebpf.program_mut(name).ok_or_else(|| {
-                chain(&Error::MissingProgram {
-                    object: self.object_name,
-                    program: name,
-                })
+            let program = ebpf.program_mut(name).ok_or(Error::MissingProgram {
+                object: self.object_name,
+                program: name,
             })?;
-            attach(program, name, *hook, btf).map_err(|e| chain(&e))?;
+            attach(program, name, *hook, btf)?;
         }
         Ok(ebpf)
     }
@@ -251,7 +250,7 @@ impl<V: Pod + Default> Counters<V> {
             ),
             Err(e) => {
                 status.up = false;
-                status.error = Some(crate::chain(&e));
+                status.error = Some(chain(&e));
                 (None, status)
             }
         }

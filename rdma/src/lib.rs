@@ -16,15 +16,3 @@ pub use netlink::{Availability, Client, Endpoint, NetlinkError};
 pub use process::{
     PortMode, ProcessCounters, ProcessOptions, ProcessSample, ProcessTraffic, Traffic,
 };
-
-/// An error and its sources, `: `-separated, for one log field.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}

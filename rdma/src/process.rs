@@ -18,6 +18,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use tally_error_chain::chain;
+
 use crate::netlink::consts::{mask, mode};
 use crate::netlink::{Client, CounterMode, NetlinkError, QpCounter, Transport};
 
@@ -188,7 +190,7 @@ impl<T: Transport> ProcessCounters<T> {
                         p.found = Some(found);
                         configure(&mut client, &mut p, found, options);
                     }
-                    Err(e) => p.problem = Some(crate::chain(&e)),
+                    Err(e) => p.problem = Some(chain(&e)),
                 }
                 ports.push(p);
             }
@@ -324,7 +326,7 @@ impl<T: Transport> Drop for ProcessCounters<T> {
             tracing::warn!(
                 %device,
                 port,
-                error = %crate::chain(&e),
+                error = %chain(&e),
                 "restoring the QP counter mode failed: run `rdma statistic qp set link {device}/{port} auto off`"
             );
         }
@@ -363,7 +365,7 @@ fn configure<T: Transport>(
             p.per_process = true;
             tracing::info!(device = %p.device, port = p.port, "QP counter auto mode (pid) turned on; turned off again at exit");
         }
-        Err(e) => p.problem = Some(crate::chain(&e)),
+        Err(e) => p.problem = Some(chain(&e)),
     }
 }
 

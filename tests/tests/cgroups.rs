@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally_agent::cgroupfs::layout::Layout;
+use tally_agent::host::layout::Layout;
 use tally_agent::identity::{ContainerRef, Identity, PathIdentity, PidError, QosClass, Runtime};
 use tally_tests::agent::{sample, Agent};
 use tally_tests::cgroup::{random_hex, random_uid, remove_parents, TestCgroup};

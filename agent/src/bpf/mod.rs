@@ -14,16 +14,17 @@ use std::time::{Duration, Instant};
 use tally_ebpf::disk::{Disk, DiskConfig};
 use tally_ebpf::net::{Net, NetConfig};
 use tally_ebpf::tcp::{Tcp, TcpConfig};
-use tally_ebpf::{chain, DiskValue, NetKey, NetValue, ProbeStatus, ProgramStats, TcpValue};
+use tally_ebpf::{DiskValue, NetKey, NetValue, ProbeStatus, ProgramStats, TcpValue};
+use tally_error_chain::chain;
 
 pub use families::BpfFamilies;
 use sampler::StatsSampler;
 pub use scopes::scope_name;
 
-use crate::cgroupfs::layout::Layout;
 use crate::cgroupfs::Discovery;
 use crate::config::Config;
 use crate::errors::ErrorCounts;
+use crate::host::layout::Layout;
 use crate::identity::Workload;
 use crate::ledger::{CounterId, DiskCounter, Ledger, TcpCounter};
 

@@ -8,8 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use tally_ebpf::chain;
 use tally_ebpf::stats::StatsGuard;
+use tally_error_chain::chain;
 
 use crate::config::ProgramStatsMode;
 

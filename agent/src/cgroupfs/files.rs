@@ -5,9 +5,9 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use super::layout::Layout;
 use super::{parse, Reading, COLLECTOR};
 use crate::errors::ErrorCounts;
+use crate::host::layout::Layout;
 
 /// How to turn a file's text into numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,17 +12,19 @@
 //! workload whose cgroup is gone gets `ENODEV` from its open files and is dropped.
 
 mod files;
-pub mod layout;
 mod parse;
 mod walk;
 
 use std::collections::HashMap;
 
 use files::WorkloadFiles;
-use layout::Layout;
 pub use walk::{Discovery, Found};
 
 use crate::errors::ErrorCounts;
+use crate::host::layout::Layout;
+// budget/ still imports the layout from here; it can name `crate::host::layout` once it is
+// rewritten, and this line goes.
+pub use crate::host::layout;
 
 /// What one workload's cgroup files said this tick; `None` where a file was absent or bad.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

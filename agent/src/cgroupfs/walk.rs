@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::os::unix::fs::DirEntryExt;
 use std::path::Path;
 
-use super::layout::Layout;
 use super::COLLECTOR;
 use crate::errors::ErrorCounts;
-use crate::identity::path::{self, Context, PathIdentity, Step};
+use crate::host::layout::Layout;
+use crate::host::path::{self, Context, PathIdentity, Step};
 
 /// A workload cgroup found by the walk.
 #[derive(Debug, Clone, PartialEq, Eq)]

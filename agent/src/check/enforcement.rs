@@ -1,10 +1,14 @@
 //! Whether budgets can be enforced here: which actuators this node's cgroups offer and whether
 //! the state directory takes the record every throttle is written to first.
 
+use std::path::{Path, PathBuf};
+
+use tally_error_chain::chain;
+
 use super::{Item, Status};
 use crate::budget::policy::Action;
-use crate::cgroupfs::layout::Layout;
 use crate::config::Config;
+use crate::host::layout::Layout;
 
 pub(super) fn enforcement_item(config: &Config) -> Item {
     let Ok(layout) = Layout::detect(&config.paths.cgroup_root) else {
@@ -53,7 +57,7 @@ pub(super) fn enforcement_item(config: &Config) -> Item {
     let state = writable(&config.enforcement.state_dir);
     parts.push(match &state {
         Ok(()) => format!("state: {} writable", config.enforcement.state_dir.display()),
-        Err(e) => format!("state: {e}"),
+        Err(e) => format!("state: {}", chain(e)),
     });
     let mut missing: Vec<String> = Vec::new();
     for b in &config.budget {
@@ -90,7 +94,7 @@ pub(super) fn enforcement_item(config: &Config) -> Item {
     }
 }
 
-fn has_v2_freezer(unified: &std::path::Path) -> bool {
+fn has_v2_freezer(unified: &Path) -> bool {
     std::fs::read_dir(unified)
         .into_iter()
         .flatten()
@@ -98,23 +102,40 @@ fn has_v2_freezer(unified: &std::path::Path) -> bool {
         .any(|e| e.path().join("cgroup.freeze").is_file())
 }
 
+/// Why the state directory would not take the throttle record.
+#[derive(Debug, thiserror::Error)]
+enum StateDirError {
+    /// The path holds a NUL byte, which no system call takes.
+    #[error("{} is not a valid path", dir.display())]
+    InvalidPath { dir: PathBuf },
+    /// `access(2)` refused write access to the nearest existing ancestor.
+    #[error("{} is not writable", existing.display())]
+    NotWritable {
+        existing: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Whether the agent could write there: the directory, or its nearest existing ancestor (the
 /// agent creates the rest), is writable. Writes nothing.
-fn writable(dir: &std::path::Path) -> Result<(), String> {
+fn writable(dir: &Path) -> Result<(), StateDirError> {
     let existing = dir
         .ancestors()
         .find(|p| p.exists())
-        .unwrap_or(std::path::Path::new("/"));
-    let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes())
-        .map_err(|_| format!("{} is not a valid path", dir.display()))?;
+        .unwrap_or(Path::new("/"));
+    let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).map_err(|_| {
+        StateDirError::InvalidPath {
+            dir: dir.to_path_buf(),
+        }
+    })?;
     // SAFETY: access(2) reads the NUL-terminated path we own.
     if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
         Ok(())
     } else {
-        Err(format!(
-            "{} is not writable: {}",
-            existing.display(),
-            std::io::Error::last_os_error()
-        ))
+        Err(StateDirError::NotWritable {
+            existing: existing.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        })
     }
 }

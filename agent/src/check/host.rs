@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use tally_gpu::LibraryStatus;
 
 use super::{Item, Status};
-use crate::cgroupfs::layout::{Layout, Mode};
+use crate::host::layout::{Layout, Mode};
 
 /// The kernel item, and the release string for checks that depend on it.
 pub(super) fn kernel_item(proc_root: &Path) -> (Item, Option<String>) {

@@ -233,7 +233,7 @@ fn bpf_items(config: &Config) -> Vec<Item> {
             })
             .collect();
     }
-    let Ok(layout) = crate::cgroupfs::layout::Layout::detect(&config.paths.cgroup_root) else {
+    let Ok(layout) = crate::host::layout::Layout::detect(&config.paths.cgroup_root) else {
         return NAMES
             .iter()
             .map(|(_, name)| Item::new(name, Status::Degraded, "no cgroup hierarchy"))

@@ -23,7 +23,7 @@ pub(super) fn rdma_item(config: &Config) -> Item {
     let devices = match sysfs::devices(&config.paths.sys_root) {
         Ok(devices) => devices,
         Err(e) => {
-            return Item::new(NAME, Status::Degraded, tally_rdma::chain(&e));
+            return Item::new(NAME, Status::Degraded, tally_error_chain::chain(&e));
         }
     };
     if devices.is_empty() {
@@ -101,7 +101,7 @@ pub(super) fn rdma_item(config: &Config) -> Item {
                 Status::Degraded,
                 format!(
                     "{listed}; RDMA netlink ({endpoint}) {what}: {}: port counters only, no per-process attribution",
-                    tally_rdma::chain(&e)
+                    tally_error_chain::chain(&e)
                 ),
             )
         }

@@ -329,7 +329,7 @@ impl Default for GpuConfig {
     fn default() -> Self {
         Self {
             nvml_library: None,
-            pod_resources_socket: PathBuf::from(crate::identity::podresources::DEFAULT_SOCKET),
+            pod_resources_socket: PathBuf::from("/var/lib/kubelet/pod-resources/kubelet.sock"),
         }
     }
 }

@@ -96,7 +96,7 @@ impl GpuSource {
                 return source;
             }
             Err(e) => {
-                tracing::warn!(error = %tally_ebpf::chain(&e), "NVML did not start: GPU metering off");
+                tracing::warn!(error = %tally_error_chain::chain(&e), "NVML did not start: GPU metering off");
                 return source;
             }
         };
@@ -363,7 +363,7 @@ fn sample_loop(
     tx: mpsc::Sender<Batch>,
     stop: Arc<AtomicBool>,
 ) {
-    crate::runtime::lower_priority();
+    crate::sys::lower_priority();
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
         let sample = sampler.sample();

@@ -1,13 +1,12 @@
 //! Workload identity: pid or cgroup → the container, systemd unit or host it belongs to.
 //!
-//! The cgroup path says what a workload is ([`path`]); the container runtime's CRI socket adds
-//! pod namespace, pod and container names when it answers ([`cri`]). Resolved workloads are cached
-//! by cgroup id (the inode of the cgroup v2 directory, what BPF programs see) and evicted when the
-//! cgroup disappears.
+//! The cgroup path says what a workload is ([`crate::host::path`]); the container runtime's CRI
+//! socket adds pod namespace, pod and container names when it answers ([`cri`]). Resolved
+//! workloads are cached by cgroup id (the inode of the cgroup v2 directory, what BPF programs see)
+//! and evicted when the cgroup disappears.
 
 pub mod cri;
 mod grpc;
-pub mod path;
 pub mod podresources;
 
 use std::collections::HashMap;
@@ -16,8 +15,9 @@ use std::sync::Arc;
 
 use tally_exporters::LabelSet;
 
-use crate::cgroupfs::layout::Layout;
-pub use path::{ContainerRef, PathIdentity, QosClass, Runtime};
+use crate::host::layout::Layout;
+use crate::host::path;
+pub use crate::host::path::{ContainerRef, Names, PathIdentity, QosClass, Runtime};
 
 /// Label names of every per-workload family, in order (DESIGN.md "Metrics").
 pub const LABELS: [&str; 6] = [
@@ -28,32 +28,6 @@ pub const LABELS: [&str; 6] = [
     "container_id",
     "unit",
 ];
-
-/// Names only the container runtime knows.
-#[derive(Debug, Clone, Default)]
-pub struct Names {
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
-    /// The pod's labels (without the kubelet's own `io.kubernetes.*`), for budget selectors.
-    /// Not part of the identity: equality and hashing ignore them.
-    pub labels: Arc<std::collections::BTreeMap<String, String>>,
-}
-
-impl PartialEq for Names {
-    fn eq(&self, other: &Self) -> bool {
-        (&self.namespace, &self.pod, &self.container)
-            == (&other.namespace, &other.pod, &other.container)
-    }
-}
-
-impl Eq for Names {}
-
-impl std::hash::Hash for Names {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        (&self.namespace, &self.pod, &self.container).hash(state);
-    }
-}
 
 /// A metered workload: what its cgroup path says, plus CRI names when known.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,9 +16,6 @@ use tonic::codegen::http::uri::PathAndQuery;
 
 use super::Names;
 
-/// The kubelet's socket.
-pub const DEFAULT_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
-
 /// The subset of `k8s.io/kubelet/pkg/apis/podresources/v1/api.proto` Tally reads; hand-written
 /// (no `protoc` in the build), tags are upstream's, prost skips the rest.
 pub mod proto {
@@ -122,15 +119,39 @@ impl DevicesHandle {
     }
 }
 
-async fn list(socket: &Path, timeout: Duration) -> Result<Assignments, String> {
+/// Why one List call failed. Each message ends with its cause's own, as the poller has always
+/// logged it; so the cause is a plain field, not a `#[source]`, and is never printed twice.
+#[derive(Debug, thiserror::Error)]
+enum ListError {
+    #[error("connecting to {}: {error}", socket.display())]
+    Connect {
+        socket: PathBuf,
+        error: tonic::transport::Error,
+    },
+    #[error("{}: {error}", socket.display())]
+    NotReady {
+        socket: PathBuf,
+        error: tonic::transport::Error,
+    },
+    #[error("List: {status}")]
+    Refused { status: tonic::Status },
+    #[error("List: no answer within {} ms", timeout.as_millis())]
+    Deadline { timeout: Duration },
+}
+
+async fn list(socket: &Path, timeout: Duration) -> Result<Assignments, ListError> {
     let call = async {
         let channel = super::grpc::unix_channel(socket, timeout)
             .await
-            .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
+            .map_err(|error| ListError::Connect {
+                socket: socket.to_path_buf(),
+                error,
+            })?;
         let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready()
-            .await
-            .map_err(|e| format!("{}: {e}", socket.display()))?;
+        grpc.ready().await.map_err(|error| ListError::NotReady {
+            socket: socket.to_path_buf(),
+            error,
+        })?;
         let response: tonic::Response<proto::ListPodResourcesResponse> = grpc
             .unary(
                 tonic::Request::new(proto::ListPodResourcesRequest {}),
@@ -138,12 +159,12 @@ async fn list(socket: &Path, timeout: Duration) -> Result<Assignments, String> {
                 ProstCodec::default(),
             )
             .await
-            .map_err(|status| format!("List: {status}"))?;
+            .map_err(|status| ListError::Refused { status })?;
         Ok(assignments(response.get_ref()))
     };
     tokio::time::timeout(timeout, call)
         .await
-        .map_err(|_| format!("List: no answer within {} ms", timeout.as_millis()))?
+        .map_err(|_| ListError::Deadline { timeout })?
 }
 
 /// Polls the kubelet every `interval` until `cancel`. A missing socket (not a Kubernetes node) is
@@ -218,5 +239,15 @@ mod tests {
         assert_eq!(pods("GPU-1"), ["a", "b"]);
         assert_eq!(pods("MIG-7"), ["c"]);
         assert_eq!(device_uuid("GPU-1::12"), "GPU-1");
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_is_a_connect_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("kubelet.sock");
+        let e = list(&socket, Duration::from_millis(200)).await.unwrap_err();
+        assert!(matches!(e, ListError::Connect { .. }), "{e:?}");
+        let prefix = format!("connecting to {}: ", socket.display());
+        assert!(e.to_string().starts_with(&prefix), "{e}");
     }
 }

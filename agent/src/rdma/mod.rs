@@ -90,7 +90,7 @@ impl RdmaSource {
         source.devices = match sysfs::devices(&source.sys_root) {
             Ok(devices) => devices,
             Err(e) => {
-                tracing::warn!(error = %tally_rdma::chain(&e), "RDMA devices could not be listed: RDMA metering off");
+                tracing::warn!(error = %tally_error_chain::chain(&e), "RDMA devices could not be listed: RDMA metering off");
                 Vec::new()
             }
         };
@@ -126,7 +126,7 @@ impl RdmaSource {
                 let now = match sysfs::read_port(&self.sys_root, &device.name, port) {
                     Ok(now) => now,
                     Err(e) => {
-                        errors.record("rdma", "sysfs", || tally_rdma::chain(&e));
+                        errors.record("rdma", "sysfs", || tally_error_chain::chain(&e));
                         continue;
                     }
                 };
@@ -149,7 +149,7 @@ impl RdmaSource {
         let sample = reader.sample();
         for (device, e) in &sample.errors {
             errors.record("rdma", e.reason(), || {
-                format!("{device}: {}", tally_rdma::chain(e))
+                format!("{device}: {}", tally_error_chain::chain(e))
             });
         }
         if sample.without_traffic > 0 && !self.told_without_traffic {
@@ -248,7 +248,7 @@ fn start_netlink(config: &Config, devices: &[String]) -> Netlink {
     let reader = match started {
         Ok(reader) => reader,
         Err(e) => {
-            let detail = tally_rdma::chain(&e);
+            let detail = tally_error_chain::chain(&e);
             match e.availability() {
                 Availability::Unsupported => {
                     tracing::info!(%endpoint, error = %detail, "RDMA netlink unsupported: RDMA port counters only, no per-process attribution")

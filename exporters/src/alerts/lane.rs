@@ -15,6 +15,7 @@ use hyper::{Request, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tally_error_chain::chain;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
@@ -196,10 +197,10 @@ async fn deliver(lane: &Lane, shared: &Shared, batch: &Batch, healthy: &mut bool
                     stats.bump(lane.kind, &lane.url, |c| c.failed += 1);
                     // One warning when a target starts failing, not one per alert.
                     if *healthy {
-                        warn!(kind = lane.kind.as_str(), url = %lane.url, what = batch.what, attempts = attempt, error = %ErrorChain(&error), "alert delivery failed, giving up on this batch");
+                        warn!(kind = lane.kind.as_str(), url = %lane.url, what = batch.what, attempts = attempt, error = %chain(&error), "alert delivery failed, giving up on this batch");
                         *healthy = false;
                     } else {
-                        debug!(kind = lane.kind.as_str(), url = %lane.url, what = batch.what, attempts = attempt, error = %ErrorChain(&error), "alert delivery failed, giving up on this batch");
+                        debug!(kind = lane.kind.as_str(), url = %lane.url, what = batch.what, attempts = attempt, error = %chain(&error), "alert delivery failed, giving up on this batch");
                     }
                     return;
                 }
@@ -207,7 +208,7 @@ async fn deliver(lane: &Lane, shared: &Shared, batch: &Batch, healthy: &mut bool
                     backoff(policy.initial_backoff, policy.max_backoff, attempt),
                     random(),
                 );
-                debug!(kind = lane.kind.as_str(), url = %lane.url, attempt, ?delay, error = %ErrorChain(&error), "alert delivery attempt failed, retrying");
+                debug!(kind = lane.kind.as_str(), url = %lane.url, attempt, ?delay, error = %chain(&error), "alert delivery attempt failed, retrying");
                 tokio::time::sleep(delay).await;
                 attempt += 1;
             }
@@ -239,21 +240,6 @@ impl PostError {
                     || *status == StatusCode::REQUEST_TIMEOUT
             }
         }
-    }
-}
-
-/// Displays an error with its sources, `a: b: c`.
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
     }
 }
 

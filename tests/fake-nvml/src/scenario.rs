@@ -177,27 +177,37 @@ pub struct InjectedError {
 #[serde(try_from = "serde_json::Value")]
 pub struct ErrorCode(pub NvmlReturn);
 
-impl TryFrom<serde_json::Value> for ErrorCode {
-    type Error = String;
+/// Why a scenario's error code is not one.
+#[derive(Debug, thiserror::Error)]
+pub enum BadErrorCode {
+    /// Negative, fractional or beyond `nvmlReturn_t`.
+    #[error("bad error code {number}")]
+    Number { number: serde_json::Number },
+    #[error("unknown NVML error name {name:?}")]
+    UnknownName { name: String },
+    #[error("error code must be a name or a number, not {value}")]
+    NotNameOrNumber { value: serde_json::Value },
+}
 
-    fn try_from(value: serde_json::Value) -> Result<Self, String> {
-        match &value {
-            serde_json::Value::Number(n) => n
+impl TryFrom<serde_json::Value> for ErrorCode {
+    type Error = BadErrorCode;
+
+    fn try_from(value: serde_json::Value) -> Result<Self, BadErrorCode> {
+        match value {
+            serde_json::Value::Number(number) => number
                 .as_u64()
                 .and_then(|n| NvmlReturn::try_from(n).ok())
                 .map(ErrorCode)
-                .ok_or_else(|| format!("bad error code {n}")),
-            serde_json::Value::String(s) => {
-                let name = s.trim_start_matches("NVML_ERROR_");
+                .ok_or(BadErrorCode::Number { number }),
+            serde_json::Value::String(name) => {
+                let short = name.trim_start_matches("NVML_ERROR_");
                 ffi::RETURN_NAMES
                     .iter()
-                    .find(|(_, n)| *n == name)
+                    .find(|(_, n)| *n == short)
                     .map(|(code, _)| ErrorCode(*code))
-                    .ok_or_else(|| format!("unknown NVML error name {s:?}"))
+                    .ok_or(BadErrorCode::UnknownName { name })
             }
-            other => Err(format!(
-                "error code must be a name or a number, not {other}"
-            )),
+            value => Err(BadErrorCode::NotNameOrNumber { value }),
         }
     }
 }
@@ -346,5 +356,17 @@ mod tests {
         let e: ErrorCode = serde_json::from_str("4").unwrap();
         assert_eq!(e.0, ffi::ERROR_NO_PERMISSION);
         assert!(serde_json::from_str::<ErrorCode>("\"NOPE\"").is_err());
+    }
+
+    #[test]
+    fn bad_error_codes_say_what_was_wrong() {
+        let why = |json: &str| {
+            serde_json::from_str::<ErrorCode>(json)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(why("\"NOPE\"").contains("unknown NVML error name \"NOPE\""));
+        assert!(why("-1").contains("bad error code -1"));
+        assert!(why("true").contains("error code must be a name or a number, not true"));
     }
 }

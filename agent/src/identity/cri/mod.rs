@@ -6,13 +6,12 @@
 //! socket.
 
 use std::collections::HashMap;
-use std::error::Error as StdError;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use tally_error_chain::chain;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -93,21 +92,6 @@ impl CriError {
     }
 }
 
-/// Displays an error and its sources, `a: b: c`, since our Display impls leave the source out.
-struct Chain<'a>(&'a (dyn StdError + 'static));
-
-impl fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(e) = source {
-            write!(f, ": {e}")?;
-            source = e.source();
-        }
-        Ok(())
-    }
-}
-
 /// A connection to one CRI socket that answered.
 #[derive(Debug, Clone)]
 pub struct CriClient {
@@ -152,7 +136,7 @@ impl CriClient {
             match Self::connect(path, timeout).await {
                 Ok(client) => return Ok(client),
                 Err(e) => {
-                    debug!(endpoint = %path.display(), error = %Chain(&e), "CRI endpoint did not answer");
+                    debug!(endpoint = %path.display(), error = %chain(&e), "CRI endpoint did not answer");
                     last = Some(e);
                 }
             }
@@ -496,10 +480,10 @@ async fn run(config: CriConfig, handle: CriHandle, cancel: CancellationToken) {
                 handle.count_error(&e);
                 handle.set_down();
                 if in_outage {
-                    debug!(error = %Chain(&e), retry_in = ?backoff, "CRI still failing");
+                    debug!(error = %chain(&e), retry_in = ?backoff, "CRI still failing");
                 } else {
                     warn!(
-                        error = %Chain(&e),
+                        error = %chain(&e),
                         "CRI runtime unavailable, keeping the last names and retrying"
                     );
                     in_outage = true;

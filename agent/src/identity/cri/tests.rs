@@ -129,7 +129,7 @@ fn error_reasons_are_in_the_fixed_set() {
         assert!(ERROR_REASONS.contains(&e.reason()), "{e}");
     }
     assert_eq!(wrapped.reason(), "list");
-    let chain = Chain(&wrapped).to_string();
+    let chain = tally_error_chain::chain(&wrapped);
     assert!(
         chain.starts_with("none of 2 CRI endpoints answered: calling ListPodSandbox on /x: "),
         "{chain}"

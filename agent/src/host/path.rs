@@ -9,7 +9,9 @@
 //! `docker-<id>.scope`, `/docker/<id>` and podman's `libpod-<id>.scope` are containers, and any other
 //! `.service` or `.scope` is a systemd unit.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 /// The container runtime a cgroup name reveals (`unknown` for bare ids under the cgroupfs driver).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,6 +53,32 @@ impl QosClass {
     }
 }
 
+/// Names only the container runtime knows.
+#[derive(Debug, Clone, Default)]
+pub struct Names {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    /// The pod's labels (without the kubelet's own `io.kubernetes.*`), for budget selectors.
+    /// Not part of the identity: equality and hashing ignore them.
+    pub labels: Arc<BTreeMap<String, String>>,
+}
+
+impl PartialEq for Names {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.namespace, &self.pod, &self.container)
+            == (&other.namespace, &other.pod, &other.container)
+    }
+}
+
+impl Eq for Names {}
+
+impl std::hash::Hash for Names {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (&self.namespace, &self.pod, &self.container).hash(state);
+    }
+}
+
 /// What a cgroup path identifies.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PathIdentity {
@@ -61,7 +89,7 @@ pub enum PathIdentity {
     Host,
     /// A pod container known only from the kubelet's device assignments (its processes are not
     /// visible to the agent): no cgroup, no ids, just names.
-    Assigned(super::Names),
+    Assigned(Names),
 }
 
 /// A container as its cgroup path names it. Pod namespace and names come from CRI later.
