@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod fake_cri;
 pub mod fake_nvml;
 pub mod fake_rdma;
+pub mod module_graph;
 pub mod otlp_receiver;
 pub mod prometheus;
 pub mod require;

@@ -363,7 +363,8 @@ fn text_and_json_agree() {
     assert_eq!(serde_json::to_value(&report).unwrap(), json);
 }
 
-/// This project's VMs are hybrid (DESIGN.md, "Development and CI machines").
+/// This project's development and CI VMs are hybrid: v1 controllers under `/sys/fs/cgroup/*`,
+/// cgroup2 at `/sys/fs/cgroup/unified` with no controllers. Elsewhere the test skips.
 #[test]
 fn this_machine_reports_its_cgroup_mode() {
     let config = Config::default();

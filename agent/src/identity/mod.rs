@@ -19,7 +19,8 @@ use crate::host::layout::Layout;
 use crate::host::path;
 pub use crate::host::path::{ContainerRef, Names, PathIdentity, QosClass, Runtime};
 
-/// Label names of every per-workload family, in order (DESIGN.md "Metrics").
+/// The one label set of every per-workload family, in this order; a family's own labels (`gpu`,
+/// `direction`, …) come after it. A container leaves `unit` empty; a systemd unit has only `unit`.
 pub const LABELS: [&str; 6] = [
     "namespace",
     "pod",
