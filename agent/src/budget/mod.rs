@@ -1,7 +1,6 @@
-//! Budgets and local enforcement: the policy, usage windows over the ledger, the decisions, the
-//! actuators that throttle, the state file that makes every throttle reversible, and alerts.
-
-pub mod policy;
+//! Budgets and local enforcement of the policy in `crate::config::policy`: usage windows over the
+//! ledger, the decisions, the actuators that throttle, the state file that makes every throttle
+//! reversible, and alerts.
 
 pub mod actuate;
 pub mod engine;

@@ -2,8 +2,8 @@
 //! the state directory takes the record every throttle is written to first.
 
 use super::{Item, Status};
-use crate::budget::policy::Action;
 use crate::cgroupfs::layout::Layout;
+use crate::config::policy::Action;
 use crate::config::Config;
 
 pub(super) fn enforcement_item(config: &Config) -> Item {

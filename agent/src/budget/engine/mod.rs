@@ -26,10 +26,10 @@ use tally_exporters::{Family, Histogram, Kind, LabelSet};
 
 use super::actuate::{self, CgroupDirs};
 use super::freeze::Freezer;
-use super::policy::{self, Action, Budget, Prices, Resource, Target};
 use super::state::{self, Baseline, Egress, SavedWindow, State, Throttle};
 use super::window::Window;
 use crate::cgroupfs::layout::Layout;
+use crate::config::policy::{self, Action, Budget, Prices, Resource, Target};
 use crate::config::Config;
 use crate::identity::{Names, PathIdentity, Workload};
 use crate::ledger::{CounterId, DiskCounter, Entry, GpuCounter, Ledger};
