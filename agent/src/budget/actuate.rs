@@ -14,6 +14,78 @@ const DEFAULT_PERIOD_US: u64 = 100_000;
 /// The smallest quota the kernel accepts.
 const MIN_QUOTA_US: u64 = 1_000;
 
+/// Why a throttle cannot be planned or applied on a workload's cgroup.
+#[derive(Debug, thiserror::Error)]
+pub enum ActuateError {
+    #[error("reading {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listing {}", dir.display())]
+    List {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing `{value}` to {}", path.display())]
+    Write {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the workload's cgroup has neither cgroup.freeze (v2) nor a v1 freezer")]
+    NoFreezer,
+    #[error("the workload has no cgroup directory")]
+    NoCgroup,
+    #[error(
+        "no CPU bandwidth control for the workload's cgroup (no cpu.max, no v1 cpu controller)"
+    )]
+    NoCpuControl,
+    #[error("no block I/O control for the workload's cgroup (no io.max, no v1 blkio)")]
+    NoIoControl,
+    #[error("no block devices under {}", dir.display())]
+    NoBlockDevices { dir: PathBuf },
+    /// Some processes did not take SIGTERM (the others did).
+    #[error(
+        "SIGTERM refused for {} of {} processes ({}); the agent needs CAP_KILL",
+        refused.len(),
+        refused.len() + sent,
+        refused_list(refused)
+    )]
+    SigtermRefused {
+        sent: usize,
+        refused: Vec<(i32, std::io::Error)>,
+    },
+}
+
+/// Why a throttle could not be planned, applied or released, whichever actuator it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ActuatorError {
+    #[error(transparent)]
+    Cgroup(#[from] ActuateError),
+    #[error(transparent)]
+    Freeze(#[from] super::freeze::FreezeError),
+    #[error(transparent)]
+    Egress(#[from] tally_ebpf::Error),
+    #[error("no freeze file")]
+    NoFreezeFile,
+    #[error("the network programs are not loaded")]
+    NoNetworkPrograms,
+    #[error("the workload has no cgroup2 directory for the egress program")]
+    NoCgroup2,
+}
+
+fn refused_list(refused: &[(i32, std::io::Error)]) -> String {
+    let each: Vec<String> = refused
+        .iter()
+        .map(|(pid, e)| format!("{pid}: {e}"))
+        .collect();
+    each.join(", ")
+}
+
 /// Where a workload's cgroup is in each hierarchy.
 #[derive(Debug, Clone)]
 pub struct CgroupDirs {
@@ -41,7 +113,7 @@ impl CgroupDirs {
 
     /// The file that freezes the cgroup: `cgroup.freeze` where cgroup2 has it, else v1's
     /// `freezer.state`.
-    pub fn freeze_file(&self) -> Result<PathBuf, String> {
+    pub fn freeze_file(&self) -> Result<PathBuf, ActuateError> {
         if let Some(dir) = &self.unified {
             let f = dir.join("cgroup.freeze");
             if f.is_file() {
@@ -51,16 +123,16 @@ impl CgroupDirs {
         if let Some(dir) = &self.freezer {
             return Ok(dir.join("freezer.state"));
         }
-        Err("the workload's cgroup has neither cgroup.freeze (v2) nor a v1 freezer".to_owned())
+        Err(ActuateError::NoFreezer)
     }
 
     /// Every process of the workload (from the first hierarchy that has it).
-    pub fn pids(&self) -> Result<Vec<i32>, String> {
+    pub fn pids(&self) -> Result<Vec<i32>, ActuateError> {
         let dir = [&self.unified, &self.cpu, &self.freezer, &self.blkio]
             .into_iter()
             .flatten()
             .next()
-            .ok_or("the workload has no cgroup directory")?;
+            .ok_or(ActuateError::NoCgroup)?;
         let procs = read(&dir.join("cgroup.procs"))?;
         Ok(procs
             .lines()
@@ -69,13 +141,16 @@ impl CgroupDirs {
     }
 }
 
-fn read(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+fn read(path: &Path) -> Result<String, ActuateError> {
+    std::fs::read_to_string(path).map_err(|source| ActuateError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// CPU bandwidth of `cores`: `cpu.max` on cgroup2 where the cpu controller is enabled, else
 /// the v1 `cpu.cfs_quota_us`.
-pub fn plan_cpu(dirs: &CgroupDirs, cores: f64) -> Result<Vec<FileWrite>, String> {
+pub fn plan_cpu(dirs: &CgroupDirs, cores: f64) -> Result<Vec<FileWrite>, ActuateError> {
     if let Some(dir) = &dirs.unified {
         let file = dir.join("cpu.max");
         if file.is_file() {
@@ -116,10 +191,7 @@ pub fn plan_cpu(dirs: &CgroupDirs, cores: f64) -> Result<Vec<FileWrite>, String>
             applied: applied.to_string(),
         }]);
     }
-    Err(
-        "no CPU bandwidth control for the workload's cgroup (no cpu.max, no v1 cpu controller)"
-            .to_owned(),
-    )
+    Err(ActuateError::NoCpuControl)
 }
 
 fn quota_us(cores: f64, period: u64) -> u64 {
@@ -132,13 +204,12 @@ pub fn plan_disk(
     dirs: &CgroupDirs,
     sys_root: &Path,
     bytes_per_sec: f64,
-) -> Result<Vec<FileWrite>, String> {
+) -> Result<Vec<FileWrite>, ActuateError> {
     let devices = whole_disks(sys_root)?;
     if devices.is_empty() {
-        return Err(format!(
-            "no block devices under {}",
-            sys_root.join("block").display()
-        ));
+        return Err(ActuateError::NoBlockDevices {
+            dir: sys_root.join("block"),
+        });
     }
     let bps = (bytes_per_sec.round() as u64).max(1);
     if let Some(dir) = &dirs.unified {
@@ -192,15 +263,17 @@ pub fn plan_disk(
         }
         return Ok(writes);
     }
-    Err("no block I/O control for the workload's cgroup (no io.max, no v1 blkio)".to_owned())
+    Err(ActuateError::NoIoControl)
 }
 
 /// `major:minor` of every whole disk that is a real device (not loop, ram or zram: they have
 /// no `device` link), falling back to every disk when none has one (virtual machines).
-fn whole_disks(sys_root: &Path) -> Result<Vec<String>, String> {
+fn whole_disks(sys_root: &Path) -> Result<Vec<String>, ActuateError> {
     let block = sys_root.join("block");
-    let entries =
-        std::fs::read_dir(&block).map_err(|e| format!("listing {}: {e}", block.display()))?;
+    let entries = std::fs::read_dir(&block).map_err(|source| ActuateError::List {
+        dir: block.clone(),
+        source,
+    })?;
     let mut real = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path();
@@ -218,16 +291,19 @@ fn whole_disks(sys_root: &Path) -> Result<Vec<String>, String> {
 }
 
 /// Writes every planned value, in order.
-pub fn apply(writes: &[FileWrite]) -> Result<(), String> {
+pub fn apply(writes: &[FileWrite]) -> Result<(), ActuateError> {
     for w in writes {
-        std::fs::write(&w.path, &w.applied)
-            .map_err(|e| format!("writing `{}` to {}: {e}", w.applied, w.path.display()))?;
+        std::fs::write(&w.path, &w.applied).map_err(|source| ActuateError::Write {
+            path: w.path.clone(),
+            value: w.applied.clone(),
+            source,
+        })?;
     }
     Ok(())
 }
 
 /// Sends SIGTERM to every process of the workload; returns how many got it.
-pub fn terminate(dirs: &CgroupDirs) -> Result<usize, String> {
+pub fn terminate(dirs: &CgroupDirs) -> Result<usize, ActuateError> {
     let mut sent = 0;
     let mut refused = Vec::new();
     for pid in dirs.pids()? {
@@ -238,19 +314,14 @@ pub fn terminate(dirs: &CgroupDirs) -> Result<usize, String> {
             let e = std::io::Error::last_os_error();
             // A process that exited meanwhile is no failure.
             if e.raw_os_error() != Some(libc::ESRCH) {
-                refused.push(format!("{pid}: {e}"));
+                refused.push((pid, e));
             }
         }
     }
     if refused.is_empty() {
         Ok(sent)
     } else {
-        Err(format!(
-            "SIGTERM refused for {} of {} processes ({}); the agent needs CAP_KILL",
-            refused.len(),
-            refused.len() + sent,
-            refused.join(", ")
-        ))
+        Err(ActuateError::SigtermRefused { sent, refused })
     }
 }
 
@@ -286,6 +357,29 @@ mod tests {
         assert_eq!(w[0].applied, "15000 50000");
         let w = plan_cpu(&d, 0.5).unwrap();
         assert_eq!(w[0].applied, "20000 50000", "a tighter pod limit stays");
+    }
+
+    #[test]
+    fn errors_chain_to_the_lines_the_log_had() {
+        let root = tempfile::tempdir().unwrap();
+        let e = plan_cpu(&dirs(root.path()), 0.5).unwrap_err();
+        let file = root.path().join("cpu/cpu.cfs_quota_us");
+        assert_eq!(
+            tally_ebpf::chain(&e),
+            format!(
+                "reading {}: No such file or directory (os error 2)",
+                file.display()
+            )
+        );
+        let e = ActuateError::SigtermRefused {
+            sent: 2,
+            refused: vec![(7, std::io::Error::from_raw_os_error(libc::EPERM))],
+        };
+        assert_eq!(
+            e.to_string(),
+            "SIGTERM refused for 1 of 3 processes (7: Operation not permitted (os error 1)); \
+             the agent needs CAP_KILL"
+        );
     }
 
     #[test]

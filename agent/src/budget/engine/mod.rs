@@ -363,7 +363,7 @@ impl Engine {
             self.save(now);
         }
         for (file, e) in self.freezer.take_failures() {
-            tracing::warn!(file = %file.display(), error = %e, "freeze cycle write failed");
+            tracing::warn!(file = %file.display(), error = %tally_ebpf::chain(&e), "freeze cycle write failed");
             let budget = self
                 .throttles
                 .values()

@@ -2,6 +2,8 @@
 //! the state file first), releasing, and noticing when one holds a workload back.
 
 use super::*;
+use crate::budget::actuate::ActuatorError;
+use tally_ebpf::chain;
 
 impl Engine {
     /// Marks the subjects whose throttles held them back since the last tick.
@@ -181,18 +183,21 @@ impl Engine {
                     continue;
                 }
             }
-            let plan = match action {
-                Action::Cpu => actuate::plan_cpu(&dirs, setting).map(|w| (w, None)),
-                Action::Disk => {
-                    actuate::plan_disk(&dirs, &self.sys_root, setting).map(|w| (w, None))
-                }
-                Action::Freeze => dirs.freeze_file().map(|f| (Vec::new(), Some(f))),
+            let plan: Result<_, ActuatorError> = match action {
+                Action::Cpu => actuate::plan_cpu(&dirs, setting)
+                    .map(|w| (w, None))
+                    .map_err(ActuatorError::from),
+                Action::Disk => actuate::plan_disk(&dirs, &self.sys_root, setting)
+                    .map(|w| (w, None))
+                    .map_err(ActuatorError::from),
+                Action::Freeze => dirs
+                    .freeze_file()
+                    .map(|f| (Vec::new(), Some(f)))
+                    .map_err(ActuatorError::from),
                 Action::Network => match v2_id {
                     Some(_) if inputs.net.is_some() => Ok((Vec::new(), None)),
-                    Some(_) => Err("the network programs are not loaded".to_owned()),
-                    None => Err(
-                        "the workload has no cgroup2 directory for the egress program".to_owned(),
-                    ),
+                    Some(_) => Err(ActuatorError::NoNetworkPrograms),
+                    None => Err(ActuatorError::NoCgroup2),
                 },
                 Action::Terminate => Ok((Vec::new(), None)),
                 Action::Alert => continue,
@@ -200,7 +205,7 @@ impl Engine {
             let (mut writes, freeze) = match plan {
                 Ok(p) => p,
                 Err(e) => {
-                    self.fail(&key.0, action, "unavailable", &e);
+                    self.fail(&key.0, action, "unavailable", &chain(&e));
                     continue;
                 }
             };
@@ -243,10 +248,12 @@ impl Engine {
                 continue;
             };
             let result = match action {
-                Action::Cpu | Action::Disk => actuate::apply(&t.writes),
+                Action::Cpu | Action::Disk => {
+                    actuate::apply(&t.writes).map_err(ActuatorError::from)
+                }
                 Action::Freeze => match &t.freeze {
-                    Some(file) => self.freezer.set(file, setting),
-                    None => Err("no freeze file".to_owned()),
+                    Some(file) => self.freezer.set(file, setting).map_err(ActuatorError::from),
+                    None => Err(ActuatorError::NoFreezeFile),
                 },
                 Action::Network => match (t.egress, inputs.net.as_deref_mut()) {
                     (Some(e), Some(net)) => {
@@ -257,9 +264,9 @@ impl Engine {
                             rate as u64,
                             (rate * BURST_SECS).max(MIN_BURST) as u64,
                         )
-                        .map_err(|e| tally_ebpf::chain(&e))
+                        .map_err(ActuatorError::from)
                     }
-                    _ => Err("the network programs are not loaded".to_owned()),
+                    _ => Err(ActuatorError::NoNetworkPrograms),
                 },
                 Action::Terminate if first => {
                     let member = self
@@ -268,9 +275,11 @@ impl Engine {
                         .flat_map(|s| s.members.iter())
                         .find(|(w, _, _)| *w == key.1);
                     match member {
-                        Some((_, dirs, _)) => actuate::terminate(dirs).map(|n| {
-                            tracing::warn!(budget = %key.0, workload = %key.1, processes = n, "sent SIGTERM");
-                        }),
+                        Some((_, dirs, _)) => actuate::terminate(dirs)
+                            .map(|n| {
+                                tracing::warn!(budget = %key.0, workload = %key.1, processes = n, "sent SIGTERM");
+                            })
+                            .map_err(ActuatorError::from),
                         None => Ok(()),
                     }
                 }
@@ -284,7 +293,7 @@ impl Engine {
                         self.applied.insert(key.clone(), latency);
                     }
                 }
-                Err(e) => self.fail(&key.0, action, "apply", &e),
+                Err(e) => self.fail(&key.0, action, "apply", &chain(&e)),
             }
         }
     }
@@ -292,12 +301,12 @@ impl Engine {
     pub(super) fn release(&mut self, t: &Throttle, net: Option<&mut tally_ebpf::net::Net>) {
         if let Some(file) = &t.freeze {
             if let Err(e) = self.freezer.remove(file) {
-                self.fail(&t.budget, t.action, "release", &e);
+                self.fail(&t.budget, t.action, "release", &chain(&e));
             }
         }
         if let (Some(e), Some(net)) = (t.egress, net) {
             if let Err(err) = net.clear_egress_limit(e.cgroup_id, e.scope) {
-                self.fail(&t.budget, t.action, "release", &tally_ebpf::chain(&err));
+                self.fail(&t.budget, t.action, "release", &chain(&err));
             }
         }
         for e in state::release_files(t) {
@@ -305,6 +314,7 @@ impl Engine {
         }
     }
 
+    /// Counts an enforcement failure under (budget, action, reason).
     pub(super) fn fail(&mut self, budget: &str, action: Action, reason: &'static str, error: &str) {
         let key = (budget.to_owned(), action.as_str(), reason.to_owned());
         let n = self.errors.entry(key).or_default();
