@@ -2,7 +2,7 @@
 //! ledger, the decisions, the actuators that throttle, the state file that makes every throttle
 //! reversible, and alerts.
 
-pub mod actuate;
+pub mod actuator;
 pub mod engine;
 pub mod freeze;
 pub mod state;
