@@ -43,8 +43,13 @@ pub struct Ticker {
 impl Ticker {
     pub fn new(config: &Config, cri: Option<CriHandle>) -> Result<Self, NoHierarchy> {
         let layout = Layout::detect(&config.paths.cgroup_root)?;
+        let mut bpf = start_bpf(config, &layout);
+        let mut budgets = crate::budget::Engine::new(config);
+        if let Some(limits) = bpf.take_egress_limits() {
+            budgets.set_egress_map(Box::new(limits));
+        }
         Ok(Self {
-            bpf: start_bpf(config, &layout),
+            bpf,
             gpu: crate::gpu::GpuSource::start(config, config.tick_interval()),
             rdma: crate::rdma::RdmaSource::start(config),
             host: Arc::new(Workload::new(PathIdentity::Host, Names::default())),
@@ -59,7 +64,7 @@ impl Ticker {
             lost: Vec::new(),
             otlp: None,
             pod_resources: None,
-            budgets: crate::budget::Engine::new(config),
+            budgets,
             alert_stats: None,
         })
     }
@@ -97,7 +102,7 @@ impl Ticker {
 
     /// Releases every throttle and saves the budget windows (graceful stop).
     pub fn shutdown(&mut self) {
-        self.budgets.shutdown(self.bpf.net_mut());
+        self.budgets.shutdown();
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -183,7 +188,6 @@ impl Ticker {
                 layout: self.collector.layout(),
                 gpu_memory: self.gpu.memory_held(),
                 gpu_models: self.gpu.models(),
-                net: self.bpf.net_mut(),
                 tick_started: started,
             });
         }

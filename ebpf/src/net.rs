@@ -1,6 +1,7 @@
 //! Network bytes per cgroup, direction and destination scope: the `net_egress` / `net_ingress`
 //! `cgroup_skb` programs attached at the cgroup v2 root, and the LPM tries that classify remote
-//! addresses. `net_egress` also enforces the egress rate limits ([`crate::throttle`]).
+//! addresses. `net_egress` also enforces the egress rate limits ([`crate::throttle`]), whose maps
+//! [`Net::take_egress_limits`] hands over.
 
 use std::fs::File;
 use std::net::IpAddr;
@@ -13,7 +14,7 @@ use aya::programs::{CgroupAttachMode, CgroupSkb};
 use aya::{Ebpf, EbpfLoader};
 use tally_ebpf_common::{NetKey, NetValue};
 
-use crate::throttle::{EgressLimitSetting, EgressLimits};
+use crate::throttle::EgressLimits;
 use crate::{Error, ProgramStats, TALLY_OBJECT};
 
 const OBJECT: &str = "tally.bpf.o";
@@ -49,7 +50,7 @@ pub struct Net {
     v4: LpmTrie<MapData, [u8; 4], u32>,
     v6: LpmTrie<MapData, [u8; 16], u32>,
     installed: Vec<ScopeCidr>,
-    limits: EgressLimits,
+    limits: Option<EgressLimits>,
 }
 
 impl Net {
@@ -95,11 +96,11 @@ impl Net {
         let lost = take_map(&mut ebpf, "NET_LOST")?;
         let v4 = take_map(&mut ebpf, "SCOPES_V4")?;
         let v6 = take_map(&mut ebpf, "SCOPES_V6")?;
-        let limits = EgressLimits::new(
+        let limits = Some(EgressLimits::new(
             take_map(&mut ebpf, "EGRESS_LIMITS")?,
             take_map(&mut ebpf, "EGRESS_LIMITS_ACTIVE")?,
             take_map(&mut ebpf, "EGRESS_DROPS")?,
-        );
+        ));
         let mut net = Net {
             ebpf,
             stats,
@@ -169,54 +170,9 @@ impl Net {
         crate::source::read_lost(&self.lost, "NET_LOST")
     }
 
-    /// Limits the egress of `cgroup_id` towards `scope` (one of `tally_ebpf_common::scope`'s
-    /// values; `None`: all its egress together) to `bytes_per_sec`, with bursts of up to
-    /// `burst_bytes`, counted from the IP header on. A packet passes only when every limit that
-    /// applies to it (its scope's and the all-scopes one) has room, and is charged to each.
-    /// Packets over a limit are dropped: TCP is told it was congestion and sends them again
-    /// later; UDP counts them in `SndbufErrors`, and `send()` fails with ENOBUFS only on a socket
-    /// with IP_RECVERR. They are counted in [`Net::egress_drops`], not as egress in [`Net::read`].
-    ///
-    /// A new limit starts with a full bucket; setting the same limit again changes nothing, and
-    /// changing a limit keeps its bucket's level. For TCP the burst should hold at least 200 ms
-    /// of the rate: a segment dropped while nothing else is in flight (loopback, sub-millisecond
-    /// paths, or low rates with 64 KiB segments) is sent again by the probe timer, after
-    /// `TCP_RTO_MIN`, and a smaller bucket overflows meanwhile (measured on loopback at 10 MB/s:
-    /// a 1 MB burst gives 4.7 MB/s, 2.5 MB gives 9.9-10.0 MB/s). Errors: a scope that does not
-    /// exist, a rate below [`crate::throttle::MIN_EGRESS_BYTES_PER_SEC`], a zero burst, or
-    /// [`Error::MapFull`] beyond [`crate::throttle::MAX_EGRESS_LIMITS`] limits.
-    pub fn set_egress_limit(
-        &mut self,
-        cgroup_id: u64,
-        scope: Option<u32>,
-        bytes_per_sec: u64,
-        burst_bytes: u64,
-    ) -> Result<(), Error> {
-        self.limits
-            .set(cgroup_id, scope, bytes_per_sec, burst_bytes)
-    }
-
-    /// Removes the limit `set_egress_limit` set for `cgroup_id` and `scope`; nothing when none
-    /// is set. Its drop counters stay until [`Net::remove_egress_drops`].
-    pub fn clear_egress_limit(&mut self, cgroup_id: u64, scope: Option<u32>) -> Result<(), Error> {
-        self.limits.clear(cgroup_id, scope)
-    }
-
-    /// Every limit set, ordered by cgroup id, then scope (all scopes last).
-    pub fn egress_limits(&self) -> Vec<EgressLimitSetting> {
-        self.limits.settings()
-    }
-
-    /// Packets and bytes dropped over a limit since load, per cgroup:
-    /// `(cgroup_id, packets, bytes)`, summed over CPUs.
-    pub fn egress_drops(&self) -> Result<Vec<(u64, u64, u64)>, Error> {
-        self.limits.drops()
-    }
-
-    /// Deletes the drop counters of cgroups that no longer exist, after their final values were
-    /// read.
-    pub fn remove_egress_drops(&mut self, cgroup_ids: &[u64]) -> Result<(), Error> {
-        self.limits.remove_drops(cgroup_ids)
+    /// Hands the egress limit maps over to whoever enforces limits; `None` once taken.
+    pub fn take_egress_limits(&mut self) -> Option<EgressLimits> {
+        self.limits.take()
     }
 
     pub fn program_stats(&self) -> Vec<ProgramStats> {
@@ -231,7 +187,7 @@ impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Net")
             .field("scopes", &self.installed)
-            .field("egress_limits", &self.limits.settings().len())
+            .field("egress_limits", &self.limits)
             .finish_non_exhaustive()
     }
 }

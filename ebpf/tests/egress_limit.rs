@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::{privileged, unified_root, TestCgroup};
 use tally_ebpf::net::{Net, NetConfig};
-use tally_ebpf::throttle::{EgressLimitSetting, MAX_EGRESS_LIMITS};
+use tally_ebpf::throttle::{EgressLimitSetting, EgressLimits, MAX_EGRESS_LIMITS};
 use tally_ebpf::{direction, scope, Error};
 
 /// The budget of the acceptance test: 10 MB/s (10^7 bytes a second).
@@ -266,8 +266,9 @@ fn assert_unlimited(what: &str, measured: Measured) {
 }
 
 #[expect(clippy::unwrap_used, reason = "test helper")]
-fn drops(net: &Net, cgroup_id: u64) -> (u64, u64) {
-    net.egress_drops()
+fn drops(limits: &EgressLimits, cgroup_id: u64) -> (u64, u64) {
+    limits
+        .drops()
         .unwrap()
         .into_iter()
         .find(|(id, _, _)| *id == cgroup_id)
@@ -336,18 +337,19 @@ fn udp_flood_is_held_to_the_limit() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut net = load();
+    let mut limits = net.take_egress_limits().unwrap();
     let cgroup = TestCgroup::create("egress-udp");
     let burst = RATE / 10;
-    net.set_egress_limit(cgroup.id(), None, RATE, burst)
-        .unwrap();
-    net.set_egress_limit(cgroup.id(), Some(scope::NODE), 4 * RATE, burst)
+    limits.set(cgroup.id(), None, RATE, burst).unwrap();
+    limits
+        .set(cgroup.id(), Some(scope::NODE), 4 * RATE, burst)
         .unwrap();
     let started = Instant::now();
     let limited = measure(&cgroup, Proto::Udp, WINDOW);
     let ran = started.elapsed().as_secs_f64();
     assert_near_limit("udp, limit on all scopes", limited, burst);
 
-    let (packets, bytes) = drops(&net, cgroup.id());
+    let (packets, bytes) = drops(&limits, cgroup.id());
     eprintln!("udp: {packets} packets, {bytes} bytes dropped");
     assert!(packets > 0 && bytes >= packets * (DATAGRAM as u64 + UDP_HEADERS));
     // Only what passed is metered as egress: at most the burst and the rate for as long as the
@@ -359,10 +361,9 @@ fn udp_flood_is_held_to_the_limit() {
         "metered {egress} bytes of egress, more than {most} could pass"
     );
 
-    net.clear_egress_limit(cgroup.id(), None).unwrap();
-    net.clear_egress_limit(cgroup.id(), Some(scope::NODE))
-        .unwrap();
-    assert!(net.egress_limits().is_empty());
+    limits.clear(cgroup.id(), None).unwrap();
+    limits.clear(cgroup.id(), Some(scope::NODE)).unwrap();
+    assert!(limits.settings().is_empty());
     assert_unlimited(
         "udp, limit cleared",
         measure(&cgroup, Proto::Udp, FREE_WINDOW),
@@ -385,20 +386,22 @@ fn tcp_stream_is_held_to_the_limit() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut net = load();
+    let mut limits = net.take_egress_limits().unwrap();
     let cgroup = TestCgroup::create("egress-tcp");
     let burst = RATE / 4;
-    net.set_egress_limit(cgroup.id(), Some(scope::NODE), RATE, burst)
+    limits
+        .set(cgroup.id(), Some(scope::NODE), RATE, burst)
         .unwrap();
     let limited = measure(&cgroup, Proto::Tcp, WINDOW);
-    let (packets, bytes) = drops(&net, cgroup.id());
+    let (packets, bytes) = drops(&limits, cgroup.id());
     eprintln!("tcp: {packets} packets, {bytes} bytes dropped");
     assert_near_limit("tcp, limit on scope node", limited, burst);
     assert!(packets > 0, "no drop counted");
 
-    net.clear_egress_limit(cgroup.id(), Some(scope::NODE))
-        .unwrap();
+    limits.clear(cgroup.id(), Some(scope::NODE)).unwrap();
     // A limit on another scope does not touch loopback traffic.
-    net.set_egress_limit(cgroup.id(), Some(scope::INTERNET), RATE, burst)
+    limits
+        .set(cgroup.id(), Some(scope::INTERNET), RATE, burst)
         .unwrap();
     assert_unlimited(
         "tcp, node limit cleared, internet limit set",
@@ -412,10 +415,11 @@ fn limits_are_validated_listed_and_bounded() {
         return;
     }
     let mut net = load();
+    let mut limits = net.take_egress_limits().unwrap();
     let bad = [
-        net.set_egress_limit(1, Some(scope::COUNT as u32), RATE, 1),
-        net.set_egress_limit(1, None, 0, 1),
-        net.set_egress_limit(1, None, RATE, 0),
+        limits.set(1, Some(scope::COUNT as u32), RATE, 1),
+        limits.set(1, None, 0, 1),
+        limits.set(1, None, RATE, 0),
     ];
     for result in bad {
         assert!(
@@ -423,17 +427,15 @@ fn limits_are_validated_listed_and_bounded() {
             "{result:?}"
         );
     }
-    assert!(net.egress_limits().is_empty());
+    assert!(limits.settings().is_empty());
 
-    net.set_egress_limit(7, Some(scope::ZONE), RATE, 1000)
-        .unwrap();
-    net.set_egress_limit(7, None, 2 * RATE, 2000).unwrap();
+    limits.set(7, Some(scope::ZONE), RATE, 1000).unwrap();
+    limits.set(7, None, 2 * RATE, 2000).unwrap();
     // The same limit again changes nothing; a new rate replaces the old.
-    net.set_egress_limit(7, None, 2 * RATE, 2000).unwrap();
-    net.set_egress_limit(7, Some(scope::ZONE), 3 * RATE, 1000)
-        .unwrap();
+    limits.set(7, None, 2 * RATE, 2000).unwrap();
+    limits.set(7, Some(scope::ZONE), 3 * RATE, 1000).unwrap();
     assert_eq!(
-        net.egress_limits(),
+        limits.settings(),
         [
             EgressLimitSetting {
                 cgroup_id: 7,
@@ -453,10 +455,10 @@ fn limits_are_validated_listed_and_bounded() {
     // Fill the map: the next new limit is refused with a clear error, an existing one can still
     // change, and clearing one makes room.
     for id in 100..u64::from(MAX_EGRESS_LIMITS) + 98 {
-        net.set_egress_limit(id, None, RATE, 1000).unwrap();
+        limits.set(id, None, RATE, 1000).unwrap();
     }
-    assert_eq!(net.egress_limits().len(), MAX_EGRESS_LIMITS as usize);
-    let full = net.set_egress_limit(1, None, RATE, 1000);
+    assert_eq!(limits.settings().len(), MAX_EGRESS_LIMITS as usize);
+    let full = limits.set(1, None, RATE, 1000);
     assert!(
         matches!(
             full,
@@ -471,11 +473,11 @@ fn limits_are_validated_listed_and_bounded() {
         full.unwrap_err().to_string(),
         format!("map `EGRESS_LIMITS` is full ({MAX_EGRESS_LIMITS} entries)")
     );
-    net.set_egress_limit(100, None, 2 * RATE, 1000).unwrap();
-    net.clear_egress_limit(100, None).unwrap();
-    net.set_egress_limit(1, None, RATE, 1000).unwrap();
+    limits.set(100, None, 2 * RATE, 1000).unwrap();
+    limits.clear(100, None).unwrap();
+    limits.set(1, None, RATE, 1000).unwrap();
     // Clearing what is not set is not an error.
-    net.clear_egress_limit(100, None).unwrap();
-    net.clear_egress_limit(2, Some(scope::NODE)).unwrap();
-    assert_eq!(net.egress_limits().len(), MAX_EGRESS_LIMITS as usize);
+    limits.clear(100, None).unwrap();
+    limits.clear(2, Some(scope::NODE)).unwrap();
+    assert_eq!(limits.settings().len(), MAX_EGRESS_LIMITS as usize);
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tally_ebpf::disk::{Disk, DiskConfig};
 use tally_ebpf::net::{Net, NetConfig};
 use tally_ebpf::tcp::{Tcp, TcpConfig};
+use tally_ebpf::throttle::EgressLimits;
 use tally_ebpf::{DiskValue, NetKey, NetValue, ProbeStatus, ProgramStats, TcpValue};
 use tally_error_chain::chain;
 
@@ -87,9 +88,10 @@ fn swap<K: Eq + Hash, V: Copy + Default>(last: &mut HashMap<K, V>, key: K, value
 }
 
 impl BpfSources {
-    /// The network programs, for egress throttles.
-    pub fn net_mut(&mut self) -> Option<&mut Net> {
-        self.net.as_mut()
+    /// Hands the egress limit maps over to the budget engine's egress actuator; `None` without
+    /// the network programs, or once taken.
+    pub fn take_egress_limits(&mut self) -> Option<EgressLimits> {
+        self.net.as_mut()?.take_egress_limits()
     }
 
     /// Loads what this kernel and configuration allow; failures become probe statuses, never

@@ -16,6 +16,39 @@ use std::time::{Duration, Instant};
 
 use super::state::thawed_value;
 
+/// What went wrong duty-cycling a cgroup or talking to the guard.
+#[derive(Debug, thiserror::Error)]
+pub enum FreezeError {
+    #[error("thawing {}", path.display())]
+    Thaw {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the freeze thread")]
+    StartThread(#[source] std::io::Error),
+    #[error("starting the freeze guard ({} freeze-guard)", program.display())]
+    StartGuard {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the freeze guard has no stdin")]
+    GuardStdin,
+    #[error("telling the freeze guard")]
+    TellGuard(#[source] std::io::Error),
+}
+
+/// A write of the cycle thread that failed: the thaw at the start of a cycle, or the freeze
+/// when the cgroup's share has run.
+#[derive(Debug, thiserror::Error)]
+pub enum CycleError {
+    #[error("thaw")]
+    Thaw(#[source] std::io::Error),
+    #[error("freeze")]
+    Freeze(#[source] std::io::Error),
+}
+
 /// The freeze file of a cgroup: `cgroup.freeze` (v2) or `freezer.state` (v1).
 pub fn frozen_value(freeze_file: &Path) -> &'static str {
     if freeze_file.ends_with("freezer.state") {
@@ -32,7 +65,7 @@ struct Cycle {
     shares: HashMap<PathBuf, f64>,
     stop: bool,
     /// Write failures, by file, since last taken.
-    failures: HashMap<PathBuf, String>,
+    failures: HashMap<PathBuf, CycleError>,
 }
 
 #[derive(Debug, Default)]
@@ -87,7 +120,7 @@ impl Freezer {
 
     /// Duty-cycles the cgroup whose freeze file is `file` so it runs `share` of each cycle.
     /// The guard learns of it first: no freeze happens that the guard could not undo.
-    pub fn set(&mut self, file: &Path, share: f64) -> Result<(), String> {
+    pub fn set(&mut self, file: &Path, share: f64) -> Result<(), FreezeError> {
         let known = self.lock().shares.contains_key(file);
         if !known {
             self.tell_guard(&format!("+{}", file.display()))?;
@@ -101,10 +134,14 @@ impl Freezer {
     }
 
     /// Stops duty-cycling `file` and thaws it.
-    pub fn remove(&mut self, file: &Path) -> Result<(), String> {
+    pub fn remove(&mut self, file: &Path) -> Result<(), FreezeError> {
         let removed = self.lock().shares.remove(file).is_some();
-        let thawed = super::state::write_existing(file, thawed_value(file))
-            .map_err(|e| format!("thawing {}: {e}", file.display()));
+        let thawed = super::state::write_existing(file, thawed_value(file)).map_err(|source| {
+            FreezeError::Thaw {
+                path: file.to_owned(),
+                source,
+            }
+        });
         if removed {
             // Best effort: the guard thawing an already thawed cgroup is harmless.
             let _ = self.tell_guard(&format!("-{}", file.display()));
@@ -117,7 +154,7 @@ impl Freezer {
     }
 
     /// Write failures of the cycle thread since the last call.
-    pub fn take_failures(&self) -> HashMap<PathBuf, String> {
+    pub fn take_failures(&self) -> HashMap<PathBuf, CycleError> {
         std::mem::take(&mut self.lock().failures)
     }
 
@@ -143,7 +180,7 @@ impl Freezer {
         }
     }
 
-    fn ensure_thread(&mut self) -> Result<(), String> {
+    fn ensure_thread(&mut self) -> Result<(), FreezeError> {
         if self.thread.is_some() {
             return Ok(());
         }
@@ -151,58 +188,59 @@ impl Freezer {
         let thread = std::thread::Builder::new()
             .name("tally-freeze".into())
             .spawn(move || run_cycles(&shared))
-            .map_err(|e| format!("starting the freeze thread: {e}"))?;
+            .map_err(FreezeError::StartThread)?;
         self.thread = Some(thread);
         Ok(())
     }
 
-    fn tell_guard(&mut self, line: &str) -> Result<(), String> {
-        for attempt in 0..2 {
-            if self.guard.is_none() {
-                self.guard = Some(self.spawn_guard()?);
-                // A new guard knows nothing yet: tell it every cgroup already cycled.
+    /// Sends `line` to the guard; when that fails, to another guard started in its place.
+    fn tell_guard(&mut self, line: &str) -> Result<(), FreezeError> {
+        if let Err(e) = send(self.guard()?, line) {
+            tracing::warn!(error = %tally_ebpf::chain(&e), "the freeze guard is gone; starting another");
+            if let Some(mut old) = self.guard.take() {
+                let _ = old.child.kill();
+                let _ = old.child.wait();
+            }
+            send(self.guard()?, line)?;
+        }
+        Ok(())
+    }
+
+    /// The guard, started when there is none (and told every cgroup already cycled: a new
+    /// guard knows nothing yet).
+    fn guard(&mut self) -> Result<&mut Guard, FreezeError> {
+        match self.guard {
+            Some(ref mut guard) => Ok(guard),
+            None => {
+                let mut guard = self.spawn_guard()?;
                 let known: Vec<PathBuf> = self.lock().shares.keys().cloned().collect();
                 for file in known {
-                    self.send(&format!("+{}", file.display()))?;
+                    send(&mut guard, &format!("+{}", file.display()))?;
                 }
-            }
-            match self.send(line) {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt == 0 => {
-                    tracing::warn!(error = %e, "the freeze guard is gone; starting another");
-                    if let Some(mut old) = self.guard.take() {
-                        let _ = old.child.kill();
-                        let _ = old.child.wait();
-                    }
-                }
-                Err(e) => return Err(e),
+                Ok(self.guard.insert(guard))
             }
         }
-        Err("the freeze guard keeps failing".to_owned())
     }
 
-    fn send(&mut self, line: &str) -> Result<(), String> {
-        let guard = self.guard.as_mut().ok_or("no freeze guard")?;
-        writeln!(guard.stdin, "{line}")
-            .and_then(|()| guard.stdin.flush())
-            .map_err(|e| format!("telling the freeze guard: {e}"))
-    }
-
-    fn spawn_guard(&self) -> Result<Guard, String> {
+    fn spawn_guard(&self) -> Result<Guard, FreezeError> {
         let mut child = Command::new(&self.guard_program)
             .arg("freeze-guard")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
-            .map_err(|e| {
-                format!(
-                    "starting the freeze guard ({} freeze-guard): {e}",
-                    self.guard_program.display()
-                )
+            .map_err(|source| FreezeError::StartGuard {
+                program: self.guard_program.clone(),
+                source,
             })?;
-        let stdin = child.stdin.take().ok_or("the freeze guard has no stdin")?;
+        let stdin = child.stdin.take().ok_or(FreezeError::GuardStdin)?;
         Ok(Guard { child, stdin })
     }
+}
+
+fn send(guard: &mut Guard, line: &str) -> Result<(), FreezeError> {
+    writeln!(guard.stdin, "{line}")
+        .and_then(|()| guard.stdin.flush())
+        .map_err(FreezeError::TellGuard)
 }
 
 impl Drop for Freezer {
@@ -238,7 +276,7 @@ fn run_cycles(shared: &Shared) {
                         frozen.insert(file.clone(), false);
                     }
                     Err(e) => {
-                        failures.insert(file.clone(), format!("thaw: {e}"));
+                        failures.insert(file.clone(), CycleError::Thaw(e));
                     }
                 }
             }
@@ -257,7 +295,7 @@ fn run_cycles(shared: &Shared) {
                     frozen.insert(file.clone(), true);
                 }
                 Err(e) => {
-                    failures.insert(file.clone(), format!("freeze: {e}"));
+                    failures.insert(file.clone(), CycleError::Freeze(e));
                 }
             }
         }

@@ -1,9 +1,8 @@
-//! Budgets and local enforcement: the policy, usage windows over the ledger, the decisions, the
-//! actuators that throttle, the state file that makes every throttle reversible, and alerts.
+//! Budgets and local enforcement of the policy in `crate::config::policy`: usage windows over the
+//! ledger, the decisions, the actuators that throttle, the state file that makes every throttle
+//! reversible, and alerts.
 
-pub mod policy;
-
-pub mod actuate;
+pub mod actuator;
 pub mod engine;
 pub mod freeze;
 pub mod state;

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::policy::Action;
 use super::window::Window;
+use crate::config::policy::Action;
 
 pub const FILE_NAME: &str = "state.json";
 const VERSION: u32 = 1;

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use super::policy::{self, Budget};
+use crate::config::policy::{self, Budget};
 
 /// Buckets per sliding window: usage is exact to one bucket, interpolated inside the oldest.
 const BUCKETS: u64 = 60;

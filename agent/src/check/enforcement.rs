@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use tally_error_chain::chain;
 
 use super::{Item, Status};
-use crate::budget::policy::Action;
+use crate::config::policy::Action;
 use crate::config::Config;
 use crate::host::layout::Layout;
 

@@ -1,6 +1,7 @@
 //! The agent's configuration: one TOML file of serde structs, every field with a default, so an
 //! empty file (or none) runs the agent on its embedded defaults.
 
+pub mod policy;
 mod validate;
 
 use std::net::SocketAddr;
@@ -45,10 +46,10 @@ pub struct Config {
     /// Where budget alerts go.
     pub alerts: AlertsConfig,
     /// Prices for `cost` budgets (a policy file's `[prices]` replaces these).
-    pub prices: crate::budget::policy::Prices,
+    pub prices: policy::Prices,
     /// Budgets (`[[budget]]`), or those of `enforcement.policy_file`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub budget: Vec<crate::budget::policy::Budget>,
+    pub budget: Vec<policy::Budget>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -73,7 +73,7 @@ pub(super) fn parse(text: &str) -> Result<Config, ConfigErrors> {
         .into_iter()
         .map(|(path, message)| (path.to_owned(), message))
         .collect();
-    semantic.extend(crate::budget::policy::check(&budgets, &config.prices));
+    semantic.extend(super::policy::check(&budgets, &config.prices));
     if config.enforcement.policy_file.is_some() {
         for (i, _) in &budgets {
             semantic.push((
@@ -95,7 +95,7 @@ pub(super) fn parse(text: &str) -> Result<Config, ConfigErrors> {
 pub(super) fn parse_policy(
     text: &str,
     file: &std::path::Path,
-) -> Result<crate::budget::policy::PolicyFile, ConfigErrors> {
+) -> Result<super::policy::PolicyFile, ConfigErrors> {
     let in_file = |mut errors: Vec<ConfigError>| {
         for e in &mut errors {
             e.file = Some(file.to_path_buf());
@@ -104,18 +104,14 @@ pub(super) fn parse_policy(
     };
     let (mut table, lines) = parse_toml(text).map_err(|e| in_file(e.0))?;
     let budget_items = table.remove("budget");
-    let (policy, mut errors) =
-        deserialize_table::<crate::budget::policy::PolicyFile>(table, &[], &lines);
+    let (policy, mut errors) = deserialize_table::<super::policy::PolicyFile>(table, &[], &lines);
     let Some(mut policy) = policy else {
         return Err(in_file(sorted(errors).0));
     };
     let (budgets, budget_errors) = deserialize_budgets(budget_items, &lines);
     errors.extend(budget_errors);
     let prices = policy.prices.clone().unwrap_or_default();
-    errors.extend(located(
-        crate::budget::policy::check(&budgets, &prices),
-        &lines,
-    ));
+    errors.extend(located(super::policy::check(&budgets, &prices), &lines));
     policy.budget = budgets.into_iter().map(|(_, b)| b).collect();
     if errors.is_empty() {
         Ok(policy)
@@ -129,10 +125,7 @@ pub(super) fn parse_policy(
 fn deserialize_budgets(
     items: Option<toml::Value>,
     lines: &Lines,
-) -> (
-    Vec<(usize, crate::budget::policy::Budget)>,
-    Vec<ConfigError>,
-) {
+) -> (Vec<(usize, super::policy::Budget)>, Vec<ConfigError>) {
     let mut budgets = Vec::new();
     let mut errors = Vec::new();
     let items = match items {

@@ -24,12 +24,11 @@ use std::time::{Duration, Instant, SystemTime};
 use tally_ebpf_common::{direction, scope as net_scope};
 use tally_exporters::{Family, Histogram, LabelSet};
 
-use super::actuate::{self, CgroupDirs};
-use super::freeze::Freezer;
-use super::policy::{self, Action, Budget, Prices, Resource, Target};
-use super::state::{self, Baseline, Egress, SavedWindow, State, Throttle};
+use super::actuator::{Actuators, CgroupDirs, EgressMap};
+use super::state::{self, Baseline, SavedWindow, State, Throttle};
 use super::window::Window;
 use crate::cgroupfs::layout::Layout;
+use crate::config::policy::{self, Action, Budget, Prices, Resource, Target};
 use crate::config::Config;
 use crate::identity::{Names, PathIdentity, Workload};
 use crate::ledger::{CounterId, DiskCounter, Entry, GpuCounter, Ledger};
@@ -41,12 +40,6 @@ const SAVE_EVERY: f64 = 5.0;
 /// Bounds of a steered freeze share, and how far one tick may move it.
 const MIN_SHARE: f64 = 0.02;
 const MAX_STEP: f64 = 2.0;
-/// Burst of a network throttle: this many seconds of its rate. A TCP sender whose every
-/// segment was dropped waits for its probe timer (200 ms at least) before it sends again, so a
-/// bucket holding less than that starves it well below the rate.
-const BURST_SECS: f64 = 0.25;
-/// Smallest burst: a few full-size packets, or nothing gets through.
-const MIN_BURST: f64 = 64.0 * 1024.0;
 
 /// The key of a workload in the state file and the engine's maps.
 pub fn subject_key(identity: &PathIdentity) -> String {
@@ -80,7 +73,6 @@ pub struct Inputs<'a> {
     pub layout: &'a Layout,
     pub gpu_memory: HashMap<PathIdentity, f64>,
     pub gpu_models: HashMap<Arc<str>, Arc<str>>,
-    pub net: Option<&'a mut tally_ebpf::net::Net>,
     /// When the tick that produced these readings started.
     pub tick_started: Instant,
 }
@@ -161,14 +153,13 @@ pub struct Engine {
     budgets: Vec<Compiled>,
     prices: Prices,
     state_dir: PathBuf,
-    sys_root: PathBuf,
     subjects: BTreeMap<(String, String), Subject>,
     /// Last cumulative value per (workload, metric), and whether it came from the state file.
     baselines: HashMap<(String, String), (f64, bool)>,
     tracked: HashSet<String>,
     first_tick: bool,
     throttles: BTreeMap<(String, String), Throttle>,
-    freezer: Freezer,
+    actuators: Actuators,
     alerts: Option<Box<dyn AlertSink>>,
     node: String,
     actions: BTreeMap<(String, &'static str, &'static str), u64>,
@@ -223,13 +214,12 @@ impl Engine {
             budgets: compile(config),
             prices: config.prices.clone(),
             state_dir: config.enforcement.state_dir.clone(),
-            sys_root: config.paths.sys_root.clone(),
             subjects: BTreeMap::new(),
             baselines: HashMap::new(),
             tracked: HashSet::new(),
             first_tick: true,
             throttles: BTreeMap::new(),
-            freezer: Freezer::new(Duration::from_millis(config.enforcement.freeze_period_ms)),
+            actuators: Actuators::new(config),
             alerts: None,
             node: config.node_name(),
             actions: BTreeMap::new(),
@@ -309,15 +299,19 @@ impl Engine {
         self.alerts = Some(sink);
     }
 
+    /// Hands the egress actuator the BPF map network throttles are set in; without one they
+    /// fail as unavailable.
+    pub fn set_egress_map(&mut self, map: Box<dyn EgressMap>) {
+        self.actuators.set_egress_map(map);
+    }
+
     /// Applies a reloaded policy: windows of budgets that still exist are kept; throttles follow
     /// at the next tick (an edited limit releases or tightens there).
     pub fn reconfigure(&mut self, config: &Config) {
         self.enforce = config.enforcement.enabled;
         self.budgets = compile(config);
         self.prices = config.prices.clone();
-        self.sys_root = config.paths.sys_root.clone();
-        self.freezer
-            .set_period(Duration::from_millis(config.enforcement.freeze_period_ms));
+        self.actuators.reconfigure(config);
         let budgets = &self.budgets;
         self.subjects.retain(|(name, _), s| {
             budgets
@@ -341,7 +335,7 @@ impl Engine {
     }
 
     /// One evaluation, after the tick has updated the ledger.
-    pub fn tick(&mut self, mut inputs: Inputs<'_>) {
+    pub fn tick(&mut self, inputs: Inputs<'_>) {
         let now = unix_now();
         let elapsed = self
             .last_tick
@@ -351,10 +345,10 @@ impl Engine {
             return;
         }
         self.charge(&inputs, now);
-        self.find_binding(inputs.net.as_deref());
+        self.find_binding();
         let events = self.decide(now);
         self.steer_freeze(elapsed);
-        self.reconcile(&mut inputs, now);
+        self.reconcile(&inputs, now);
         for (key, event) in events {
             self.announce(&key, event);
         }
@@ -362,8 +356,8 @@ impl Engine {
         if now - self.last_save >= SAVE_EVERY {
             self.save(now);
         }
-        for (file, e) in self.freezer.take_failures() {
-            tracing::warn!(file = %file.display(), error = %e, "freeze cycle write failed");
+        for (file, e) in self.actuators.freeze_failures() {
+            tracing::warn!(file = %file.display(), error = %tally_ebpf::chain(&e), "freeze cycle write failed");
             let budget = self
                 .throttles
                 .values()
@@ -561,12 +555,12 @@ impl Engine {
     }
 
     /// Releases every throttle and saves the windows: the graceful end of enforcement.
-    pub fn shutdown(&mut self, mut net: Option<&mut tally_ebpf::net::Net>) {
+    pub fn shutdown(&mut self) {
         let throttles: Vec<Throttle> = std::mem::take(&mut self.throttles).into_values().collect();
         for t in &throttles {
-            self.release(t, net.as_deref_mut());
+            self.release(t);
         }
-        self.freezer.stop();
+        self.actuators.stop();
         if !throttles.is_empty() {
             tracing::info!(released = throttles.len(), "released every throttle");
         }

@@ -44,7 +44,6 @@ fn tick(engine: &mut Engine, ledger: &mut Ledger, layout: &Layout, cpu: &[(&Arc<
         layout,
         gpu_memory: HashMap::new(),
         gpu_models: HashMap::new(),
-        net: None,
         tick_started: Instant::now(),
     });
 }

@@ -2,18 +2,13 @@
 //! the state file first), releasing, and noticing when one holds a workload back.
 
 use super::*;
+use crate::budget::actuator::{Member, Plan};
+use tally_ebpf::chain;
 
 impl Engine {
     /// Marks the subjects whose throttles held them back since the last tick.
-    pub(super) fn find_binding(&mut self, net: Option<&tally_ebpf::net::Net>) {
-        let drops: HashMap<u64, u64> = net
-            .and_then(|n| n.egress_drops().ok())
-            .map(|d| {
-                d.into_iter()
-                    .map(|(id, packets, _)| (id, packets))
-                    .collect()
-            })
-            .unwrap_or_default();
+    pub(super) fn find_binding(&mut self) {
+        self.actuators.refresh();
         let shared: HashSet<&str> = self
             .budgets
             .iter()
@@ -24,20 +19,7 @@ impl Engine {
             s.binding = false;
         }
         for (key, t) in &self.throttles {
-            let count = match t.action {
-                Action::Cpu => t
-                    .writes
-                    .first()
-                    .and_then(|w| w.path.parent())
-                    .and_then(|dir| std::fs::read_to_string(dir.join("cpu.stat")).ok())
-                    .and_then(|stat| {
-                        stat.lines()
-                            .find_map(|l| l.strip_prefix("nr_throttled "))
-                            .and_then(|v| v.trim().parse::<u64>().ok())
-                    }),
-                Action::Network => t.egress.and_then(|e| drops.get(&e.cgroup_id).copied()),
-                _ => None,
-            };
+            let count = self.actuators.get(t.action).and_then(|a| a.held_back(t));
             let binding = match (t.action, count) {
                 // A steered freeze below a full share is holding the rate down.
                 (Action::Freeze, _) => {
@@ -142,7 +124,7 @@ impl Engine {
 
     /// Makes the throttles in force the desired ones. New and changed throttles are recorded in
     /// the state file before they are applied.
-    pub(super) fn reconcile(&mut self, inputs: &mut Inputs<'_>, now: f64) {
+    pub(super) fn reconcile(&mut self, inputs: &Inputs<'_>, now: f64) {
         let want = self.desired();
         // Release what is no longer wanted.
         let stale: Vec<(String, String)> = self
@@ -154,7 +136,7 @@ impl Engine {
         let mut changed = !stale.is_empty();
         for key in stale {
             if let Some(t) = self.throttles.remove(&key) {
-                self.release(&t, inputs.net.as_deref_mut());
+                self.release(&t);
             }
         }
         // Plan what is new or changed.
@@ -167,40 +149,31 @@ impl Engine {
                 v2_id,
                 scope,
             } = w;
+            let Some(actuator) = self.actuators.get(action) else {
+                continue;
+            };
             let current = self.throttles.get(&key);
             if let Some(t) = current {
                 if (t.setting - setting).abs() <= setting.abs() * 1e-3 {
-                    if action == Action::Freeze {
-                        // Cheap, and re-arms the cycle after a restart adopted the record.
-                        if let Some(file) = &t.freeze {
-                            if self.freezer.share(file) != Some(setting) {
-                                to_apply.push((key, action, setting, v2_id, scope, false));
-                            }
-                        }
+                    if actuator.needs_reapply(t, setting) {
+                        to_apply.push((key, action, setting, None));
                     }
                     continue;
                 }
             }
-            let plan = match action {
-                Action::Cpu => actuate::plan_cpu(&dirs, setting).map(|w| (w, None)),
-                Action::Disk => {
-                    actuate::plan_disk(&dirs, &self.sys_root, setting).map(|w| (w, None))
-                }
-                Action::Freeze => dirs.freeze_file().map(|f| (Vec::new(), Some(f))),
-                Action::Network => match v2_id {
-                    Some(_) if inputs.net.is_some() => Ok((Vec::new(), None)),
-                    Some(_) => Err("the network programs are not loaded".to_owned()),
-                    None => Err(
-                        "the workload has no cgroup2 directory for the egress program".to_owned(),
-                    ),
-                },
-                Action::Terminate => Ok((Vec::new(), None)),
-                Action::Alert => continue,
+            let member = Member {
+                dirs: &dirs,
+                v2_id,
+                scope,
             };
-            let (mut writes, freeze) = match plan {
+            let Plan {
+                mut writes,
+                freeze,
+                egress,
+            } = match actuator.plan(member, setting) {
                 Ok(p) => p,
                 Err(e) => {
-                    self.fail(&key.0, action, "unavailable", &e);
+                    self.fail(&key.0, action, "unavailable", &chain(&e));
                     continue;
                 }
             };
@@ -224,81 +197,50 @@ impl Engine {
                     setting,
                     writes,
                     freeze,
-                    egress: v2_id
-                        .filter(|_| action == Action::Network)
-                        .map(|cgroup_id| Egress { cgroup_id, scope }),
+                    egress,
                     applied_at: now,
                 },
             );
             changed = true;
-            to_apply.push((key, action, setting, v2_id, scope, first));
+            to_apply.push((key, action, setting, first.then_some((dirs, v2_id, scope))));
         }
         if changed {
             // Recorded before applied: a crash between the two leaves a record of a throttle
             // that may not be there, which releasing handles; never the reverse.
             self.save(now);
         }
-        for (key, action, setting, _, _, first) in to_apply {
-            let Some(t) = self.throttles.get(&key) else {
+        for (key, action, setting, new) in to_apply {
+            let (Some(t), Some(actuator)) =
+                (self.throttles.get(&key), self.actuators.get_mut(action))
+            else {
                 continue;
             };
-            let result = match action {
-                Action::Cpu | Action::Disk => actuate::apply(&t.writes),
-                Action::Freeze => match &t.freeze {
-                    Some(file) => self.freezer.set(file, setting),
-                    None => Err("no freeze file".to_owned()),
-                },
-                Action::Network => match (t.egress, inputs.net.as_deref_mut()) {
-                    (Some(e), Some(net)) => {
-                        let rate = setting.max(1.0);
-                        net.set_egress_limit(
-                            e.cgroup_id,
-                            e.scope,
-                            rate as u64,
-                            (rate * BURST_SECS).max(MIN_BURST) as u64,
-                        )
-                        .map_err(|e| tally_ebpf::chain(&e))
-                    }
-                    _ => Err("the network programs are not loaded".to_owned()),
-                },
-                Action::Terminate if first => {
-                    let member = self
-                        .subjects
-                        .values()
-                        .flat_map(|s| s.members.iter())
-                        .find(|(w, _, _)| *w == key.1);
-                    match member {
-                        Some((_, dirs, _)) => actuate::terminate(dirs).map(|n| {
-                            tracing::warn!(budget = %key.0, workload = %key.1, processes = n, "sent SIGTERM");
-                        }),
-                        None => Ok(()),
-                    }
-                }
-                Action::Terminate | Action::Alert => Ok(()),
-            };
-            match result {
+            let member = new.as_ref().map(|(dirs, v2_id, scope)| Member {
+                dirs,
+                v2_id: *v2_id,
+                scope: *scope,
+            });
+            match actuator.apply(t, setting, member) {
                 Ok(()) => {
-                    if first {
+                    if new.is_some() {
                         let latency = inputs.tick_started.elapsed();
                         self.observe_latency(latency);
                         self.applied.insert(key.clone(), latency);
                     }
                 }
-                Err(e) => self.fail(&key.0, action, "apply", &e),
+                Err(e) => self.fail(&key.0, action, "apply", &chain(&e)),
             }
         }
     }
 
-    pub(super) fn release(&mut self, t: &Throttle, net: Option<&mut tally_ebpf::net::Net>) {
-        if let Some(file) = &t.freeze {
-            if let Err(e) = self.freezer.remove(file) {
-                self.fail(&t.budget, t.action, "release", &e);
-            }
-        }
-        if let (Some(e), Some(net)) = (t.egress, net) {
-            if let Err(err) = net.clear_egress_limit(e.cgroup_id, e.scope) {
-                self.fail(&t.budget, t.action, "release", &tally_ebpf::chain(&err));
-            }
+    /// Undoes a throttle: what its actuator holds, then the files its record lists.
+    pub(super) fn release(&mut self, t: &Throttle) {
+        let released = self
+            .actuators
+            .get_mut(t.action)
+            .map_or(Ok(()), |a| a.release(t));
+        if let Err(e) = released {
+            self.fail(&t.budget, t.action, "release", &chain(&e));
         }
         for e in state::release_files(t) {
             self.fail(&t.budget, t.action, "release", &e);

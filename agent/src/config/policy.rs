@@ -211,22 +211,45 @@ pub struct ThrottleParams {
     pub share: Option<f64>,
 }
 
+/// Why a `window` text is not a duration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("`{text}` has no unit (s, m, h or d)")]
+    NoUnit { text: String },
+    #[error("`{text}` does not start with a whole number")]
+    NoNumber {
+        text: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error("`{text}`: unknown unit `{unit}` (s, m, h or d)")]
+    UnknownUnit { text: String, unit: String },
+}
+
 /// `"90s"`, `"5m"`, `"2h"`, `"1d"` → a duration.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{text}` has no unit (s, m, h or d)"))?;
+        .ok_or_else(|| DurationError::NoUnit {
+            text: text.to_owned(),
+        })?;
     let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` does not start with a whole number"))?;
+    let n: u64 = number.parse().map_err(|source| DurationError::NoNumber {
+        text: text.to_owned(),
+        source,
+    })?;
     let secs = match unit {
         "s" => n,
         "m" => n.saturating_mul(60),
         "h" => n.saturating_mul(3600),
         "d" => n.saturating_mul(86_400),
-        _ => return Err(format!("`{text}`: unknown unit `{unit}` (s, m, h or d)")),
+        _ => {
+            return Err(DurationError::UnknownUnit {
+                text: text.to_owned(),
+                unit: unit.to_owned(),
+            })
+        }
     };
     Ok(Duration::from_secs(secs))
 }
@@ -356,7 +379,7 @@ pub fn check(budgets: &[(usize, Budget)], prices: &Prices) -> Vec<(String, Strin
             match parse_duration(window) {
                 Ok(d) if (1..=7 * 86_400).contains(&d.as_secs()) => {}
                 Ok(_) => errors.push((at("window"), format!("`{window}` is out of range 1s..=7d"))),
-                Err(e) => errors.push((at("window"), e)),
+                Err(e) => errors.push((at("window"), e.to_string())),
             }
         }
         if !(b.warn_at > 0.0 && b.warn_at <= 1.0) {
@@ -416,7 +439,7 @@ pub fn check(budgets: &[(usize, Budget)], prices: &Prices) -> Vec<(String, Strin
             }
         }
         if let Err(e) = actuator_target(b) {
-            errors.push((at("action"), e));
+            errors.push((at("action"), e.to_string()));
         }
     }
     errors.extend(conflicts(budgets));
@@ -504,14 +527,28 @@ pub fn rate(b: &Budget) -> Option<f64> {
     (secs > 0.0).then(|| b.limit / secs)
 }
 
+/// Why an enforcing budget has no actuator setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    /// The action's `throttle` parameter is unset and the budget is not a rate of what the
+    /// action limits.
+    #[error("`{}` needs `throttle.{param}` unless the budget is a `window` rate of {what}", action.as_str())]
+    NoSetting {
+        action: Action,
+        param: &'static str,
+        what: &'static str,
+    },
+    #[error("`freeze` needs `throttle.share` unless the budget is a `window` rate")]
+    NoFreezeShare,
+}
+
 /// The actuator setting a budget enforces, or why it has none.
-pub fn actuator_target(b: &Budget) -> Result<Target, String> {
+pub fn actuator_target(b: &Budget) -> Result<Target, TargetError> {
     let derived = |resources: &[Resource]| rate(b).filter(|_| resources.contains(&b.resource));
-    let need = |param: &str, what: &str| {
-        format!(
-            "`{}` needs `throttle.{param}` unless the budget is a `window` rate of {what}",
-            b.action.as_str()
-        )
+    let need = |param: &'static str, what: &'static str| TargetError::NoSetting {
+        action: b.action,
+        param,
+        what,
     };
     Ok(match b.action {
         Action::Alert => Target::None,
@@ -543,12 +580,7 @@ pub fn actuator_target(b: &Budget) -> Result<Target, String> {
         Action::Freeze => match (b.throttle.share, rate(b)) {
             (Some(share), _) => Target::FreezeShare(share),
             (None, Some(rate)) if !b.resource.is_gauge() => Target::FreezeRate(rate),
-            _ => {
-                return Err(
-                    "`freeze` needs `throttle.share` unless the budget is a `window` rate"
-                        .to_owned(),
-                )
-            }
+            _ => return Err(TargetError::NoFreezeShare),
         },
     })
 }
@@ -582,6 +614,26 @@ mod tests {
     }
 
     #[test]
+    fn typed_errors_read_as_the_messages_validation_prints() {
+        let text = |d: &str| parse_duration(d).unwrap_err().to_string();
+        assert_eq!(text("5"), "`5` has no unit (s, m, h or d)");
+        assert_eq!(text("m"), "`m` does not start with a whole number");
+        assert_eq!(text("5w"), "`5w`: unknown unit `w` (s, m, h or d)");
+        let b = budget("name='a'\nresource='cpu_seconds'\nlimit=1.0\nperiod='day'\naction='disk'");
+        assert_eq!(
+            actuator_target(&b).unwrap_err().to_string(),
+            "`disk` needs `throttle.disk_bytes_per_sec` unless the budget is a `window` rate of disk bytes"
+        );
+        let b =
+            budget("name='a'\nresource='cpu_seconds'\nlimit=1.0\nperiod='day'\naction='freeze'");
+        assert_eq!(
+            actuator_target(&b),
+            Err(TargetError::NoFreezeShare),
+            "a quota is no rate to steer to"
+        );
+    }
+
+    #[test]
     fn selectors_overlap_unless_provably_disjoint() {
         let s = |ns: Option<&str>, pod: Option<&str>| Selector {
             namespace: ns.map(str::to_owned),
@@ -602,6 +654,7 @@ mod tests {
         let b = budget("name='a'\nresource='gpu_seconds'\nlimit=3.0\nperiod='hour'\naction='cpu'");
         assert!(actuator_target(&b)
             .unwrap_err()
+            .to_string()
             .contains("throttle.cpu_cores"));
         let b = budget("name='a'\nresource='gpu_seconds'\nlimit=6.0\nwindow='1m'\naction='freeze'");
         assert_eq!(actuator_target(&b), Ok(Target::FreezeRate(0.1)));

@@ -1,0 +1,215 @@
+//! Egress rate: a token bucket per cgroup (and scope) in the `cgroup_skb` egress program's map,
+//! which this actuator owns once the network programs hand it over.
+
+use std::collections::HashMap;
+
+use tally_ebpf::throttle::EgressLimits;
+
+use super::{Actuator, ActuatorError, Member, Plan};
+use crate::budget::state::{Egress, Throttle};
+
+/// Burst of a network throttle: this many seconds of its rate. A TCP sender whose every
+/// segment was dropped waits for its probe timer (200 ms at least) before it sends again, so a
+/// bucket holding less than that starves it well below the rate.
+const BURST_SECS: f64 = 0.25;
+/// Smallest burst: a few full-size packets, or nothing gets through.
+const MIN_BURST: f64 = 64.0 * 1024.0;
+
+/// The BPF map egress limits are set in: the seam unit tests replace.
+pub trait EgressMap: std::fmt::Debug + Send {
+    fn set(
+        &mut self,
+        cgroup_id: u64,
+        scope: Option<u32>,
+        bytes_per_sec: u64,
+        burst_bytes: u64,
+    ) -> Result<(), tally_ebpf::Error>;
+    fn clear(&mut self, cgroup_id: u64, scope: Option<u32>) -> Result<(), tally_ebpf::Error>;
+    /// Packets dropped over a limit since load, per cgroup id.
+    fn dropped_packets(&self) -> Result<HashMap<u64, u64>, tally_ebpf::Error>;
+}
+
+impl EgressMap for EgressLimits {
+    fn set(
+        &mut self,
+        cgroup_id: u64,
+        scope: Option<u32>,
+        bytes_per_sec: u64,
+        burst_bytes: u64,
+    ) -> Result<(), tally_ebpf::Error> {
+        EgressLimits::set(self, cgroup_id, scope, bytes_per_sec, burst_bytes)
+    }
+
+    fn clear(&mut self, cgroup_id: u64, scope: Option<u32>) -> Result<(), tally_ebpf::Error> {
+        EgressLimits::clear(self, cgroup_id, scope)
+    }
+
+    fn dropped_packets(&self) -> Result<HashMap<u64, u64>, tally_ebpf::Error> {
+        Ok(self
+            .drops()?
+            .into_iter()
+            .map(|(id, packets, _)| (id, packets))
+            .collect())
+    }
+}
+
+#[derive(Debug, Default)]
+pub(super) struct EgressLimit {
+    /// `None` where the network programs did not load.
+    map: Option<Box<dyn EgressMap>>,
+    /// Dropped packets per cgroup id, as read at the last refresh.
+    drops: HashMap<u64, u64>,
+}
+
+impl EgressLimit {
+    pub(super) fn set_map(&mut self, map: Box<dyn EgressMap>) {
+        self.map = Some(map);
+    }
+}
+
+impl Actuator for EgressLimit {
+    fn plan(&self, member: Member<'_>, _: f64) -> Result<Plan, ActuatorError> {
+        let cgroup_id = member.v2_id.ok_or(ActuatorError::NoCgroup2)?;
+        if self.map.is_none() {
+            return Err(ActuatorError::NoNetworkPrograms);
+        }
+        Ok(Plan {
+            egress: Some(Egress {
+                cgroup_id,
+                scope: member.scope,
+            }),
+            ..Plan::default()
+        })
+    }
+
+    fn apply(
+        &mut self,
+        t: &Throttle,
+        setting: f64,
+        _: Option<Member<'_>>,
+    ) -> Result<(), ActuatorError> {
+        let (Some(e), Some(map)) = (t.egress, &mut self.map) else {
+            return Err(ActuatorError::NoNetworkPrograms);
+        };
+        let rate = setting.max(1.0);
+        let burst = (rate * BURST_SECS).max(MIN_BURST);
+        Ok(map.set(e.cgroup_id, e.scope, rate as u64, burst as u64)?)
+    }
+
+    fn release(&mut self, t: &Throttle) -> Result<(), ActuatorError> {
+        match (t.egress, &mut self.map) {
+            (Some(e), Some(map)) => Ok(map.clear(e.cgroup_id, e.scope)?),
+            _ => Ok(()),
+        }
+    }
+
+    fn refresh(&mut self) {
+        self.drops = self
+            .map
+            .as_ref()
+            .and_then(|m| m.dropped_packets().ok())
+            .unwrap_or_default();
+    }
+
+    fn held_back(&self, t: &Throttle) -> Option<u64> {
+        t.egress.and_then(|e| self.drops.get(&e.cgroup_id).copied())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::budget::actuator::CgroupDirs;
+    use crate::config::policy::Action;
+
+    /// Limits set, by (cgroup id, scope), shared with the test after the actuator took the map.
+    type Limits = Arc<Mutex<BTreeMap<(u64, Option<u32>), (u64, u64)>>>;
+
+    #[derive(Debug, Default)]
+    struct FakeMap {
+        limits: Limits,
+        drops: HashMap<u64, u64>,
+    }
+
+    impl EgressMap for FakeMap {
+        fn set(
+            &mut self,
+            id: u64,
+            scope: Option<u32>,
+            rate: u64,
+            burst: u64,
+        ) -> Result<(), tally_ebpf::Error> {
+            self.limits
+                .lock()
+                .unwrap()
+                .insert((id, scope), (rate, burst));
+            Ok(())
+        }
+
+        fn clear(&mut self, id: u64, scope: Option<u32>) -> Result<(), tally_ebpf::Error> {
+            self.limits.lock().unwrap().remove(&(id, scope));
+            Ok(())
+        }
+
+        fn dropped_packets(&self) -> Result<HashMap<u64, u64>, tally_ebpf::Error> {
+            Ok(self.drops.clone())
+        }
+    }
+
+    fn throttle(plan: Plan, setting: f64) -> Throttle {
+        Throttle {
+            budget: "b".into(),
+            subject: "unit:a.service".into(),
+            action: Action::Network,
+            setting,
+            writes: plan.writes,
+            freeze: plan.freeze,
+            egress: plan.egress,
+            applied_at: 0.0,
+        }
+    }
+
+    #[test]
+    fn limits_go_into_the_map_it_owns_with_a_tcp_sized_burst() {
+        let dirs = CgroupDirs {
+            unified: None,
+            cpu: None,
+            blkio: None,
+            freezer: None,
+        };
+        let member = |v2_id| Member {
+            dirs: &dirs,
+            v2_id,
+            scope: Some(2),
+        };
+        let mut egress = EgressLimit::default();
+        let err = egress.plan(member(Some(7)), 1e7).unwrap_err();
+        assert!(matches!(err, ActuatorError::NoNetworkPrograms), "{err}");
+
+        let limits = Limits::default();
+        egress.set_map(Box::new(FakeMap {
+            limits: limits.clone(),
+            drops: HashMap::from([(7, 40)]),
+        }));
+        let err = egress.plan(member(None), 1e7).unwrap_err();
+        assert!(matches!(err, ActuatorError::NoCgroup2), "{err}");
+        let t = throttle(egress.plan(member(Some(7)), 1e7).unwrap(), 1e7);
+        egress.apply(&t, 1e7, Some(member(Some(7)))).unwrap();
+        assert_eq!(
+            *limits.lock().unwrap(),
+            BTreeMap::from([((7, Some(2)), (10_000_000, 2_500_000))])
+        );
+        // A slow limit still gets a bucket of a few full-size packets.
+        egress.apply(&t, 1000.0, None).unwrap();
+        assert_eq!(limits.lock().unwrap()[&(7, Some(2))], (1000, 65_536));
+
+        assert_eq!(egress.held_back(&t), None, "nothing read before a refresh");
+        egress.refresh();
+        assert_eq!(egress.held_back(&t), Some(40));
+        egress.release(&t).unwrap();
+        assert!(limits.lock().unwrap().is_empty());
+    }
+}
