@@ -201,6 +201,67 @@ fn no_module_cycles_in_any_crate() {
     );
 }
 
+/// The agent's layers as `ARCHITECTURE.md`'s table lists them, lowest first: each row's modules
+/// in backticks (`main.rs` stands for the crate root).
+fn layers(doc: &str) -> Vec<Vec<String>> {
+    let table = doc
+        .split("| layer | modules | may use |")
+        .nth(1)
+        .unwrap_or_default();
+    table
+        .lines()
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|row| {
+            let cell = row.split('|').nth(2).unwrap_or("");
+            let names = cell.split('`').skip(1).step_by(2);
+            names
+                .map(|n| if n == "main.rs" { ROOT } else { n }.to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+/// The agent's modules use only their own layer and the layers below it, as `ARCHITECTURE.md`
+/// says, and every module has a layer.
+#[test]
+fn agent_modules_use_only_lower_layers() {
+    let doc = fs::read_to_string(repo().join("ARCHITECTURE.md")).unwrap();
+    let layers = layers(&doc);
+    assert!(layers.len() >= 5, "ARCHITECTURE.md's layer table: {layers:?}");
+    let layer_of = |m: &str| layers.iter().position(|l| l.iter().any(|n| n == m));
+    let agent = crates()
+        .into_iter()
+        .find(|c| c.name == "tally-agent")
+        .unwrap();
+    let files = sources(&agent);
+    let unplaced: Vec<String> = declared_modules(&files[0].text)
+        .into_iter()
+        .filter(|m| layer_of(m).is_none())
+        .collect();
+    assert!(
+        unplaced.is_empty(),
+        "modules without a layer in ARCHITECTURE.md: {unplaced:?}"
+    );
+    let edges = edges(&files);
+    let upward: Vec<String> = edges
+        .keys()
+        .filter(|(from, to)| layer_of(to) > layer_of(from))
+        .map(|(from, to)| format!("{from} -> {to}    {}", site_list(&edges, from, to)))
+        .collect();
+    assert!(
+        upward.is_empty(),
+        "agent modules using a higher layer (ARCHITECTURE.md):\n{}",
+        upward.join("\n")
+    );
+}
+
+#[test]
+fn layers_are_read_from_the_table() {
+    let doc = "text\n| layer | modules | may use |\n|---|---|---|\n| leaves | `a`, `b` (x) | nothing |\n| top | `main.rs`, `c` | `a` |\n\nafter\n";
+    assert_eq!(layers(doc), [vec!["a", "b"], vec![ROOT, "c"]]);
+}
+
 /// A crate given as `(path under src, text)`; `lib.rs` is the root.
 fn in_memory(files: &[(&str, &str)]) -> Vec<SourceFile> {
     files
