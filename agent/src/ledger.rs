@@ -4,86 +4,62 @@
 //! new cgroup and starts from zero). The ledger folds each reset into a base so the exported
 //! counter never goes down, keeps an exited workload's final values for a grace period (a job that
 //! lived between two scrapes is still billed), then forgets it.
+//!
+//! The ledger knows no source: a value is keyed by a catalogue declaration and the series' own
+//! labels ([`Key`]), and sources record cumulative readings (`observe`), increments (`add`,
+//! `add_observed` for histograms) or gauges (`set`). Exporting is one loop over every row
+//! ([`Ledger::families`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cgroupfs::Reading;
+use tally_exporters::{Family, Histogram, Kind, Metric, Sample};
+
 use crate::identity::{PathIdentity, Workload};
 
-/// The monotonic counters kept per workload.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum CounterId {
-    CpuSeconds,
-    DiskReadBytes,
-    DiskWriteBytes,
-    /// Network bytes by direction and scope (`tally_ebpf_common::{direction, scope}` values).
-    NetBytes {
-        direction: u32,
-        scope: u32,
-    },
-    NetPackets {
-        direction: u32,
-        scope: u32,
-    },
-    /// TCP health from the socket-state and retransmit programs.
-    Tcp(TcpCounter),
-    /// Block I/O from the block-layer programs.
-    Disk(DiskCounter),
-    /// A GPU counter on one device or MIG instance (`gpu` is its UUID).
-    Gpu {
-        counter: GpuCounter,
-        gpu: Arc<str>,
-        /// How busy time was attributed (`tally_workload_gpu_seconds_total{method}`); `None` for
-        /// the other GPU counters.
-        method: Option<&'static str>,
-    },
-    /// RDMA traffic on one port of an RDMA device (`device` is its name, `mlx5_0`), and how it
-    /// was attributed (`qp_counter`: the process's own QP counter; `device`: the port counters
-    /// of a device the kubelet assigned to the workload).
-    Rdma {
-        counter: RdmaCounter,
-        device: Arc<str>,
-        port: u32,
-        method: &'static str,
-    },
+/// A series' own labels (after the workload's), in the order the catalogue declares them.
+pub type Labels = Vec<(&'static str, Arc<str>)>;
+
+/// What the ledger keeps one value for: a declared family and the series' own labels.
+#[derive(Debug, Clone)]
+pub struct Key {
+    pub metric: &'static Metric,
+    pub labels: Labels,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum TcpCounter {
-    Retransmits,
-    ActiveOpens,
-    PassiveOpens,
-    Closes,
+impl Key {
+    pub fn new(metric: &'static Metric, labels: Labels) -> Self {
+        Self { metric, labels }
+    }
+
+    /// The value of label `name`, if the series has it.
+    pub fn label(&self, name: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_ref())
+    }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DiskCounter {
-    ReadBytes,
-    WriteBytes,
-    Reads,
-    Writes,
-    LatencyNanos,
-    /// Requests that completed in bucket `i` (`[2^i, 2^(i+1))` µs).
-    LatencyBucket(u8),
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.metric.name == other.metric.name && self.labels == other.labels
+    }
 }
 
-/// The per-workload GPU counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum GpuCounter {
-    BusySeconds,
-    EnergyJoules,
-    MemoryByteSeconds,
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
-/// The per-workload RDMA counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum RdmaCounter {
-    TransmitBytes,
-    ReceiveBytes,
-    TransmitPackets,
-    ReceivePackets,
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.metric.name, &self.labels).cmp(&(other.metric.name, &other.labels))
+    }
 }
 
 /// A cumulative source value made monotonic across resets.
@@ -125,13 +101,82 @@ impl Monotonic {
     }
 }
 
+/// Observations in fixed buckets, accumulated from a source's increments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Buckets {
+    /// Upper bounds of the finite buckets.
+    bounds: &'static [f64],
+    /// Observations per finite bucket (not cumulative).
+    counts: Vec<f64>,
+    /// Every observation, those above the last bound included.
+    count: f64,
+    /// Sum of the observations, in the source's unit; `scale` converts it to the family's.
+    sum: f64,
+    scale: f64,
+}
+
+impl Buckets {
+    fn histogram(&self) -> Histogram {
+        let mut cumulative = 0.0;
+        let buckets = self
+            .bounds
+            .iter()
+            .zip(&self.counts)
+            .map(|(bound, n)| {
+                cumulative += n;
+                (*bound, cumulative as u64)
+            })
+            .collect();
+        Histogram {
+            buckets,
+            sum: self.sum * self.scale,
+            count: self.count as u64,
+        }
+    }
+}
+
+/// One increment of a histogram: observations per finite bucket (extra entries, observations
+/// above the last bound, are ignored: they are in `count`), how many in all, and their sum.
+#[derive(Debug, Clone, Copy)]
+pub struct Observed<'a> {
+    pub bounds: &'static [f64],
+    pub buckets: &'a [f64],
+    pub count: f64,
+    pub sum: f64,
+    /// Multiplies `sum` into the family's unit (1e-9 for nanoseconds into seconds).
+    pub scale: f64,
+}
+
+/// What the ledger keeps for one series.
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    Counter(Monotonic),
+    /// The last value a source set; dropped when the workload exits.
+    Gauge(f64),
+    Histogram(Buckets),
+}
+
+impl Value {
+    fn number(&self) -> Option<f64> {
+        match self {
+            Value::Counter(m) => m.value(),
+            Value::Gauge(v) => Some(*v),
+            Value::Histogram(_) => None,
+        }
+    }
+}
+
+/// Within one workload, families whose series come from more than one method (the cgroupfs and
+/// the block-layer disk counters) show only the series of the first method in this list the
+/// workload has: the same bytes are never exported twice.
+const METHOD_PREFERENCE: [&str; 2] = ["ebpf", "cgroupfs"];
+
 /// One workload's row.
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub workload: Arc<Workload>,
     cgroup_id: u64,
-    counters: BTreeMap<CounterId, Monotonic>,
-    pub memory_bytes: Option<f64>,
+    values: BTreeMap<Key, Value>,
     /// Whether the workload has a cgroup v2 cgroup, so per-cgroup-id (BPF) sources can see it.
     pub in_v2: bool,
     /// When the workload was last seen; `exited` once a tick did not see it.
@@ -139,15 +184,71 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn counter(&self, id: CounterId) -> Option<f64> {
-        self.counters.get(&id).and_then(Monotonic::value)
+    /// The value of a counter or gauge series, if a source gave it one.
+    pub fn value(&self, key: &Key) -> Option<f64> {
+        self.values.get(key).and_then(Value::number)
     }
 
-    /// Every counter with a value, in a stable order.
-    pub fn counters(&self) -> impl Iterator<Item = (&CounterId, f64)> + '_ {
-        self.counters
+    /// Every counter and gauge series of `metric` with a value, in a stable order.
+    pub fn series<'a>(
+        &'a self,
+        metric: &'static Metric,
+    ) -> impl Iterator<Item = (&'a Key, f64)> + 'a {
+        self.values
             .iter()
-            .filter_map(|(id, m)| m.value().map(|v| (id, v)))
+            .filter(move |(key, _)| key.metric.name == metric.name)
+            .filter_map(|(key, value)| value.number().map(|v| (key, v)))
+    }
+
+    /// The sum of every series of `metric`, `None` where it has none.
+    pub fn total(&self, metric: &'static Metric) -> Option<f64> {
+        self.series(metric)
+            .map(|(_, v)| v)
+            .fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
+    }
+
+    /// Whether a series of `metric` shows: not where the workload has a preferred method's.
+    fn shown(&self, key: &Key) -> bool {
+        let Some(method) = key.label("method") else {
+            return true;
+        };
+        let Some(rank) = METHOD_PREFERENCE.iter().position(|m| *m == method) else {
+            return true;
+        };
+        !self.values.keys().any(|other| {
+            other.metric.name == key.metric.name
+                && other
+                    .label("method")
+                    .and_then(|m| METHOD_PREFERENCE.iter().position(|p| *p == m))
+                    .is_some_and(|r| r < rank)
+        })
+    }
+
+    /// Pushes every series of this workload into its family in `families`.
+    fn export(&self, families: &mut HashMap<&'static str, Family>) {
+        let labels = self.workload.labels();
+        for (key, value) in &self.values {
+            if !self.shown(key) {
+                continue;
+            }
+            let (value, histogram) = match value {
+                Value::Histogram(b) => (0.0, Some(b.histogram())),
+                other => match other.number() {
+                    Some(v) => (v, None),
+                    None => continue,
+                },
+            };
+            families
+                .entry(key.metric.name)
+                .or_insert_with(|| Family::new(key.metric))
+                .samples
+                .push(Sample {
+                    labels: labels.clone(),
+                    extra: key.labels.clone(),
+                    value,
+                    histogram,
+                });
+        }
     }
 
     pub fn is_live(&self) -> bool {
@@ -175,39 +276,71 @@ impl Ledger {
         self.grace = grace;
     }
 
-    /// Records what a workload's cgroup said this tick.
-    pub fn observe(
-        &mut self,
-        workload: Arc<Workload>,
-        cgroup_id: u64,
-        in_v2: bool,
-        reading: &Reading,
-    ) {
+    /// Marks a workload seen in its cgroup this tick: live, and with `cgroup_id` (a new id means a
+    /// recreated cgroup, whose cumulative counters start again from zero).
+    pub fn see(&mut self, workload: Arc<Workload>, cgroup_id: u64, in_v2: bool) {
         let key = workload.identity.clone();
-        let entry = self.entry(workload, Some(cgroup_id));
-        entry.in_v2 = in_v2;
-        let raw = [
-            (CounterId::CpuSeconds, reading.cpu_seconds),
-            (CounterId::DiskReadBytes, reading.disk_read_bytes),
-            (CounterId::DiskWriteBytes, reading.disk_write_bytes),
-        ];
-        for (id, value) in raw {
-            if let Some(v) = value {
-                entry.counters.entry(id).or_default().observe(v);
-            }
-        }
-        entry.memory_bytes = reading.memory_bytes;
+        self.entry(workload, Some(cgroup_id)).in_v2 = in_v2;
         self.seen.push(key);
+    }
+
+    /// Records a cumulative value a source read (a cgroup file's counter); a value lower than
+    /// the last is a reset, folded into the counter's base.
+    pub fn observe(&mut self, workload: &Arc<Workload>, key: Key, raw: f64) {
+        debug_assert_eq!(key.metric.kind, Kind::Counter, "{}", key.metric.name);
+        let entry = self.entry(workload.clone(), None);
+        // A family has one kind, so its series has one kind of value.
+        if let Value::Counter(m) = entry
+            .values
+            .entry(key)
+            .or_insert(Value::Counter(Monotonic::default()))
+        {
+            m.observe(raw);
+        }
+    }
+
+    /// Sets a gauge; it keeps its value until set again or the workload exits.
+    pub fn set(&mut self, workload: &Arc<Workload>, key: Key, value: f64) {
+        debug_assert_eq!(key.metric.kind, Kind::Gauge, "{}", key.metric.name);
+        self.entry(workload.clone(), None)
+            .values
+            .insert(key, Value::Gauge(value));
+    }
+
+    /// Adds one increment of a histogram from a source that reports deltas.
+    pub fn add_observed(&mut self, workload: Arc<Workload>, key: Key, observed: Observed<'_>) {
+        debug_assert_eq!(key.metric.kind, Kind::Histogram, "{}", key.metric.name);
+        let entry = self.entry(workload, None);
+        let value = entry.values.entry(key).or_insert_with(|| {
+            Value::Histogram(Buckets {
+                bounds: observed.bounds,
+                counts: vec![0.0; observed.bounds.len()],
+                count: 0.0,
+                sum: 0.0,
+                scale: observed.scale,
+            })
+        });
+        if let Value::Histogram(b) = value {
+            for (n, add) in b.counts.iter_mut().zip(observed.buckets) {
+                *n += add;
+            }
+            b.count += observed.count;
+            b.sum += observed.sum;
+        }
     }
 
     /// Adds an increment from a source that reports deltas. Does not change whether the workload
     /// is live: an exited workload's last bytes still count.
-    pub fn add(&mut self, workload: Arc<Workload>, counter: CounterId, delta: f64) {
-        self.entry(workload, None)
-            .counters
-            .entry(counter)
-            .or_default()
-            .add(delta);
+    pub fn add(&mut self, workload: Arc<Workload>, key: Key, delta: f64) {
+        debug_assert_eq!(key.metric.kind, Kind::Counter, "{}", key.metric.name);
+        let entry = self.entry(workload, None);
+        if let Value::Counter(m) = entry
+            .values
+            .entry(key)
+            .or_insert(Value::Counter(Monotonic::default()))
+        {
+            m.add(delta);
+        }
     }
 
     /// Keeps a workload live without a cgroupfs reading (the host row of per-cgroup-id sources).
@@ -224,14 +357,17 @@ impl Ledger {
             .or_insert_with(|| Entry {
                 workload: workload.clone(),
                 cgroup_id: cgroup_id.unwrap_or(0),
-                counters: BTreeMap::new(),
-                memory_bytes: None,
+                values: BTreeMap::new(),
                 in_v2: true,
                 exited_at: None,
             });
         if let Some(id) = cgroup_id {
             if entry.cgroup_id != id {
-                entry.counters.values_mut().for_each(Monotonic::rebase);
+                for value in entry.values.values_mut() {
+                    if let Value::Counter(m) = value {
+                        m.rebase();
+                    }
+                }
                 entry.cgroup_id = id;
             }
             entry.exited_at = None;
@@ -250,13 +386,22 @@ impl Ledger {
                 return true;
             }
             let exited = *entry.exited_at.get_or_insert(now);
-            entry.memory_bytes = None;
+            entry.values.retain(|_, v| !matches!(v, Value::Gauge(_)));
             now.duration_since(exited) < grace
         });
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
         self.entries.values()
+    }
+
+    /// Every series of every workload, in a family per declaration (in no particular order).
+    pub fn families(&self) -> HashMap<&'static str, Family> {
+        let mut families = HashMap::new();
+        for entry in self.entries.values() {
+            entry.export(&mut families);
+        }
+        families
     }
 
     pub fn len(&self) -> usize {
@@ -271,6 +416,7 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalogue::workload;
     use crate::identity::Names;
 
     fn unit(name: &str) -> Arc<Workload> {
@@ -280,12 +426,26 @@ mod tests {
         ))
     }
 
-    fn cpu(v: f64) -> Reading {
-        Reading {
-            cpu_seconds: Some(v),
-            memory_bytes: Some(100.0),
-            ..Reading::default()
-        }
+    fn cpu() -> Key {
+        Key::new(&workload::CPU_SECONDS, Vec::new())
+    }
+
+    fn memory() -> Key {
+        Key::new(&workload::MEMORY_BYTES, Vec::new())
+    }
+
+    /// What the cgroupfs source records for a cgroup that used `seconds` of CPU.
+    fn read(ledger: &mut Ledger, w: &Arc<Workload>, cgroup_id: u64, seconds: f64) {
+        ledger.see(w.clone(), cgroup_id, true);
+        ledger.observe(w, cpu(), seconds);
+        ledger.set(w, memory(), 100.0);
+    }
+
+    fn disk(method: &str) -> Key {
+        Key::new(
+            &workload::DISK_READ_BYTES,
+            vec![("method", Arc::from(method))],
+        )
     }
 
     #[test]
@@ -293,50 +453,107 @@ mod tests {
         let mut ledger = Ledger::new(Duration::from_secs(60));
         let w = unit("a.service");
         let t0 = Instant::now();
-        ledger.observe(w.clone(), 1, true, &cpu(5.0));
+        read(&mut ledger, &w, 1, 5.0);
         ledger.end_tick(t0);
-        ledger.observe(w.clone(), 1, true, &cpu(7.0));
+        read(&mut ledger, &w, 1, 7.0);
         ledger.end_tick(t0);
         // The unit restarted: new cgroup id, counter from zero.
-        ledger.observe(w.clone(), 2, true, &cpu(1.0));
+        read(&mut ledger, &w, 2, 1.0);
         ledger.end_tick(t0);
         let e = ledger.entries().next().unwrap();
-        assert_eq!(e.counter(CounterId::CpuSeconds), Some(8.0));
+        assert_eq!(e.value(&cpu()), Some(8.0));
         // A reset without an id change (counter wrapped or was reset) is folded the same way.
-        ledger.observe(w, 2, true, &cpu(0.5));
+        read(&mut ledger, &w, 2, 0.5);
         ledger.end_tick(t0);
         let e = ledger.entries().next().unwrap();
-        assert_eq!(e.counter(CounterId::CpuSeconds), Some(8.5));
-        assert_eq!(e.counter(CounterId::DiskReadBytes), None);
+        assert_eq!(e.value(&cpu()), Some(8.5));
+        assert_eq!(e.value(&disk("cgroupfs")), None);
     }
 
     #[test]
     fn exited_workloads_keep_final_values_for_the_grace_period() {
         let mut ledger = Ledger::new(Duration::from_secs(60));
         let t0 = Instant::now();
-        ledger.observe(unit("job.service"), 1, true, &cpu(3.0));
-        ledger.observe(unit("stays.service"), 2, true, &cpu(1.0));
+        read(&mut ledger, &unit("job.service"), 1, 3.0);
+        read(&mut ledger, &unit("stays.service"), 2, 1.0);
         ledger.end_tick(t0);
-        ledger.observe(unit("stays.service"), 2, true, &cpu(1.0));
+        read(&mut ledger, &unit("stays.service"), 2, 1.0);
         ledger.end_tick(t0 + Duration::from_secs(1));
         let job = ledger
             .entries()
             .find(|e| e.workload.identity == PathIdentity::Unit("job.service".into()))
             .unwrap();
         assert!(!job.is_live());
-        assert_eq!(job.counter(CounterId::CpuSeconds), Some(3.0));
-        assert_eq!(job.memory_bytes, None);
+        assert_eq!(job.value(&cpu()), Some(3.0));
+        assert_eq!(job.value(&memory()), None);
 
-        ledger.observe(unit("stays.service"), 2, true, &cpu(1.0));
+        read(&mut ledger, &unit("stays.service"), 2, 1.0);
         ledger.end_tick(t0 + Duration::from_secs(30));
         assert_eq!(ledger.len(), 2);
-        ledger.observe(unit("stays.service"), 2, true, &cpu(1.0));
+        read(&mut ledger, &unit("stays.service"), 2, 1.0);
         ledger.end_tick(t0 + Duration::from_secs(62));
         assert_eq!(ledger.len(), 1);
 
         // A workload that comes back within the grace period continues its counters.
-        ledger.observe(unit("job.service"), 3, true, &cpu(2.0));
+        read(&mut ledger, &unit("job.service"), 3, 2.0);
         ledger.end_tick(t0 + Duration::from_secs(63));
         assert_eq!(ledger.len(), 2);
+    }
+
+    #[test]
+    fn a_preferred_method_hides_the_others_of_its_workload() {
+        let mut ledger = Ledger::new(Duration::from_secs(60));
+        let (a, b) = (unit("a.service"), unit("b.service"));
+        for w in [&a, &b] {
+            ledger.see(w.clone(), 1, true);
+            ledger.observe(w, disk("cgroupfs"), 10.0);
+        }
+        ledger.add(a.clone(), disk("ebpf"), 0.0);
+        let families = ledger.families();
+        let family = &families[workload::DISK_READ_BYTES.name];
+        let mut shown: Vec<(String, String, f64)> = family
+            .samples
+            .iter()
+            .map(|s| (s.labels[5].1.to_string(), s.extra[0].1.to_string(), s.value))
+            .collect();
+        shown.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(
+            shown,
+            [
+                ("a.service".into(), "ebpf".into(), 0.0),
+                ("b.service".into(), "cgroupfs".into(), 10.0)
+            ]
+        );
+        // The hidden series still has its value, for budgets.
+        let a_row = ledger.entries().find(|e| e.workload == a).unwrap();
+        assert_eq!(a_row.value(&disk("cgroupfs")), Some(10.0));
+    }
+
+    #[test]
+    fn histograms_add_increments_into_cumulative_buckets() {
+        static BOUNDS: [f64; 2] = [1.0, 2.0];
+        let mut ledger = Ledger::new(Duration::from_secs(60));
+        let w = unit("a.service");
+        let key = Key::new(&workload::DISK_IO_LATENCY_SECONDS, Vec::new());
+        for (buckets, count, sum) in [([1.0, 0.0, 1.0], 2.0, 5e9), ([0.0, 3.0, 0.0], 3.0, 4e9)] {
+            let observed = Observed {
+                bounds: &BOUNDS,
+                buckets: &buckets,
+                count,
+                sum,
+                scale: 1e-9,
+            };
+            ledger.add_observed(w.clone(), key.clone(), observed);
+        }
+        let families = ledger.families();
+        let sample = &families[workload::DISK_IO_LATENCY_SECONDS.name].samples[0];
+        assert_eq!(
+            sample.histogram,
+            Some(Histogram {
+                buckets: vec![(1.0, 1), (2.0, 4)],
+                sum: 9.0,
+                count: 5,
+            })
+        );
     }
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::health::Shared;
 use crate::identity::cri;
-use crate::tick::Ticker;
+use crate::tick::{Deps, Ticker};
 use tally_exporters::Snapshot;
 
 /// How long draining may take before the process exits anyway: a second under the 5 s that
@@ -87,24 +87,26 @@ async fn serve(config: Config, options: Options) -> anyhow::Result<()> {
                 .context("configuring the OTLP exporter")?,
         ),
     };
-    let mut ticker = Ticker::new(&config, cri).context("detecting cgroup hierarchies")?;
-    if otlp_pusher.is_some() {
-        ticker.set_otlp_stats(otlp_stats);
-    }
-    if !config.gpu.pod_resources_socket.as_os_str().is_empty() {
-        ticker.set_pod_resources(crate::identity::podresources::spawn(
-            config.gpu.pod_resources_socket.clone(),
-            config.tick_interval(),
-            cancel.child_token(),
-        ));
-    }
     let alerts = tally_exporters::alerts::AlertSender::spawn(
         crate::alerts::settings(&config),
         Arc::default(),
         &tokio::runtime::Handle::current(),
     )
     .context("configuring alert delivery")?;
-    ticker.set_alerts(alerts.clone());
+    let pod_resources = (!config.gpu.pod_resources_socket.as_os_str().is_empty()).then(|| {
+        crate::identity::podresources::spawn(
+            config.gpu.pod_resources_socket.clone(),
+            config.tick_interval(),
+            cancel.child_token(),
+        )
+    });
+    let deps = Deps {
+        cri,
+        pod_resources,
+        otlp: otlp_pusher.is_some().then_some(otlp_stats),
+        alerts: Some(alerts.clone()),
+    };
+    let ticker = Ticker::new(&config, deps).context("detecting cgroup hierarchies")?;
     let (snapshots_tx, snapshots) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
 
     let (commands, inbox) = mpsc::channel();

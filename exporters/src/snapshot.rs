@@ -95,6 +95,12 @@ impl Family {
         });
     }
 
+    /// Orders the series by their labels, so that output does not depend on map order.
+    pub fn sort_samples(&mut self) {
+        self.samples
+            .sort_by(|a, b| a.labels.cmp(&b.labels).then_with(|| a.extra.cmp(&b.extra)));
+    }
+
     /// Adds a series with family-specific labels only.
     pub fn push_labeled(&mut self, extra: Vec<(&'static str, Arc<str>)>, value: f64) {
         self.samples.push(Sample {

@@ -113,6 +113,13 @@ fn promtool_accepts_the_exposition() {
             && t.contains("tally_workload_disk_write_bytes_total{")
     });
     promtool_accepts(&promtool, &text);
+    // The tick times every registered source, in registry order.
+    let sources: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("tally_source_collect_duration_seconds{source=\""))
+        .filter_map(|l| l.split('"').next())
+        .collect();
+    assert_eq!(sources, ["cgroupfs", "ebpf", "gpu", "rdma"]);
 
     // The real node too, whatever runs on it (eBPF programs, units, test cgroups).
     let live = Agent::start("[cri]\nendpoints = []\n");

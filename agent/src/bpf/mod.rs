@@ -2,9 +2,9 @@
 //! per-cgroup-id cumulative counters into per-workload increments in the ledger, and deletes map
 //! entries of cgroups that are gone once their final values are in.
 
-mod families;
 mod sampler;
 mod scopes;
+mod source;
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -15,19 +15,19 @@ use tally_ebpf::disk::{Disk, DiskConfig};
 use tally_ebpf::net::{Net, NetConfig};
 use tally_ebpf::tcp::{Tcp, TcpConfig};
 use tally_ebpf::throttle::EgressLimits;
-use tally_ebpf::{DiskValue, NetKey, NetValue, ProbeStatus, ProgramStats, TcpValue};
+use tally_ebpf::{direction, DiskValue, NetKey, NetValue, ProbeStatus, ProgramStats, TcpValue};
 use tally_error_chain::chain;
 
-pub use families::BpfFamilies;
 use sampler::StatsSampler;
 pub use scopes::scope_name;
 
-use crate::cgroupfs::Discovery;
+use crate::catalogue::workload;
 use crate::config::Config;
 use crate::errors::ErrorCounts;
 use crate::host::layout::Layout;
+use crate::host::Discovery;
 use crate::identity::Workload;
-use crate::ledger::{CounterId, DiskCounter, Ledger, TcpCounter};
+use crate::ledger::{Key, Ledger, Observed};
 
 const COLLECTOR: &str = "ebpf";
 
@@ -46,6 +46,8 @@ pub struct BpfSources {
     last_disk: HashMap<u64, DiskValue>,
     /// Cgroup id → workload as of the previous tick, for ids whose cgroup vanished since.
     owners: HashMap<u64, Arc<Workload>>,
+    /// Counter updates the programs dropped on full maps, by map, as of the last tick.
+    lost: Vec<(&'static str, u64)>,
 }
 
 /// Who a cgroup id belongs to this tick.
@@ -153,11 +155,15 @@ impl BpfSources {
                 }
             }
         }
+        // CO-RE relocation parsed the kernel's BTF (several MB of types, once per object and
+        // method tried), all freed once the programs are loaded, but kept by the allocator as
+        // resident memory unless handed back.
+        crate::sys::trim_heap();
         sources
     }
 
     /// Applies a reloaded configuration's scopes and `bpf_stats` sampling.
-    pub fn reconfigure(&mut self, config: &Config, errors: &mut ErrorCounts) {
+    fn apply(&mut self, config: &Config, errors: &mut ErrorCounts) {
         if config.ebpf.enabled {
             self.stats.reconfigure(
                 config.ebpf.program_stats,
@@ -175,22 +181,7 @@ impl BpfSources {
         &self.statuses
     }
 
-    /// Whether per-workload disk bytes come from the block-layer programs.
-    pub fn disk_up(&self) -> bool {
-        self.disk.is_some()
-    }
-
-    /// Turns `bpf_stats` on or off for the tick starting at `now` (see [`StatsSampler`]).
-    pub fn sample_stats(&mut self, now: Instant) {
-        self.stats.tick(now);
-    }
-
-    /// How long the agent has held `bpf_stats` on: the time `program_stats` covers.
-    pub fn stats_held(&self, now: Instant) -> Duration {
-        self.stats.held(now)
-    }
-
-    pub fn program_stats(&self) -> Vec<ProgramStats> {
+    fn program_stats(&self) -> Vec<ProgramStats> {
         let mut stats = self
             .net
             .as_ref()
@@ -202,7 +193,7 @@ impl BpfSources {
     }
 
     /// Updates lost to full maps, by map.
-    pub fn lost(&self, errors: &mut ErrorCounts) -> Vec<(&'static str, u64)> {
+    fn read_lost(&self, errors: &mut ErrorCounts) -> Vec<(&'static str, u64)> {
         let mut lost = Vec::new();
         let mut push = |map, result: Result<u64, tally_ebpf::Error>| match result {
             Ok(n) => lost.push((map, n)),
@@ -223,7 +214,7 @@ impl BpfSources {
     /// Reads the maps and adds what grew since the last tick to the owning workloads.
     /// `workloads[i]` is the workload of `discovery.found[i]`; ids of cgroups that are not
     /// workloads go to `host`.
-    pub fn collect(
+    fn collect_maps(
         &mut self,
         discovery: &Discovery,
         workloads: &[Arc<Workload>],
@@ -253,17 +244,27 @@ impl BpfSources {
                 &mut owners,
                 errors,
                 |w, v, last| {
-                    for (counter, now, before) in [
-                        (TcpCounter::Retransmits, v.retransmits, last.retransmits),
-                        (TcpCounter::ActiveOpens, v.active_opens, last.active_opens),
+                    let opened = |direction: &str| {
+                        Key::new(
+                            &workload::TCP_CONNECTIONS_OPENED,
+                            vec![("direction", Arc::from(direction))],
+                        )
+                    };
+                    for (key, now, before) in [
                         (
-                            TcpCounter::PassiveOpens,
-                            v.passive_opens,
-                            last.passive_opens,
+                            Key::new(&workload::TCP_RETRANSMITTED_SEGMENTS, Vec::new()),
+                            v.retransmits,
+                            last.retransmits,
                         ),
-                        (TcpCounter::Closes, v.closes, last.closes),
+                        (opened("active"), v.active_opens, last.active_opens),
+                        (opened("passive"), v.passive_opens, last.passive_opens),
+                        (
+                            Key::new(&workload::TCP_CONNECTIONS_CLOSED, Vec::new()),
+                            v.closes,
+                            last.closes,
+                        ),
                     ] {
-                        ledger.add(w.clone(), CounterId::Tcp(counter), delta(now, before));
+                        ledger.add(w.clone(), key, delta(now, before));
                     }
                 },
             );
@@ -278,26 +279,41 @@ impl BpfSources {
                 &mut owners,
                 errors,
                 |w, v, last| {
-                    let mut add = |c, now, before| {
-                        ledger.add(w.clone(), CounterId::Disk(c), delta(now, before))
-                    };
-                    add(DiskCounter::ReadBytes, v.read_bytes, last.read_bytes);
-                    add(DiskCounter::WriteBytes, v.write_bytes, last.write_bytes);
-                    add(DiskCounter::Reads, v.reads, last.reads);
-                    add(DiskCounter::Writes, v.writes, last.writes);
-                    add(
-                        DiskCounter::LatencyNanos,
-                        v.latency_ns_total,
-                        last.latency_ns_total,
-                    );
-                    for (i, (now, before)) in v
+                    let method = || vec![("method", Arc::from("ebpf"))];
+                    let op = |op: &str| vec![("op", Arc::from(op))];
+                    let reads = delta(v.reads, last.reads);
+                    let writes = delta(v.writes, last.writes);
+                    for (metric, labels, value) in [
+                        (
+                            &workload::DISK_READ_BYTES,
+                            method(),
+                            delta(v.read_bytes, last.read_bytes),
+                        ),
+                        (
+                            &workload::DISK_WRITE_BYTES,
+                            method(),
+                            delta(v.write_bytes, last.write_bytes),
+                        ),
+                        (&workload::DISK_OPERATIONS, op("read"), reads),
+                        (&workload::DISK_OPERATIONS, op("write"), writes),
+                    ] {
+                        ledger.add(w.clone(), Key::new(metric, labels), value);
+                    }
+                    let buckets: Vec<f64> = v
                         .latency_buckets
                         .iter()
                         .zip(last.latency_buckets)
-                        .enumerate()
-                    {
-                        add(DiskCounter::LatencyBucket(i as u8), *now, before);
-                    }
+                        .map(|(now, before)| delta(*now, before))
+                        .collect();
+                    let observed = Observed {
+                        bounds: &DISK_LATENCY_BOUNDS,
+                        buckets: &buckets,
+                        count: reads + writes,
+                        sum: delta(v.latency_ns_total, last.latency_ns_total),
+                        scale: 1e-9,
+                    };
+                    let latency = Key::new(&workload::DISK_IO_LATENCY_SECONDS, Vec::new());
+                    ledger.add_observed(w.clone(), latency, observed);
                 },
             );
             if let Err(e) = disk.remove(&gone) {
@@ -307,8 +323,39 @@ impl BpfSources {
         if owners.host_used {
             ledger.touch(host.clone());
         }
+        if self.disk.is_some() {
+            // A workload the block-layer programs see that did no I/O did none: 0 is a number
+            // too, and it is what keeps its cgroupfs counters from showing instead.
+            let seen = discovery
+                .found
+                .iter()
+                .zip(workloads)
+                .filter(|(f, _)| discovery.v2_ids.contains_key(&f.cgroup_id))
+                .map(|(_, w)| w);
+            let host = owners.host_used.then_some(host);
+            for w in seen.chain(host) {
+                for metric in [&workload::DISK_READ_BYTES, &workload::DISK_WRITE_BYTES] {
+                    let key = Key::new(metric, vec![("method", Arc::from("ebpf"))]);
+                    ledger.add(w.clone(), key, 0.0);
+                }
+            }
+        }
         self.owners = now;
     }
+}
+
+/// Upper bounds (seconds) of the block-layer programs' latency buckets, `2^(i+1)` µs; their last
+/// bucket has no upper bound and is only in `+Inf`.
+static DISK_LATENCY_BOUNDS: [f64; tally_ebpf::DISK_LATENCY_BUCKETS - 1] = latency_bounds();
+
+const fn latency_bounds() -> [f64; tally_ebpf::DISK_LATENCY_BUCKETS - 1] {
+    let mut bounds = [0.0; tally_ebpf::DISK_LATENCY_BUCKETS - 1];
+    let mut i = 0;
+    while i < bounds.len() {
+        bounds[i] = (1u64 << (i + 1)) as f64 * 1e-6;
+        i += 1;
+    }
+    bounds
 }
 
 /// Feeds each entry of a map keyed by cgroup id to `add` with its previous value, and returns
@@ -360,17 +407,24 @@ fn collect_net(
         let before = swap(last, key, value);
         let packets = delta(value.packets, before.packets);
         if packets > 0.0 {
-            let (direction, scope) = (key.direction, key.scope);
+            let (bytes, packets_family) = if key.direction == direction::EGRESS {
+                (
+                    &workload::NETWORK_TRANSMIT_BYTES,
+                    &workload::NETWORK_TRANSMIT_PACKETS,
+                )
+            } else {
+                (
+                    &workload::NETWORK_RECEIVE_BYTES,
+                    &workload::NETWORK_RECEIVE_PACKETS,
+                )
+            };
+            let scope = || vec![("scope", Arc::from(scope_name(key.scope)))];
             ledger.add(
                 workload.clone(),
-                CounterId::NetBytes { direction, scope },
+                Key::new(bytes, scope()),
                 delta(value.bytes, before.bytes),
             );
-            ledger.add(
-                workload,
-                CounterId::NetPackets { direction, scope },
-                packets,
-            );
+            ledger.add(workload, Key::new(packets_family, scope()), packets);
         }
         if !live {
             gone.push(key);
@@ -381,5 +435,17 @@ fn collect_net(
     }
     for key in &gone {
         last.remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_bounds_double_from_two_microseconds() {
+        assert_eq!(DISK_LATENCY_BOUNDS.len(), 23);
+        assert_eq!(DISK_LATENCY_BOUNDS[0], 2e-6);
+        assert_eq!(DISK_LATENCY_BOUNDS[9], 1024e-6);
     }
 }

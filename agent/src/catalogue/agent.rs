@@ -56,6 +56,15 @@ pub static TICK_DURATION_SECONDS: Metric = Metric {
     labels: &[],
 };
 
+pub static SOURCE_COLLECT_DURATION_SECONDS: Metric = Metric {
+    name: "tally_source_collect_duration_seconds",
+    help: "How long each source took to collect in the last tick, in seconds.",
+    kind: Kind::Gauge,
+    unit: "seconds",
+    per_workload: false,
+    labels: &["source"],
+};
+
 pub static EBPF_PROGRAM_RUN_SECONDS: Metric = Metric {
     name: "tally_ebpf_program_run_seconds_total",
     help: "Time the kernel spent running each of the agent's BPF programs, counted while bpf_stats is on (tally_ebpf_program_stats_seconds_total).",

@@ -13,6 +13,17 @@ pub mod workload;
 
 use tally_exporters::Metric;
 
+/// The one label set of every per-workload family, in this order; a family's own labels (`gpu`,
+/// `direction`, …) come after it. A container leaves `unit` empty; a systemd unit has only `unit`.
+pub const WORKLOAD_LABELS: [&str; 6] = [
+    "namespace",
+    "pod",
+    "pod_uid",
+    "container",
+    "container_id",
+    "unit",
+];
+
 /// Every family, in the order `/metrics` shows them.
 pub static ALL: &[&Metric] = &[
     &workload::CPU_SECONDS,
@@ -84,6 +95,7 @@ pub static ALL: &[&Metric] = &[
     &agent::PROBE_UP,
     &agent::TICKS,
     &agent::TICK_DURATION_SECONDS,
+    &agent::SOURCE_COLLECT_DURATION_SECONDS,
     &agent::EBPF_PROGRAM_RUN_SECONDS,
     &agent::EBPF_PROGRAM_RUNS,
     &agent::EBPF_PROGRAM_STATS_SECONDS,

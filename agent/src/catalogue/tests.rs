@@ -49,14 +49,14 @@ fn names_follow_prometheus_conventions() {
         let labels: BTreeSet<_> = m.labels.iter().collect();
         assert_eq!(labels.len(), m.labels.len(), "{}: label twice", m.name);
     }
-    assert_eq!(ALL.len(), 80);
+    assert_eq!(ALL.len(), 81);
 }
 
 /// One series per family, with the declared labels, through the real text encoder: its `#` lines
 /// are what `/metrics` shows for each family.
 fn exposition() -> String {
     let workload: LabelSet = Arc::from(
-        crate::identity::LABELS
+        super::WORKLOAD_LABELS
             .iter()
             .map(|&name| (name, Arc::from("")))
             .collect::<Vec<_>>(),

@@ -13,18 +13,21 @@
 
 mod files;
 mod parse;
-mod walk;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use files::WorkloadFiles;
-pub use walk::{Discovery, Found};
 
+use crate::config::Config;
 use crate::errors::ErrorCounts;
 use crate::host::layout::Layout;
 // budget/ still imports the layout from here; it can name `crate::host::layout` once it is
 // rewritten, and this line goes.
 pub use crate::host::layout;
+use crate::identity::Workload;
+use crate::ledger::{Key, Ledger};
+use crate::source::{Probe, Source, TickCtx};
 
 /// What one workload's cgroup files said this tick; `None` where a file was absent or bad.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -66,15 +69,9 @@ impl Collector {
         &self.layout
     }
 
-    /// Every workload cgroup on the node, and every cgroup v2 id with the workload it belongs to.
-    pub fn discover(&mut self, errors: &mut ErrorCounts) -> Discovery {
-        self.tick += 1;
-        walk::discover(&self.layout, errors)
-    }
-
     /// Reads the files of the workload at `rel` (relative to each hierarchy root). A file that
     /// vanished with its cgroup is not an error; any other failure is counted.
-    pub fn read(&mut self, rel: &str, errors: &mut ErrorCounts) -> Reading {
+    fn read(&mut self, rel: &str, errors: &mut ErrorCounts) -> Reading {
         let tick = self.tick;
         let (files, last) = self
             .files
@@ -88,7 +85,7 @@ impl Collector {
     }
 
     /// Closes the files of workloads not read this tick (their cgroups are gone).
-    pub fn end_tick(&mut self) {
+    fn end_tick(&mut self) {
         let tick = self.tick;
         self.files.retain(|_, (_, last)| *last == tick);
     }
@@ -96,5 +93,61 @@ impl Collector {
     /// Workloads whose files are open.
     pub fn open_workloads(&self) -> usize {
         self.files.len()
+    }
+}
+
+impl Source for Collector {
+    fn name(&self) -> &'static str {
+        COLLECTOR
+    }
+
+    fn collect(&mut self, ctx: &mut TickCtx<'_>, ledger: &mut Ledger) {
+        self.tick += 1;
+        for (found, workload) in ctx.discovery.found.iter().zip(ctx.workloads) {
+            let reading = self.read(&found.rel, ctx.errors);
+            record(ledger, workload, &reading);
+        }
+        self.end_tick();
+    }
+
+    fn probes(&self) -> Vec<Probe> {
+        vec![Probe {
+            probe: COLLECTOR,
+            method: self.layout.mode.as_str(),
+            up: true,
+        }]
+    }
+
+    fn reconfigure(&mut self, _config: &Config, layout: &Layout, _errors: &mut ErrorCounts) {
+        if layout != &self.layout {
+            *self = Collector::new(layout.clone());
+        }
+    }
+}
+
+/// What a workload's cgroup files said this tick, into the ledger.
+fn record(ledger: &mut Ledger, workload: &Arc<Workload>, reading: &Reading) {
+    use crate::catalogue::workload::{
+        CPU_SECONDS, DISK_READ_BYTES, DISK_WRITE_BYTES, MEMORY_BYTES,
+    };
+    let method = || vec![("method", Arc::from("cgroupfs"))];
+    let counters = [
+        (Key::new(&CPU_SECONDS, Vec::new()), reading.cpu_seconds),
+        (
+            Key::new(&DISK_READ_BYTES, method()),
+            reading.disk_read_bytes,
+        ),
+        (
+            Key::new(&DISK_WRITE_BYTES, method()),
+            reading.disk_write_bytes,
+        ),
+    ];
+    for (key, value) in counters {
+        if let Some(v) = value {
+            ledger.observe(workload, key, v);
+        }
+    }
+    if let Some(bytes) = reading.memory_bytes {
+        ledger.set(workload, Key::new(&MEMORY_BYTES, Vec::new()), bytes);
     }
 }

@@ -1,5 +1,5 @@
-//! The GPU families: per-workload counters from the ledger, the per-workload memory gauge, and
-//! node-level device state from the latest sample.
+//! The GPU source's own families: the per-workload memory gauge and node-level device state
+//! from the latest sample (its per-workload counters are in the ledger).
 
 use std::sync::Arc;
 
@@ -7,59 +7,10 @@ use tally_exporters::{Family, LabelSet, Sample};
 
 use super::GpuSource;
 use crate::catalogue;
-use crate::ledger::{CounterId, Entry, GpuCounter};
-
-/// `tally_workload_gpu_{seconds,energy_joules,memory_byte_seconds}_total`.
-#[derive(Debug)]
-pub struct WorkloadGpuFamilies {
-    pub families: [Family; 3],
-}
-
-impl Default for WorkloadGpuFamilies {
-    fn default() -> Self {
-        Self {
-            families: [
-                Family::new(&catalogue::workload::GPU_SECONDS),
-                Family::new(&catalogue::workload::GPU_ENERGY_JOULES),
-                Family::new(&catalogue::workload::GPU_MEMORY_BYTE_SECONDS),
-            ],
-        }
-    }
-}
-
-impl WorkloadGpuFamilies {
-    pub fn push(&mut self, labels: &LabelSet, entry: &Entry) {
-        for (id, value) in entry.counters() {
-            let CounterId::Gpu {
-                counter,
-                gpu,
-                method,
-            } = id
-            else {
-                continue;
-            };
-            let index = match counter {
-                GpuCounter::BusySeconds => 0,
-                GpuCounter::EnergyJoules => 1,
-                GpuCounter::MemoryByteSeconds => 2,
-            };
-            let mut extra = vec![("gpu", Arc::<str>::clone(gpu))];
-            if let Some(method) = method {
-                extra.push(("method", Arc::from(*method)));
-            }
-            self.families[index].samples.push(Sample {
-                labels: labels.clone(),
-                extra,
-                value,
-                histogram: None,
-            });
-        }
-    }
-}
 
 impl GpuSource {
     /// Node-level GPU families and the per-workload memory gauge.
-    pub fn families(&self) -> Vec<Family> {
+    pub(super) fn node_families(&self) -> Vec<Family> {
         let mut up = Family::new(&catalogue::gpu::UP);
         up.push_labeled(Vec::new(), if self.up() { 1.0 } else { 0.0 });
         let mut families = vec![up];
@@ -200,13 +151,6 @@ impl GpuSource {
                 *n as f64,
             );
         }
-        let mut errors = Family::new(&catalogue::gpu::NVML_ERRORS);
-        for ((call, code), n) in &self.nvml_errors {
-            errors.push_labeled(
-                vec![("call", Arc::from(*call)), ("code", Arc::from(*code))],
-                *n as f64,
-            );
-        }
         let mut calls = Family::new(&catalogue::gpu::NVML_CALLS_PER_GPU);
         if let Some(c) = self.calls_per_gpu {
             calls.push_labeled(Vec::new(), c);
@@ -232,9 +176,9 @@ impl GpuSource {
             unattributed,
             unallocated,
             xid,
-            errors,
             calls,
         ]);
+        families.iter_mut().for_each(Family::sort_samples);
         families
     }
 }

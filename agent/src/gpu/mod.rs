@@ -9,20 +9,22 @@
 pub mod attribution;
 mod metrics;
 
-pub use metrics::WorkloadGpuFamilies;
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tally_exporters::Family;
 use tally_gpu::{DeviceSample, GpuError, GpuOptions, GpuSample, Sampler, XidEvent};
 
+use crate::catalogue::{self, workload};
 use crate::config::Config;
+use crate::errors::ErrorCounts;
 use crate::identity::podresources::Assignments;
 use crate::identity::{Identity, PathIdentity, Workload};
-use crate::ledger::{CounterId, GpuCounter, Ledger};
+use crate::ledger::{Key, Ledger};
+use crate::source::{Source, TickCtx};
 use attribution::{attribute, DeviceWindow, Holder};
 
 /// One sampler round, stamped when it was taken.
@@ -51,7 +53,6 @@ pub struct GpuSource {
     thread: Option<std::thread::JoinHandle<()>>,
     driver_version: Option<String>,
     devices: BTreeMap<String, DeviceState>,
-    nvml_errors: BTreeMap<(&'static str, &'static str), u64>,
     xids: BTreeMap<(String, u64), u64>,
     /// pid → workload for the processes of the last sample (pids are reused, so only those).
     pids: HashMap<u32, Arc<Workload>>,
@@ -80,7 +81,6 @@ impl GpuSource {
             thread: None,
             driver_version: None,
             devices: BTreeMap::new(),
-            nvml_errors: BTreeMap::new(),
             xids: BTreeMap::new(),
             pids: HashMap::new(),
             memory: Vec::new(),
@@ -117,7 +117,7 @@ impl GpuSource {
     }
 
     /// GPU (and MIG instance) UUID → model name, for per-model prices.
-    pub fn models(&self) -> HashMap<Arc<str>, Arc<str>> {
+    fn models(&self) -> HashMap<Arc<str>, Arc<str>> {
         let mut models = HashMap::new();
         for device in self.devices.values().filter_map(|d| d.last.as_ref()) {
             let name: Arc<str> = Arc::from(device.name.as_str());
@@ -130,7 +130,7 @@ impl GpuSource {
     }
 
     /// GPU memory each workload holds now, over all its devices.
-    pub fn memory_held(&self) -> HashMap<crate::identity::PathIdentity, f64> {
+    fn memory_held(&self) -> HashMap<crate::identity::PathIdentity, f64> {
         let mut held = HashMap::new();
         for (w, _, bytes) in &self.memory {
             *held.entry(w.identity.clone()).or_insert(0.0) += bytes;
@@ -143,18 +143,19 @@ impl GpuSource {
     }
 
     /// Attributes every sample that arrived since the last tick.
-    pub fn collect(
+    fn attribute_arrived(
         &mut self,
         identity: &mut Identity,
         host: &Arc<Workload>,
         ledger: &mut Ledger,
         assignments: Option<&Assignments>,
+        errors: &mut ErrorCounts,
     ) {
         let Some(batches) = &self.batches else { return };
         let arrived: Vec<Batch> = batches.try_iter().collect();
         for batch in arrived {
             for e in &batch.sample.errors {
-                *self.nvml_errors.entry((e.call, e.code)).or_default() += 1;
+                errors.count(&catalogue::gpu::NVML_ERRORS, [e.call, e.code]);
             }
             for x in batch.xids {
                 *self.xids.entry((x.device_uuid, x.xid)).or_default() += 1;
@@ -317,26 +318,20 @@ impl GpuSource {
             for share in outcome.shares {
                 let w = keys[share.workload].clone();
                 let gpu: Arc<str> = Arc::from(share.gpu.as_str());
-                let counter = |counter, method| CounterId::Gpu {
-                    counter,
-                    gpu: gpu.clone(),
-                    method,
-                };
-                ledger.add(
-                    w.clone(),
-                    counter(GpuCounter::BusySeconds, Some(share.method.as_str())),
-                    share.busy_seconds,
-                );
-                ledger.add(
-                    w.clone(),
-                    counter(GpuCounter::EnergyJoules, None),
-                    share.energy_joules,
-                );
-                ledger.add(
-                    w,
-                    counter(GpuCounter::MemoryByteSeconds, None),
-                    share.memory_bytes * seconds,
-                );
+                let gpu = || vec![("gpu", gpu.clone())];
+                let mut busy = gpu();
+                busy.push(("method", Arc::from(share.method.as_str())));
+                for (metric, labels, value) in [
+                    (&workload::GPU_SECONDS, busy, share.busy_seconds),
+                    (&workload::GPU_ENERGY_JOULES, gpu(), share.energy_joules),
+                    (
+                        &workload::GPU_MEMORY_BYTE_SECONDS,
+                        gpu(),
+                        share.memory_bytes * seconds,
+                    ),
+                ] {
+                    ledger.add(w.clone(), Key::new(metric, labels), value);
+                }
             }
             state.busy_seconds_total += busy_seconds.unwrap_or(0.0);
             state.unattributed_seconds_total += outcome.unattributed_seconds;
@@ -344,6 +339,22 @@ impl GpuSource {
         }
         state.last_at = Some(at);
         state.last = Some(device);
+    }
+}
+
+impl Source for GpuSource {
+    fn name(&self) -> &'static str {
+        "gpu"
+    }
+
+    fn collect(&mut self, ctx: &mut TickCtx<'_>, ledger: &mut Ledger) {
+        self.attribute_arrived(ctx.identity, ctx.host, ledger, ctx.assignments, ctx.errors);
+        ctx.facts.gpu_models = self.models();
+        ctx.facts.gpu_memory = self.memory_held();
+    }
+
+    fn families(&self) -> Vec<Family> {
+        self.node_families()
     }
 }
 

@@ -1,8 +1,11 @@
 //! What the node's cgroup tree says on its own: which hierarchies it has and where ([`layout`]),
-//! and what workload a cgroup path names ([`path`]).
+//! what workload a cgroup path names ([`path`]), and which workload cgroups exist now ([`walk`]).
 //!
-//! A leaf: it uses no other module of the agent, so the cgroupfs collector, workload identity,
+//! Below everything but the error counts: the cgroupfs collector, workload identity, the sources,
 //! budgets and `tally check` can all build on it without depending on each other.
 
 pub mod layout;
 pub mod path;
+mod walk;
+
+pub use walk::{discover, Discovery, Found};

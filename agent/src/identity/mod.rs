@@ -15,20 +15,10 @@ use std::sync::Arc;
 
 use tally_exporters::LabelSet;
 
+use crate::catalogue::WORKLOAD_LABELS;
 use crate::host::layout::Layout;
 use crate::host::path;
 pub use crate::host::path::{ContainerRef, Names, PathIdentity, QosClass, Runtime};
-
-/// The one label set of every per-workload family, in this order; a family's own labels (`gpu`,
-/// `direction`, …) come after it. A container leaves `unit` empty; a systemd unit has only `unit`.
-pub const LABELS: [&str; 6] = [
-    "namespace",
-    "pod",
-    "pod_uid",
-    "container",
-    "container_id",
-    "unit",
-];
 
 /// A metered workload: what its cgroup path says, plus CRI names when known.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,12 +41,12 @@ impl Workload {
             PathIdentity::Host | PathIdentity::Assigned(_) => (empty(), empty(), empty()),
         };
         let labels: LabelSet = Arc::from(vec![
-            (LABELS[0], Arc::from(names.namespace.as_str())),
-            (LABELS[1], Arc::from(names.pod.as_str())),
-            (LABELS[2], pod_uid),
-            (LABELS[3], Arc::from(names.container.as_str())),
-            (LABELS[4], container_id),
-            (LABELS[5], unit),
+            (WORKLOAD_LABELS[0], Arc::from(names.namespace.as_str())),
+            (WORKLOAD_LABELS[1], Arc::from(names.pod.as_str())),
+            (WORKLOAD_LABELS[2], pod_uid),
+            (WORKLOAD_LABELS[3], Arc::from(names.container.as_str())),
+            (WORKLOAD_LABELS[4], container_id),
+            (WORKLOAD_LABELS[5], unit),
         ]);
         Self {
             identity,

@@ -1,64 +1,12 @@
-//! The RDMA families: per-workload traffic from the ledger, node-level port state and counters
-//! from the last read.
+//! The RDMA source's own families: node-level port state and counters from the last read (its
+//! per-workload traffic is in the ledger).
 
 use std::sync::Arc;
 
-use tally_exporters::{Family, LabelSet, Sample};
+use tally_exporters::Family;
 
 use super::{Netlink, RdmaSource};
 use crate::catalogue;
-use crate::ledger::{CounterId, Entry, RdmaCounter};
-
-/// `tally_workload_rdma_{transmit,receive}_{bytes,packets}_total{device,port,method}`.
-#[derive(Debug)]
-pub struct WorkloadRdmaFamilies {
-    pub families: [Family; 4],
-}
-
-impl Default for WorkloadRdmaFamilies {
-    fn default() -> Self {
-        Self {
-            families: [
-                Family::new(&catalogue::workload::RDMA_TRANSMIT_BYTES),
-                Family::new(&catalogue::workload::RDMA_RECEIVE_BYTES),
-                Family::new(&catalogue::workload::RDMA_TRANSMIT_PACKETS),
-                Family::new(&catalogue::workload::RDMA_RECEIVE_PACKETS),
-            ],
-        }
-    }
-}
-
-impl WorkloadRdmaFamilies {
-    pub fn push(&mut self, labels: &LabelSet, entry: &Entry) {
-        for (id, value) in entry.counters() {
-            let CounterId::Rdma {
-                counter,
-                device,
-                port,
-                method,
-            } = id
-            else {
-                continue;
-            };
-            let index = match counter {
-                RdmaCounter::TransmitBytes => 0,
-                RdmaCounter::ReceiveBytes => 1,
-                RdmaCounter::TransmitPackets => 2,
-                RdmaCounter::ReceivePackets => 3,
-            };
-            self.families[index].samples.push(Sample {
-                labels: labels.clone(),
-                extra: vec![
-                    ("device", Arc::clone(device)),
-                    ("port", Arc::from(port.to_string().as_str())),
-                    ("method", Arc::from(*method)),
-                ],
-                value,
-                histogram: None,
-            });
-        }
-    }
-}
 
 /// The four data counters, which have families of their own (in bytes).
 const DATA_COUNTERS: [&str; 4] = [
@@ -70,7 +18,7 @@ const DATA_COUNTERS: [&str; 4] = [
 
 impl RdmaSource {
     /// Node-level RDMA families; none without RDMA devices.
-    pub fn families(&self) -> Vec<Family> {
+    pub(super) fn node_families(&self) -> Vec<Family> {
         if self.devices.is_empty() {
             return Vec::new();
         }

@@ -13,22 +13,23 @@
 
 mod metrics;
 
-pub use metrics::WorkloadRdmaFamilies;
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tally_exporters::Family;
 use tally_rdma::netlink::Socket;
 use tally_rdma::sysfs::{self, PortCounters};
 use tally_rdma::{Availability, Client, Endpoint, ProcessCounters, ProcessOptions, Traffic};
 
+use crate::catalogue::workload;
 use crate::config::Config;
 use crate::errors::ErrorCounts;
 use crate::identity::podresources::Assignments;
 use crate::identity::{Identity, PathIdentity, Workload};
-use crate::ledger::{CounterId, Ledger, RdmaCounter};
+use crate::ledger::{Key, Ledger};
+use crate::source::{Probe, Source, TickCtx};
 
 /// `method` of traffic read from a process's own QP counter.
 pub const METHOD_QP_COUNTER: &str = "qp_counter";
@@ -108,7 +109,7 @@ impl RdmaSource {
 
     /// Reads every port, charges assigned devices to their pods and per-process counters to
     /// their processes' workloads.
-    pub fn collect(
+    fn collect_traffic(
         &mut self,
         identity: &mut Identity,
         host: &Arc<Workload>,
@@ -215,19 +216,36 @@ impl RdmaSource {
         }
         out
     }
+}
 
-    /// `tally_probe_up` rows: `(probe, method, up)`; none without RDMA devices.
-    pub fn probes(&self) -> Vec<(&'static str, &'static str, bool)> {
+impl Source for RdmaSource {
+    fn name(&self) -> &'static str {
+        "rdma"
+    }
+
+    fn collect(&mut self, ctx: &mut TickCtx<'_>, ledger: &mut Ledger) {
+        self.collect_traffic(ctx.identity, ctx.host, ledger, ctx.assignments, ctx.errors);
+    }
+
+    /// None without RDMA devices.
+    fn probes(&self) -> Vec<Probe> {
         if self.devices.is_empty() {
             return Vec::new();
         }
-        let mut out = vec![("rdma", "sysfs", true)];
+        let probe = |probe, method, up| Probe { probe, method, up };
+        let mut out = vec![probe("rdma", "sysfs", true)];
         match &self.netlink {
             Netlink::Off => {}
-            Netlink::Unavailable => out.push(("rdma_netlink", "nldev", false)),
-            Netlink::Up { method, .. } => out.push(("rdma_netlink", method, true)),
+            Netlink::Unavailable => out.push(probe("rdma_netlink", "nldev", false)),
+            Netlink::Up { method, .. } => out.push(probe("rdma_netlink", method, true)),
         }
         out
+    }
+
+    fn families(&self) -> Vec<Family> {
+        let mut families = self.node_families();
+        families.iter_mut().for_each(Family::sort_samples);
+        families
     }
 }
 
@@ -303,23 +321,21 @@ fn add(
     t: &Traffic,
     share: f64,
 ) {
-    for (counter, value) in [
-        (RdmaCounter::TransmitBytes, t.transmit_bytes),
-        (RdmaCounter::ReceiveBytes, t.receive_bytes),
-        (RdmaCounter::TransmitPackets, t.transmit_packets),
-        (RdmaCounter::ReceivePackets, t.receive_packets),
+    let labels = || {
+        vec![
+            ("device", device.clone()),
+            ("port", Arc::from(port.to_string().as_str())),
+            ("method", Arc::from(method)),
+        ]
+    };
+    for (metric, value) in [
+        (&workload::RDMA_TRANSMIT_BYTES, t.transmit_bytes),
+        (&workload::RDMA_RECEIVE_BYTES, t.receive_bytes),
+        (&workload::RDMA_TRANSMIT_PACKETS, t.transmit_packets),
+        (&workload::RDMA_RECEIVE_PACKETS, t.receive_packets),
     ] {
         if let Some(v) = value {
-            ledger.add(
-                w.clone(),
-                CounterId::Rdma {
-                    counter,
-                    device: device.clone(),
-                    port,
-                    method,
-                },
-                v as f64 * share,
-            );
+            ledger.add(w.clone(), Key::new(metric, labels()), v as f64 * share);
         }
     }
 }

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tally_ebpf_common::{direction, scope as net_scope};
+use tally_ebpf_common::scope as net_scope;
 use tally_exporters::{Family, Histogram, LabelSet};
 
 use super::actuator::{Actuators, CgroupDirs, EgressMap};
@@ -31,7 +31,7 @@ use crate::cgroupfs::layout::Layout;
 use crate::config::policy::{self, Action, Budget, Prices, Resource, Target};
 use crate::config::Config;
 use crate::identity::{Names, PathIdentity, Workload};
-use crate::ledger::{CounterId, DiskCounter, Entry, GpuCounter, Ledger};
+use crate::ledger::{Entry, Ledger};
 
 /// Bounds of the detection-to-throttle latency histogram, in seconds.
 const LATENCY_BOUNDS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];

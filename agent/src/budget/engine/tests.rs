@@ -1,5 +1,5 @@
 use super::*;
-use crate::cgroupfs::Reading;
+use crate::ledger::Key;
 
 fn unit(name: &str, labels: &[(&str, &str)]) -> Arc<Workload> {
     let names = Names {
@@ -24,11 +24,9 @@ fn engine(policy: &str, state: &std::path::Path) -> Engine {
 fn tick(engine: &mut Engine, ledger: &mut Ledger, layout: &Layout, cpu: &[(&Arc<Workload>, f64)]) {
     let mut placements = HashMap::new();
     for (i, (w, v)) in cpu.iter().enumerate() {
-        let reading = Reading {
-            cpu_seconds: Some(*v),
-            ..Reading::default()
-        };
-        ledger.observe((*w).clone(), i as u64 + 1, true, &reading);
+        ledger.see((*w).clone(), i as u64 + 1, true);
+        let cpu = Key::new(&crate::catalogue::workload::CPU_SECONDS, Vec::new());
+        ledger.observe(w, cpu, *v);
         placements.insert(
             w.identity.clone(),
             Placement {

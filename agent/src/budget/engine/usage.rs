@@ -2,6 +2,9 @@
 //! from its ledger row, turned into usage since the last tick.
 
 use super::*;
+use crate::catalogue::workload;
+use crate::ledger::Key;
+use tally_exporters::Metric;
 
 /// Usage since the last reading of a workload's cumulative `value`, updating the baseline.
 /// `fresh`: the engine just started or began tracking this metric.
@@ -63,83 +66,66 @@ pub(super) fn cumulative(
     prices: &Prices,
     models: &HashMap<Arc<str>, Arc<str>>,
 ) -> Option<f64> {
+    let cpu = Key::new(&workload::CPU_SECONDS, Vec::new());
     let (resource, scope) = match metric.split_once(':') {
         Some((r, s)) => (r, policy::SCOPES.iter().position(|x| *x == s)),
         None => (metric, None),
     };
-    let sum = |f: &dyn Fn(&CounterId) -> Option<f64>| -> Option<f64> {
+    // Each series of `metric` times the weight `f` gives it (None: not counted).
+    let sum = |metric: &'static Metric, f: &dyn Fn(&Key) -> Option<f64>| -> Option<f64> {
         let mut total = None;
-        for (id, v) in entry.counters() {
-            if let Some(weight) = f(id) {
+        for (key, v) in entry.series(metric) {
+            if let Some(weight) = f(key) {
                 *total.get_or_insert(0.0) += v * weight;
             }
         }
         total
     };
-    let gpu = |counter: GpuCounter| {
-        sum(&|id| matches!(id, CounterId::Gpu { counter: c, .. } if *c == counter).then_some(1.0))
-    };
     let egress = |scope: Option<usize>| {
-        sum(&|id| match id {
-            CounterId::NetBytes {
-                direction: d,
-                scope: s,
-            } if *d == direction::EGRESS && scope.is_none_or(|want| want as u32 == *s) => Some(1.0),
-            _ => None,
+        sum(&workload::NETWORK_TRANSMIT_BYTES, &|key| {
+            let want = scope.and_then(|i| policy::SCOPES.get(i));
+            want.is_none_or(|w| key.label("scope") == Some(*w))
+                .then_some(1.0)
         })
     };
     // cgroupfs counts writeback the BPF programs cannot attribute; prefer it where present.
-    let disk = |cgroupfs: CounterId, bpf: DiskCounter| {
+    let disk = |metric: &'static Metric| {
+        let method = |m: &str| Key::new(metric, vec![("method", Arc::from(m))]);
         entry
-            .counter(cgroupfs)
-            .or_else(|| entry.counter(CounterId::Disk(bpf)))
+            .value(&method("cgroupfs"))
+            .or_else(|| entry.value(&method("ebpf")))
     };
-    let read = || disk(CounterId::DiskReadBytes, DiskCounter::ReadBytes);
-    let write = || disk(CounterId::DiskWriteBytes, DiskCounter::WriteBytes);
+    let read = || disk(&workload::DISK_READ_BYTES);
+    let write = || disk(&workload::DISK_WRITE_BYTES);
     let add = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (None, None) => None,
         (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
     };
     match resource {
-        "cpu_seconds" => entry.counter(CounterId::CpuSeconds),
-        "gpu_seconds" => gpu(GpuCounter::BusySeconds),
-        "gpu_energy_joules" => gpu(GpuCounter::EnergyJoules),
+        "cpu_seconds" => entry.value(&cpu),
+        "gpu_seconds" => entry.total(&workload::GPU_SECONDS),
+        "gpu_energy_joules" => entry.total(&workload::GPU_ENERGY_JOULES),
         "network_egress_bytes" => egress(scope),
         "disk_read_bytes" => read(),
         "disk_write_bytes" => write(),
         "disk_bytes" => add(read(), write()),
         "cost" => {
-            let gpu_cost = sum(&|id| match id {
-                CounterId::Gpu {
-                    counter: GpuCounter::BusySeconds,
-                    gpu,
-                    ..
-                } => {
-                    let model = models.get(gpu);
-                    model
-                        .and_then(|m| prices.gpu_second.get(m.as_ref()))
-                        .or_else(|| prices.gpu_second.get("default"))
-                        .copied()
-                }
-                CounterId::Gpu {
-                    counter: GpuCounter::EnergyJoules,
-                    ..
-                } => Some(prices.gpu_energy_kwh / 3.6e6),
-                CounterId::NetBytes {
-                    direction: d,
-                    scope: s,
-                } if *d == direction::EGRESS => {
-                    let name = policy::SCOPES
-                        .get(*s as usize)
-                        .copied()
-                        .unwrap_or("internet");
-                    prices.network_egress_gb.get(name).map(|p| p / 1e9)
-                }
-                _ => None,
+            let gpu_seconds = sum(&workload::GPU_SECONDS, &|key| {
+                let model = key.label("gpu").and_then(|gpu| models.get(gpu));
+                model
+                    .and_then(|m| prices.gpu_second.get(m.as_ref()))
+                    .or_else(|| prices.gpu_second.get("default"))
+                    .copied()
             });
-            let cpu = entry
-                .counter(CounterId::CpuSeconds)
-                .map(|s| s * prices.cpu_core_second);
+            let energy = entry
+                .total(&workload::GPU_ENERGY_JOULES)
+                .map(|j| j * prices.gpu_energy_kwh / 3.6e6);
+            let egress = sum(&workload::NETWORK_TRANSMIT_BYTES, &|key| {
+                let scope = key.label("scope").unwrap_or("internet");
+                prices.network_egress_gb.get(scope).map(|p| p / 1e9)
+            });
+            let gpu_cost = add(add(gpu_seconds, energy), egress);
+            let cpu = entry.value(&cpu).map(|s| s * prices.cpu_core_second);
             let disk = add(read(), write()).map(|b| b * prices.disk_gb / 1e9);
             add(add(gpu_cost, cpu), disk)
         }

@@ -7,10 +7,12 @@ use std::collections::HashMap;
 use std::os::unix::fs::DirEntryExt;
 use std::path::Path;
 
-use super::COLLECTOR;
+use super::layout::Layout;
+use super::path::{self, Context, PathIdentity, Step};
 use crate::errors::ErrorCounts;
-use crate::host::layout::Layout;
-use crate::host::path::{self, Context, PathIdentity, Step};
+
+/// The walk's failures are the cgroupfs collector's (`reason="walk"`).
+const COLLECTOR: &str = "cgroupfs";
 
 /// A workload cgroup found by the walk.
 #[derive(Debug, Clone, PartialEq, Eq)]

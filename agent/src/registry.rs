@@ -1,0 +1,30 @@
+//! The one list of sources: adding a source is its module plus one line here.
+
+use tally_ebpf::throttle::EgressLimits;
+
+use crate::config::Config;
+use crate::host::layout::Layout;
+use crate::source::Source;
+
+/// The sources, and the handles some of them give the budget engine's actuators.
+#[derive(Debug)]
+pub struct Built {
+    /// Every source, in the order a tick collects them (and `tally_probe_up` lists their probes).
+    pub sources: Vec<Box<dyn Source>>,
+    /// The network programs' egress limit maps, for the egress actuator.
+    pub egress_limits: Option<EgressLimits>,
+}
+
+pub fn build(config: &Config, layout: &Layout) -> Built {
+    let mut bpf = crate::bpf::BpfSources::start(config, layout);
+    let egress_limits = bpf.take_egress_limits();
+    Built {
+        sources: vec![
+            Box::new(crate::cgroupfs::Collector::new(layout.clone())),
+            Box::new(bpf),
+            Box::new(crate::gpu::GpuSource::start(config, config.tick_interval())),
+            Box::new(crate::rdma::RdmaSource::start(config)),
+        ],
+        egress_limits,
+    }
+}
