@@ -196,7 +196,7 @@ impl Freezer {
     /// Sends `line` to the guard; when that fails, to another guard started in its place.
     fn tell_guard(&mut self, line: &str) -> Result<(), FreezeError> {
         if let Err(e) = send(self.guard()?, line) {
-            tracing::warn!(error = %tally_ebpf::chain(&e), "the freeze guard is gone; starting another");
+            tracing::warn!(error = %tally_error_chain::chain(&e), "the freeze guard is gone; starting another");
             if let Some(mut old) = self.guard.take() {
                 let _ = old.child.kill();
                 let _ = old.child.wait();

@@ -31,7 +31,7 @@ pub struct State {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Throttle {
     pub budget: String,
-    /// The workload's key (see `engine::subject_key`).
+    /// The workload's key (see `engine::keys::subject_key`).
     pub subject: String,
     pub action: Action,
     /// The actuator's setting: cores, bytes per second, or running share of a freeze cycle.

@@ -22,9 +22,6 @@ use files::WorkloadFiles;
 use crate::config::Config;
 use crate::errors::ErrorCounts;
 use crate::host::layout::Layout;
-// budget/ still imports the layout from here; it can name `crate::host::layout` once it is
-// rewritten, and this line goes.
-pub use crate::host::layout;
 use crate::identity::Workload;
 use crate::ledger::{Key, Ledger};
 use crate::source::{Probe, Source, TickCtx};

@@ -1,7 +1,7 @@
 //! CPU bandwidth: `cpu.max` on cgroup2 where the cpu controller is enabled, else the v1
 //! `cpu.cfs_quota_us`.
 
-use super::{read, write_all, Actuator, ActuatorError, CgroupError, Member, Plan};
+use super::{read, write_all, Actuator, ActuatorError, CgroupError, Plan, Site};
 use crate::budget::state::{FileWrite, Throttle};
 
 /// The CFS period Tally writes when the cgroup has none of its own (the kernel default).
@@ -13,14 +13,14 @@ const MIN_QUOTA_US: u64 = 1_000;
 pub(super) struct Cpu;
 
 impl Actuator for Cpu {
-    fn plan(&self, member: Member<'_>, setting: f64) -> Result<Plan, ActuatorError> {
+    fn plan(&self, site: Site<'_>, setting: f64) -> Result<Plan, ActuatorError> {
         Ok(Plan {
-            writes: plan_cpu(member.dirs, setting)?,
+            writes: plan_cpu(site.dirs, setting)?,
             ..Plan::default()
         })
     }
 
-    fn apply(&mut self, t: &Throttle, _: f64, _: Option<Member<'_>>) -> Result<(), ActuatorError> {
+    fn apply(&mut self, t: &Throttle, _: f64, _: Option<Site<'_>>) -> Result<(), ActuatorError> {
         Ok(write_all(&t.writes)?)
     }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use tally_ebpf::throttle::EgressLimits;
 
-use super::{Actuator, ActuatorError, Member, Plan};
+use super::{Actuator, ActuatorError, Plan, Site};
 use crate::budget::state::{Egress, Throttle};
 
 /// Burst of a network throttle: this many seconds of its rate. A TCP sender whose every
@@ -68,15 +68,15 @@ impl EgressLimit {
 }
 
 impl Actuator for EgressLimit {
-    fn plan(&self, member: Member<'_>, _: f64) -> Result<Plan, ActuatorError> {
-        let cgroup_id = member.v2_id.ok_or(ActuatorError::NoCgroup2)?;
+    fn plan(&self, site: Site<'_>, _: f64) -> Result<Plan, ActuatorError> {
+        let cgroup_id = site.v2_id.ok_or(ActuatorError::NoCgroup2)?;
         if self.map.is_none() {
             return Err(ActuatorError::NoNetworkPrograms);
         }
         Ok(Plan {
             egress: Some(Egress {
                 cgroup_id,
-                scope: member.scope,
+                scope: site.scope,
             }),
             ..Plan::default()
         })
@@ -86,7 +86,7 @@ impl Actuator for EgressLimit {
         &mut self,
         t: &Throttle,
         setting: f64,
-        _: Option<Member<'_>>,
+        _: Option<Site<'_>>,
     ) -> Result<(), ActuatorError> {
         let (Some(e), Some(map)) = (t.egress, &mut self.map) else {
             return Err(ActuatorError::NoNetworkPrograms);
@@ -180,13 +180,13 @@ mod tests {
             blkio: None,
             freezer: None,
         };
-        let member = |v2_id| Member {
+        let site = |v2_id| Site {
             dirs: &dirs,
             v2_id,
             scope: Some(2),
         };
         let mut egress = EgressLimit::default();
-        let err = egress.plan(member(Some(7)), 1e7).unwrap_err();
+        let err = egress.plan(site(Some(7)), 1e7).unwrap_err();
         assert!(matches!(err, ActuatorError::NoNetworkPrograms), "{err}");
 
         let limits = Limits::default();
@@ -194,10 +194,10 @@ mod tests {
             limits: limits.clone(),
             drops: HashMap::from([(7, 40)]),
         }));
-        let err = egress.plan(member(None), 1e7).unwrap_err();
+        let err = egress.plan(site(None), 1e7).unwrap_err();
         assert!(matches!(err, ActuatorError::NoCgroup2), "{err}");
-        let t = throttle(egress.plan(member(Some(7)), 1e7).unwrap(), 1e7);
-        egress.apply(&t, 1e7, Some(member(Some(7)))).unwrap();
+        let t = throttle(egress.plan(site(Some(7)), 1e7).unwrap(), 1e7);
+        egress.apply(&t, 1e7, Some(site(Some(7)))).unwrap();
         assert_eq!(
             *limits.lock().unwrap(),
             BTreeMap::from([((7, Some(2)), (10_000_000, 2_500_000))])

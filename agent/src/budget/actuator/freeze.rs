@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Actuator, ActuatorError, Member, Plan};
+use super::{Actuator, ActuatorError, Plan, Site};
 use crate::budget::freeze::{CycleError, Freezer};
 use crate::budget::state::Throttle;
 use crate::config::Config;
@@ -40,9 +40,9 @@ impl Freeze {
 }
 
 impl Actuator for Freeze {
-    fn plan(&self, member: Member<'_>, _: f64) -> Result<Plan, ActuatorError> {
+    fn plan(&self, site: Site<'_>, _: f64) -> Result<Plan, ActuatorError> {
         Ok(Plan {
-            freeze: Some(member.dirs.freeze_file()?),
+            freeze: Some(site.dirs.freeze_file()?),
             ..Plan::default()
         })
     }
@@ -51,7 +51,7 @@ impl Actuator for Freeze {
         &mut self,
         t: &Throttle,
         setting: f64,
-        _: Option<Member<'_>>,
+        _: Option<Site<'_>>,
     ) -> Result<(), ActuatorError> {
         let file = t.freeze.as_ref().ok_or(ActuatorError::NoFreezeFile)?;
         Ok(self.freezer.set(file, setting)?)

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{read, write_all, Actuator, ActuatorError, CgroupDirs, CgroupError, Member, Plan};
+use super::{read, write_all, Actuator, ActuatorError, CgroupDirs, CgroupError, Plan, Site};
 use crate::budget::state::{FileWrite, Throttle};
 
 #[derive(Debug)]
@@ -23,14 +23,14 @@ impl Io {
 }
 
 impl Actuator for Io {
-    fn plan(&self, member: Member<'_>, setting: f64) -> Result<Plan, ActuatorError> {
+    fn plan(&self, site: Site<'_>, setting: f64) -> Result<Plan, ActuatorError> {
         Ok(Plan {
-            writes: plan_disk(member.dirs, &self.sys_root, setting)?,
+            writes: plan_disk(site.dirs, &self.sys_root, setting)?,
             ..Plan::default()
         })
     }
 
-    fn apply(&mut self, t: &Throttle, _: f64, _: Option<Member<'_>>) -> Result<(), ActuatorError> {
+    fn apply(&mut self, t: &Throttle, _: f64, _: Option<Site<'_>>) -> Result<(), ActuatorError> {
         Ok(write_all(&t.writes)?)
     }
 }

@@ -19,9 +19,9 @@ pub use egress::EgressMap;
 
 use super::freeze::CycleError;
 use super::state::{Egress, FileWrite, Throttle};
-use crate::cgroupfs::layout::Layout;
 use crate::config::policy::Action;
 use crate::config::Config;
+use crate::host::layout::Layout;
 
 /// Why a throttle cannot be planned or applied on a workload's cgroup files.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +97,7 @@ pub enum ActuatorError {
 
 /// Where a throttle goes: the workload's cgroup, as the tick found it.
 #[derive(Debug, Clone, Copy)]
-pub struct Member<'a> {
+pub struct Site<'a> {
     pub dirs: &'a CgroupDirs,
     /// The cgroup2 id, when the workload has a cgroup2 directory.
     pub v2_id: Option<u64>,
@@ -118,9 +118,9 @@ pub struct Plan {
 
 /// One kind of throttle.
 pub trait Actuator: std::fmt::Debug + Send {
-    /// What throttling `member` to `setting` (cores, bytes per second, running share) changes,
+    /// What throttling `site` to `setting` (cores, bytes per second, running share) changes,
     /// read before anything is written.
-    fn plan(&self, member: Member<'_>, setting: f64) -> Result<Plan, ActuatorError>;
+    fn plan(&self, site: Site<'_>, setting: f64) -> Result<Plan, ActuatorError>;
 
     /// Puts a recorded throttle in place at `setting`. `new` is the workload when the throttle
     /// was not in force before (not a changed setting, not a re-arm).
@@ -128,7 +128,7 @@ pub trait Actuator: std::fmt::Debug + Send {
         &mut self,
         throttle: &Throttle,
         setting: f64,
-        new: Option<Member<'_>>,
+        new: Option<Site<'_>>,
     ) -> Result<(), ActuatorError>;
 
     /// Whether a throttle in force at `setting` must be applied again: a restart adopted its
@@ -353,7 +353,7 @@ mod tests {
         let e = plan_cpu(&dirs(root.path()), 0.5).unwrap_err();
         let file = root.path().join("cpu/cpu.cfs_quota_us");
         assert_eq!(
-            tally_ebpf::chain(&e),
+            tally_error_chain::chain(&e),
             format!(
                 "reading {}: No such file or directory (os error 2)",
                 file.display()

@@ -1,26 +1,21 @@
 //! SIGTERM to every process of the workload, once, when the throttle is new.
 
-use super::{Actuator, ActuatorError, CgroupDirs, CgroupError, Member, Plan};
+use super::{Actuator, ActuatorError, CgroupDirs, CgroupError, Plan, Site};
 use crate::budget::state::Throttle;
 
 #[derive(Debug)]
 pub(super) struct Terminate;
 
 impl Actuator for Terminate {
-    fn plan(&self, _: Member<'_>, _: f64) -> Result<Plan, ActuatorError> {
+    fn plan(&self, _: Site<'_>, _: f64) -> Result<Plan, ActuatorError> {
         Ok(Plan::default())
     }
 
-    fn apply(
-        &mut self,
-        t: &Throttle,
-        _: f64,
-        new: Option<Member<'_>>,
-    ) -> Result<(), ActuatorError> {
-        let Some(member) = new else {
+    fn apply(&mut self, t: &Throttle, _: f64, new: Option<Site<'_>>) -> Result<(), ActuatorError> {
+        let Some(site) = new else {
             return Ok(());
         };
-        let n = terminate(member.dirs)?;
+        let n = terminate(site.dirs)?;
         tracing::warn!(budget = %t.budget, workload = %t.subject, processes = n, "sent SIGTERM");
         Ok(())
     }

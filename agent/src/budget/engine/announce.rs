@@ -5,10 +5,11 @@ use super::*;
 
 impl Engine {
     /// Logs, counts and alerts a state change.
-    pub(super) fn announce(&mut self, key: &(String, String), event: Event) {
-        let Some(c) = self.budgets.iter().find(|c| c.budget.name == key.0) else {
+    pub(super) fn announce(&mut self, key: &SubjectKey, event: Event) {
+        let Some(c) = self.policy.get(&key.budget) else {
             return;
         };
+        let subject = key.id.as_str();
         let b = &c.budget;
         let (usage, ratio, labels) = self
             .subjects
@@ -32,7 +33,7 @@ impl Engine {
         let latency_ms = self
             .applied
             .iter()
-            .filter(|((budget, w), _)| budget == &key.0 && (b.shared || w == &key.1))
+            .filter(|(t, _)| t.budget == key.budget && (b.shared || t.workload.as_str() == subject))
             .map(|(_, d)| d.as_secs_f64() * 1e3)
             .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))));
         let message = match event {
@@ -50,7 +51,7 @@ impl Engine {
             usage,
             limit = b.limit,
             ratio,
-            workload = %key.1,
+            workload = %subject,
             namespace = %label("namespace"),
             pod = %label("pod"),
             container = %label("container"),
@@ -61,7 +62,7 @@ impl Engine {
         journal(&[
             format!(
                 "MESSAGE=tally: {message}: budget {} workload {}",
-                b.name, key.1
+                b.name, subject
             ),
             format!("PRIORITY={}", if event == Event::Release { 5 } else { 4 }),
             format!("TALLY_EVENT={}", event.as_str()),
@@ -72,7 +73,7 @@ impl Engine {
             format!("TALLY_USAGE={usage}"),
             format!("TALLY_LIMIT={}", b.limit),
             format!("TALLY_USAGE_RATIO={ratio}"),
-            format!("TALLY_WORKLOAD={}", key.1),
+            format!("TALLY_WORKLOAD={subject}"),
             format!("TALLY_NAMESPACE={}", label("namespace")),
             format!("TALLY_POD={}", label("pod")),
             format!("TALLY_CONTAINER={}", label("container")),
@@ -81,7 +82,7 @@ impl Engine {
         let Some(alerts) = &self.alerts else {
             return;
         };
-        let alert_key = |kind: &str| format!("{kind}/{}/{}", b.name, key.1);
+        let alert_key = |kind: &str| format!("{kind}/{}/{subject}", b.name);
         let mut alert_labels = BTreeMap::from([
             ("budget".to_owned(), b.name.clone()),
             ("action".to_owned(), b.action.as_str().to_owned()),
@@ -100,7 +101,7 @@ impl Engine {
         let annotations = BTreeMap::from([
             (
                 "summary".to_owned(),
-                format!("{message}: budget {} on {}", b.name, key.1),
+                format!("{message}: budget {} on {subject}", b.name),
             ),
             ("usage".to_owned(), format!("{usage}")),
             ("limit".to_owned(), format!("{}", b.limit)),

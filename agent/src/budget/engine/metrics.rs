@@ -6,7 +6,7 @@ use crate::catalogue;
 impl Engine {
     /// The engine's metric families; none on a node without budgets (nor throttles left).
     pub fn families(&self) -> Vec<Family> {
-        if self.budgets.is_empty() && self.throttles.is_empty() {
+        if self.policy.is_empty() && self.throttles.is_empty() {
             return Vec::new();
         }
         let mut ratio = Family::new(&catalogue::budget::USAGE_RATIO);
@@ -14,7 +14,7 @@ impl Engine {
         let mut limit = Family::new(&catalogue::budget::LIMIT);
         let mut active = Family::new(&catalogue::budget::ENFORCEMENT_ACTIVE);
         let mut share = Family::new(&catalogue::budget::ENFORCEMENT_FREEZE_SHARE_RATIO);
-        for c in &self.budgets {
+        for c in &self.policy.budgets {
             let b = &c.budget;
             let extra = || {
                 vec![
@@ -24,8 +24,8 @@ impl Engine {
             };
             limit.push_labeled(extra(), b.limit);
             let enforced = self.enforce && !b.dry_run && b.action.actuates();
-            for ((name, _), s) in &self.subjects {
-                if name != &b.name {
+            for (key, s) in self.subjects.iter() {
+                if key.budget != c.name {
                     continue;
                 }
                 ratio.samples.push(sample(&s.labels, extra(), s.ratio));
@@ -33,9 +33,12 @@ impl Engine {
                 // An enforced budget is active where its throttle is in place, not merely
                 // decided: a throttle that failed to apply is an error, not a throttle.
                 let in_place = !enforced
-                    || s.members
-                        .iter()
-                        .any(|(w, _, _)| self.throttles.contains_key(&(b.name.clone(), w.clone())));
+                    || s.members.iter().any(|m| {
+                        self.throttles.contains_key(&ThrottleKey {
+                            budget: c.name.clone(),
+                            workload: m.workload.clone(),
+                        })
+                    });
                 active.samples.push(sample(
                     &s.labels,
                     vec![
@@ -67,6 +70,7 @@ impl Engine {
         let mut actions = Family::new(&catalogue::budget::ENFORCEMENT_ACTIONS);
         // Every budget's events from zero, so the first one is an increase.
         let mut counts: BTreeMap<(String, &'static str, &'static str), u64> = self
+            .policy
             .budgets
             .iter()
             .flat_map(|c| {
@@ -91,6 +95,7 @@ impl Engine {
         }
         let mut errors = Family::new(&catalogue::budget::ENFORCEMENT_ERRORS);
         let mut errors_by: BTreeMap<(String, &'static str, String), u64> = self
+            .policy
             .budgets
             .iter()
             .filter(|c| c.budget.action.actuates())

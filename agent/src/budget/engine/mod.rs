@@ -6,15 +6,20 @@
 //! Reconciling rather than reacting keeps one path for everything that can change a throttle:
 //! a decision, a reload that edits or removes a budget, a shared budget gaining a workload, a
 //! workload exiting, a restart that finds throttles in the state file.
+//!
+//! A tick reads the usage view once (`usage`), decides from it and the windows alone
+//! (`decide`: no I/O), then makes the wanted throttles the ones in force through the actuators
+//! (`throttles`), recording each in the state file before it is applied.
 
 mod announce;
+mod compiled;
+mod decide;
+mod keys;
 mod metrics;
 #[cfg(test)]
 mod tests;
 mod throttles;
 mod usage;
-
-use usage::{cumulative, delta, matches};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -24,37 +29,23 @@ use std::time::{Duration, Instant, SystemTime};
 use tally_ebpf_common::scope as net_scope;
 use tally_exporters::{Family, Histogram, LabelSet};
 
-use super::actuator::{Actuators, CgroupDirs, EgressMap};
+use super::actuator::{Actuators, EgressMap};
 use super::state::{self, Baseline, SavedWindow, State, Throttle};
-use super::window::Window;
-use crate::cgroupfs::layout::Layout;
-use crate::config::policy::{self, Action, Budget, Prices, Resource, Target};
+use crate::config::policy::{self, Action, Target};
 use crate::config::Config;
+use crate::host::layout::Layout;
 use crate::identity::{Names, PathIdentity, Workload};
-use crate::ledger::{Entry, Ledger};
+use crate::ledger::Ledger;
+use compiled::{Metric, Policy};
+use decide::Subject;
+#[cfg(test)]
+use keys::subject_key;
+use keys::{SubjectId, SubjectKey, Subjects, ThrottleKey, WorkloadKey, SHARED};
 
 /// Bounds of the detection-to-throttle latency histogram, in seconds.
 const LATENCY_BOUNDS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 /// How often windows are saved when no throttle changed (a crash loses at most this much).
 const SAVE_EVERY: f64 = 5.0;
-/// Bounds of a steered freeze share, and how far one tick may move it.
-const MIN_SHARE: f64 = 0.02;
-const MAX_STEP: f64 = 2.0;
-
-/// The key of a workload in the state file and the engine's maps.
-pub fn subject_key(identity: &PathIdentity) -> String {
-    match identity {
-        PathIdentity::Container(c) => format!("container:{}", c.container_id),
-        PathIdentity::Unit(u) => format!("unit:{u}"),
-        PathIdentity::Host => "host".to_owned(),
-        PathIdentity::Assigned(n) => {
-            format!("assigned:{}/{}/{}", n.namespace, n.pod, n.container)
-        }
-    }
-}
-
-/// A shared budget's one subject.
-const SHARED: &str = "shared";
 
 /// Where a workload's cgroup is, from the tick's discovery.
 #[derive(Debug, Clone)]
@@ -65,7 +56,9 @@ pub struct Placement {
     pub v2_id: Option<u64>,
 }
 
-/// What the engine reads each tick besides the ledger.
+/// What the tick hands the engine: the ledger and what it does not hold yet (where each
+/// workload's cgroup is, GPU memory held, GPU models for prices), read into the usage view
+/// once; and the cgroup layout, where the actuators find a workload's cgroup files.
 #[derive(Debug)]
 pub struct Inputs<'a> {
     pub ledger: &'a Ledger,
@@ -75,47 +68,6 @@ pub struct Inputs<'a> {
     pub gpu_models: HashMap<Arc<str>, Arc<str>>,
     /// When the tick that produced these readings started.
     pub tick_started: Instant,
-}
-
-#[derive(Debug, Clone)]
-struct Compiled {
-    budget: Budget,
-    target: Target,
-    metric: String,
-}
-
-/// A budget's view of one workload or, for a shared budget, of all of them.
-#[derive(Debug)]
-struct Subject {
-    window: Window,
-    warning: bool,
-    enforcing: bool,
-    usage: f64,
-    ratio: f64,
-    labels: LabelSet,
-    /// Live workloads it throttles: key, cgroup directories, cgroup2 id.
-    members: Vec<(String, CgroupDirs, Option<u64>)>,
-    /// Amount used in the last tick, and over how long.
-    last_amount: f64,
-    /// Running fraction of each freeze cycle, when freezing.
-    freeze_share: f64,
-    seen: bool,
-    /// A throttle of this subject held it back in the last tick (the kernel throttled its CPU,
-    /// dropped its packets, or the freeze kept it below its demand): its usage then says
-    /// nothing about its demand, and a low usage is no reason to release.
-    binding: bool,
-}
-
-/// A throttle the decisions want in force on one workload.
-#[derive(Debug)]
-struct Wanted {
-    action: Action,
-    /// Cores, bytes per second, or running share.
-    setting: f64,
-    dirs: CgroupDirs,
-    v2_id: Option<u64>,
-    /// Network scope index of an egress throttle.
-    scope: Option<u32>,
 }
 
 /// One state change, as logged, counted and alerted.
@@ -150,15 +102,16 @@ pub trait AlertSink: std::fmt::Debug + Send {
 #[derive(Debug)]
 pub struct Engine {
     enforce: bool,
-    budgets: Vec<Compiled>,
-    prices: Prices,
+    policy: Policy,
     state_dir: PathBuf,
-    subjects: BTreeMap<(String, String), Subject>,
+    subjects: Subjects,
     /// Last cumulative value per (workload, metric), and whether it came from the state file.
-    baselines: HashMap<(String, String), (f64, bool)>,
-    tracked: HashSet<String>,
+    baselines: HashMap<(WorkloadKey, Metric), (f64, bool)>,
+    /// Metrics whose baselines are being kept (a metric new to this set starts from zero).
+    tracked: HashSet<Metric>,
     first_tick: bool,
-    throttles: BTreeMap<(String, String), Throttle>,
+    /// The throttles in force, as recorded in the state file.
+    throttles: BTreeMap<ThrottleKey, Throttle>,
     actuators: Actuators,
     alerts: Option<Box<dyn AlertSink>>,
     node: String,
@@ -170,38 +123,15 @@ pub struct Engine {
     state_error: Option<String>,
     /// Per throttle, the last kernel count of times it held the workload back (CFS throttled
     /// periods, dropped packets).
-    held_back: HashMap<(String, String), u64>,
+    held_back: HashMap<ThrottleKey, u64>,
     /// Detection-to-throttle latency of the throttles first applied this tick, for the log.
-    applied: HashMap<(String, String), Duration>,
+    applied: HashMap<ThrottleKey, Duration>,
 }
 
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn compile(config: &Config) -> Vec<Compiled> {
-    config
-        .budget
-        .iter()
-        .filter_map(|b| {
-            // Validation refused anything without a target already.
-            let target = policy::actuator_target(b).ok()?;
-            Some(Compiled {
-                metric: metric_key(b),
-                budget: b.clone(),
-                target,
-            })
-        })
-        .collect()
-}
-
-fn metric_key(b: &Budget) -> String {
-    match (&b.scope, b.resource) {
-        (Some(scope), Resource::NetworkEgressBytes) => format!("network_egress_bytes:{scope}"),
-        (_, r) => r.as_str().to_owned(),
-    }
 }
 
 impl Engine {
@@ -211,10 +141,9 @@ impl Engine {
     pub fn new(config: &Config) -> Engine {
         let mut engine = Engine {
             enforce: config.enforcement.enabled,
-            budgets: compile(config),
-            prices: config.prices.clone(),
+            policy: Policy::compile(config),
             state_dir: config.enforcement.state_dir.clone(),
-            subjects: BTreeMap::new(),
+            subjects: Subjects::default(),
             baselines: HashMap::new(),
             tracked: HashSet::new(),
             first_tick: true,
@@ -252,16 +181,20 @@ impl Engine {
         let mut released = 0;
         for t in saved.throttles {
             let keep = self.enforce
-                && self.budgets.iter().any(|c| {
-                    c.budget.name == t.budget && c.budget.action == t.action && !c.budget.dry_run
-                });
+                && self
+                    .policy
+                    .get(&t.budget)
+                    .is_some_and(|c| c.budget.action == t.action && !c.budget.dry_run);
             if let Some(freeze) = &t.freeze {
                 // Thawed until the first tick re-applies the cycle.
                 let _ = state::write_existing(freeze, state::thawed_value(freeze));
             }
             if keep {
-                self.throttles
-                    .insert((t.budget.clone(), t.subject.clone()), t);
+                let key = ThrottleKey {
+                    budget: Arc::from(t.budget.as_str()),
+                    workload: WorkloadKey::from(t.subject.as_str()),
+                };
+                self.throttles.insert(key, t);
             } else {
                 for e in state::release_files(&t) {
                     tracing::error!(budget = %t.budget, error = %e, "releasing a throttle left by a previous run");
@@ -277,7 +210,7 @@ impl Engine {
             );
         }
         for w in saved.windows {
-            let Some(c) = self.budgets.iter().find(|c| c.budget.name == w.budget) else {
+            let Some(c) = self.policy.get(&w.budget) else {
                 continue;
             };
             if !w.window.fits(&c.budget) {
@@ -286,12 +219,18 @@ impl Engine {
             let mut subject = Subject::new(w.window, empty_labels());
             subject.enforcing = w.enforcing;
             subject.warning = w.warning;
-            self.subjects.insert((w.budget, w.subject), subject);
+            self.subjects
+                .insert(SubjectKey::from_names(&w.budget, &w.subject), subject);
         }
         for b in saved.baselines {
-            self.tracked.insert(b.metric.clone());
-            self.baselines
-                .insert((b.workload, b.metric), (b.value, true));
+            let Some(metric) = Metric::parse(&b.metric) else {
+                continue;
+            };
+            self.tracked.insert(metric);
+            self.baselines.insert(
+                (WorkloadKey::from(b.workload.as_str()), metric),
+                (b.value, true),
+            );
         }
     }
 
@@ -309,14 +248,12 @@ impl Engine {
     /// at the next tick (an edited limit releases or tightens there).
     pub fn reconfigure(&mut self, config: &Config) {
         self.enforce = config.enforcement.enabled;
-        self.budgets = compile(config);
-        self.prices = config.prices.clone();
+        self.policy = Policy::compile(config);
         self.actuators.reconfigure(config);
-        let budgets = &self.budgets;
-        self.subjects.retain(|(name, _), s| {
-            budgets
-                .iter()
-                .find(|c| &c.budget.name == name)
+        let policy = &self.policy;
+        self.subjects.retain(|key, s| {
+            policy
+                .get(&key.budget)
                 .is_some_and(|c| s.window.fits(&c.budget))
         });
         if self.state_dir != config.enforcement.state_dir {
@@ -331,7 +268,7 @@ impl Engine {
     /// Whether the engine has nothing to do: no budgets, no throttles, no windows. The tick
     /// then skips building its inputs.
     pub fn is_idle(&self) -> bool {
-        self.budgets.is_empty() && self.throttles.is_empty() && self.subjects.is_empty()
+        self.policy.is_empty() && self.throttles.is_empty() && self.subjects.is_empty()
     }
 
     /// One evaluation, after the tick has updated the ledger.
@@ -344,11 +281,12 @@ impl Engine {
         if self.is_idle() {
             return;
         }
-        self.charge(&inputs, now);
+        let usage = usage::read(&inputs, &self.policy.metrics, &self.policy.prices);
+        self.charge(&usage, now);
         self.find_binding();
         let events = self.decide(now);
         self.steer_freeze(elapsed);
-        self.reconcile(&inputs, now);
+        self.reconcile(inputs.layout, inputs.tick_started, now);
         for (key, event) in events {
             self.announce(&key, event);
         }
@@ -357,7 +295,7 @@ impl Engine {
             self.save(now);
         }
         for (file, e) in self.actuators.freeze_failures() {
-            tracing::warn!(file = %file.display(), error = %tally_ebpf::chain(&e), "freeze cycle write failed");
+            tracing::warn!(file = %file.display(), error = %tally_error_chain::chain(&e), "freeze cycle write failed");
             let budget = self
                 .throttles
                 .values()
@@ -371,147 +309,6 @@ impl Engine {
         self.first_tick = false;
     }
 
-    /// Adds each workload's usage since the last tick to the windows of the budgets selecting it.
-    fn charge(&mut self, inputs: &Inputs<'_>, now: f64) {
-        let new_metrics: HashSet<String> = self
-            .budgets
-            .iter()
-            .map(|c| c.metric.clone())
-            .filter(|m| !self.tracked.contains(m))
-            .collect();
-        for s in self.subjects.values_mut() {
-            s.seen = false;
-            s.members.clear();
-            s.last_amount = 0.0;
-        }
-        let mut levels: HashMap<(String, String), f64> = HashMap::new();
-        let mut present: HashSet<String> = HashSet::new();
-        for entry in inputs.ledger.entries() {
-            let workload = &entry.workload;
-            if workload.identity == PathIdentity::Host {
-                continue;
-            }
-            let wkey = subject_key(&workload.identity);
-            present.insert(wkey.clone());
-            let placement = inputs.placements.get(&workload.identity);
-            let mut deltas: HashMap<&str, f64> = HashMap::new();
-            for c in &self.budgets {
-                if !matches(&c.budget.select, workload, placement) {
-                    continue;
-                }
-                let subject_name = if c.budget.shared {
-                    SHARED.to_owned()
-                } else {
-                    wkey.clone()
-                };
-                let key = (c.budget.name.clone(), subject_name);
-                let amount = if c.budget.resource.is_gauge() {
-                    let level = inputs
-                        .gpu_memory
-                        .get(&workload.identity)
-                        .copied()
-                        .unwrap_or(0.0);
-                    *levels.entry(key.clone()).or_default() += level;
-                    0.0
-                } else if let Some(d) = deltas.get(c.metric.as_str()) {
-                    *d
-                } else {
-                    let cumulative = cumulative(entry, &c.metric, &self.prices, &inputs.gpu_models);
-                    let d = match cumulative {
-                        Some(v) => delta(
-                            &mut self.baselines,
-                            (&wkey, &c.metric),
-                            v,
-                            self.first_tick || new_metrics.contains(&c.metric),
-                        ),
-                        None => 0.0,
-                    };
-                    deltas.insert(c.metric.as_str(), d);
-                    d
-                };
-                let labels = if c.budget.shared {
-                    empty_labels()
-                } else {
-                    workload.labels().clone()
-                };
-                let subject = self
-                    .subjects
-                    .entry(key)
-                    .or_insert_with(|| Subject::new(Window::for_budget(&c.budget), labels.clone()));
-                subject.labels = labels;
-                subject.seen = true;
-                subject.window.add(now, amount);
-                subject.last_amount += amount;
-                if entry.is_live() {
-                    if let Some(p) = placement {
-                        subject.members.push((
-                            wkey.clone(),
-                            CgroupDirs::new(inputs.layout, &p.rel),
-                            p.v2_id,
-                        ));
-                    }
-                }
-            }
-        }
-        for (key, level) in levels {
-            if let Some(s) = self.subjects.get_mut(&key) {
-                s.window.set_level(level);
-            }
-        }
-        for c in &self.budgets {
-            self.tracked.insert(c.metric.clone());
-        }
-        // Workloads the ledger forgot (their grace period ended) lose their baselines.
-        self.baselines.retain(|(w, _), _| present.contains(w));
-    }
-
-    /// Moves each subject between states; returns the state changes.
-    fn decide(&mut self, now: f64) -> Vec<((String, String), Event)> {
-        let mut events = Vec::new();
-        let budgets: HashMap<&str, &Compiled> = self
-            .budgets
-            .iter()
-            .map(|c| (c.budget.name.as_str(), c))
-            .collect();
-        self.subjects.retain(|key, s| {
-            let Some(c) = budgets.get(key.0.as_str()) else {
-                return false;
-            };
-            if !s.seen {
-                // Gone from the ledger: nothing left to meter or throttle.
-                if s.enforcing || s.warning {
-                    events.push((key.clone(), Event::Release));
-                }
-                return false;
-            }
-            let b = &c.budget;
-            s.usage = s.window.usage(now);
-            s.ratio = s.usage / b.limit;
-            if s.enforcing {
-                if s.ratio < b.release_below && !s.binding {
-                    s.enforcing = false;
-                    s.warning = s.ratio >= b.warn_at;
-                    events.push((key.clone(), Event::Release));
-                }
-            } else if s.ratio >= 1.0 {
-                s.enforcing = true;
-                s.warning = true;
-                s.freeze_share = 1.0;
-                events.push((key.clone(), Event::Enforce));
-            } else if s.warning {
-                if s.ratio < b.warn_at * b.release_below {
-                    s.warning = false;
-                    events.push((key.clone(), Event::Release));
-                }
-            } else if s.ratio >= b.warn_at {
-                s.warning = true;
-                events.push((key.clone(), Event::Warn));
-            }
-            true
-        });
-        events
-    }
-
     /// Writes windows, baselines and throttles to the state file.
     fn save(&mut self, now: f64) {
         let mut state = State {
@@ -519,9 +316,9 @@ impl Engine {
             windows: self
                 .subjects
                 .iter()
-                .map(|((budget, subject), s)| SavedWindow {
-                    budget: budget.clone(),
-                    subject: subject.clone(),
+                .map(|(key, s)| SavedWindow {
+                    budget: key.budget.to_string(),
+                    subject: key.id.as_str().to_owned(),
                     window: s.window.clone(),
                     enforcing: s.enforcing,
                     warning: s.warning,
@@ -531,8 +328,8 @@ impl Engine {
                 .baselines
                 .iter()
                 .map(|((w, m), (v, _))| Baseline {
-                    workload: w.clone(),
-                    metric: m.clone(),
+                    workload: w.to_string(),
+                    metric: m.name(),
                     value: *v,
                 })
                 .collect(),
@@ -564,7 +361,7 @@ impl Engine {
         if !throttles.is_empty() {
             tracing::info!(released = throttles.len(), "released every throttle");
         }
-        if !self.budgets.is_empty() || !throttles.is_empty() {
+        if !self.policy.is_empty() || !throttles.is_empty() {
             self.save(unix_now());
         }
     }
@@ -572,24 +369,6 @@ impl Engine {
 
 fn first_field(s: &str) -> Option<&str> {
     s.split_whitespace().next()
-}
-
-impl Subject {
-    fn new(window: Window, labels: LabelSet) -> Subject {
-        Subject {
-            window,
-            warning: false,
-            enforcing: false,
-            usage: 0.0,
-            ratio: 0.0,
-            labels,
-            members: Vec::new(),
-            last_amount: 0.0,
-            freeze_share: 1.0,
-            seen: false,
-            binding: false,
-        }
-    }
 }
 
 /// The per-workload label names with empty values (the label set of a shared budget's row).

@@ -1,31 +1,27 @@
-//! Throttles: which ones the decisions want, reconciling them with those in force (recorded in
-//! the state file first), releasing, and noticing when one holds a workload back.
+//! Throttles: reconciling the ones the decisions want with those in force (recorded in the
+//! state file first) through the actuators, releasing, and noticing when one holds a workload
+//! back.
 
+use super::decide::Wanted;
 use super::*;
-use crate::budget::actuator::{Member, Plan};
-use tally_ebpf::chain;
+use crate::budget::actuator::{CgroupDirs, Plan, Site};
+use tally_error_chain::chain;
 
 impl Engine {
     /// Marks the subjects whose throttles held them back since the last tick.
     pub(super) fn find_binding(&mut self) {
         self.actuators.refresh();
-        let shared: HashSet<&str> = self
-            .budgets
-            .iter()
-            .filter(|c| c.budget.shared)
-            .map(|c| c.budget.name.as_str())
-            .collect();
         for s in self.subjects.values_mut() {
             s.binding = false;
         }
         for (key, t) in &self.throttles {
+            let budget = self.policy.get(&key.budget);
             let count = self.actuators.get(t.action).and_then(|a| a.held_back(t));
             let binding = match (t.action, count) {
                 // A steered freeze below a full share is holding the rate down.
                 (Action::Freeze, _) => {
-                    self.budgets.iter().any(|c| {
-                        c.budget.name == t.budget && matches!(c.target, Target::FreezeRate(_))
-                    }) && t.setting < 0.999
+                    budget.is_some_and(|c| matches!(c.target, Target::FreezeRate(_)))
+                        && t.setting < 0.999
                 }
                 (_, Some(n)) => {
                     let before = self.held_back.insert(key.clone(), n);
@@ -34,12 +30,16 @@ impl Engine {
                 (_, None) => false,
             };
             if binding {
-                let subject = if shared.contains(t.budget.as_str()) {
-                    SHARED.to_owned()
+                let id = if budget.is_some_and(|c| c.budget.shared) {
+                    SubjectId::Shared
                 } else {
-                    t.subject.clone()
+                    SubjectId::Workload(key.workload.clone())
                 };
-                if let Some(s) = self.subjects.get_mut(&(t.budget.clone(), subject)) {
+                let subject = SubjectKey {
+                    budget: key.budget.clone(),
+                    id,
+                };
+                if let Some(s) = self.subjects.get_mut(&subject) {
                     s.binding = true;
                 }
             }
@@ -48,86 +48,12 @@ impl Engine {
         self.held_back.retain(|k, _| throttles.contains_key(k));
     }
 
-    /// Steers the running share of rate-held freezes: the share that would have made the last
-    /// tick's rate the budget's, moved at most a factor of two per tick.
-    pub(super) fn steer_freeze(&mut self, elapsed: f64) {
-        if elapsed <= 0.0 {
-            return;
-        }
-        for c in &self.budgets {
-            let Target::FreezeRate(target) = c.target else {
-                continue;
-            };
-            for ((name, _), s) in self.subjects.iter_mut() {
-                if name != &c.budget.name || !s.enforcing {
-                    continue;
-                }
-                let rate = s.last_amount / elapsed;
-                let share = s.freeze_share.max(MIN_SHARE);
-                let wanted = if rate > 0.0 {
-                    share * target / rate
-                } else {
-                    share * MAX_STEP
-                };
-                s.freeze_share = wanted
-                    .clamp(share / MAX_STEP, share * MAX_STEP)
-                    .clamp(MIN_SHARE, 1.0);
-            }
-        }
-    }
-
-    /// What should be in force: (budget, workload) → (action, setting, member).
-    pub(super) fn desired(&self) -> BTreeMap<(String, String), Wanted> {
-        let mut want = BTreeMap::new();
-        if !self.enforce {
-            return want;
-        }
-        for c in &self.budgets {
-            let b = &c.budget;
-            if b.dry_run || !b.action.actuates() {
-                continue;
-            }
-            for ((name, _), s) in &self.subjects {
-                if name != &b.name || !s.enforcing || s.members.is_empty() {
-                    continue;
-                }
-                let n = s.members.len() as f64;
-                let setting = match c.target {
-                    Target::CpuCores(v)
-                    | Target::EgressBytesPerSec(v)
-                    | Target::DiskBytesPerSec(v) => v / n,
-                    Target::FreezeShare(v) => v,
-                    Target::FreezeRate(_) => s.freeze_share,
-                    Target::Terminate | Target::None => 0.0,
-                };
-                let scope = b
-                    .scope
-                    .as_deref()
-                    .and_then(|s| policy::SCOPES.iter().position(|x| *x == s))
-                    .map(|i| i as u32);
-                for (wkey, dirs, id) in &s.members {
-                    want.insert(
-                        (b.name.clone(), wkey.clone()),
-                        Wanted {
-                            action: b.action,
-                            setting,
-                            dirs: dirs.clone(),
-                            v2_id: *id,
-                            scope,
-                        },
-                    );
-                }
-            }
-        }
-        want
-    }
-
     /// Makes the throttles in force the desired ones. New and changed throttles are recorded in
     /// the state file before they are applied.
-    pub(super) fn reconcile(&mut self, inputs: &Inputs<'_>, now: f64) {
+    pub(super) fn reconcile(&mut self, layout: &Layout, tick_started: Instant, now: f64) {
         let want = self.desired();
         // Release what is no longer wanted.
-        let stale: Vec<(String, String)> = self
+        let stale: Vec<ThrottleKey> = self
             .throttles
             .keys()
             .filter(|k| !want.contains_key(*k))
@@ -145,8 +71,7 @@ impl Engine {
             let Wanted {
                 action,
                 setting,
-                dirs,
-                v2_id,
+                member,
                 scope,
             } = w;
             let Some(actuator) = self.actuators.get(action) else {
@@ -161,7 +86,9 @@ impl Engine {
                     continue;
                 }
             }
-            let member = Member {
+            let dirs = CgroupDirs::new(layout, &member.rel);
+            let v2_id = member.v2_id;
+            let site = Site {
                 dirs: &dirs,
                 v2_id,
                 scope,
@@ -170,10 +97,10 @@ impl Engine {
                 mut writes,
                 freeze,
                 egress,
-            } = match actuator.plan(member, setting) {
+            } = match actuator.plan(site, setting) {
                 Ok(p) => p,
                 Err(e) => {
-                    self.fail(&key.0, action, "unavailable", &chain(&e));
+                    self.fail(&key.budget, action, "unavailable", &chain(&e));
                     continue;
                 }
             };
@@ -191,8 +118,8 @@ impl Engine {
             self.throttles.insert(
                 key.clone(),
                 Throttle {
-                    budget: key.0.clone(),
-                    subject: key.1.clone(),
+                    budget: key.budget.to_string(),
+                    subject: key.workload.to_string(),
                     action,
                     setting,
                     writes,
@@ -215,20 +142,20 @@ impl Engine {
             else {
                 continue;
             };
-            let member = new.as_ref().map(|(dirs, v2_id, scope)| Member {
+            let site = new.as_ref().map(|(dirs, v2_id, scope)| Site {
                 dirs,
                 v2_id: *v2_id,
                 scope: *scope,
             });
-            match actuator.apply(t, setting, member) {
+            match actuator.apply(t, setting, site) {
                 Ok(()) => {
                     if new.is_some() {
-                        let latency = inputs.tick_started.elapsed();
+                        let latency = tick_started.elapsed();
                         self.observe_latency(latency);
                         self.applied.insert(key.clone(), latency);
                     }
                 }
-                Err(e) => self.fail(&key.0, action, "apply", &chain(&e)),
+                Err(e) => self.fail(&key.budget, action, "apply", &chain(&e)),
             }
         }
     }

@@ -1,96 +1,100 @@
-//! What a workload used: which budgets select it, and its cumulative value of a budget metric
-//! from its ledger row, turned into usage since the last tick.
+//! What every workload used, read from the ledger once a tick into the view the decisions take.
+//! Nothing else in the engine reads the ledger.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tally_exporters::Metric as Declaration;
+
+use super::compiled::Metric;
+use super::keys::{subject_key, WorkloadKey};
+use super::{Inputs, Placement};
 use crate::catalogue::workload;
-use crate::ledger::Key;
-use tally_exporters::Metric;
+use crate::config::policy::{self, Prices, Resource};
+use crate::identity::{PathIdentity, Workload};
+use crate::ledger::{Entry, Key};
 
-/// Usage since the last reading of a workload's cumulative `value`, updating the baseline.
-/// `fresh`: the engine just started or began tracking this metric.
-pub(super) fn delta(
-    baselines: &mut HashMap<(String, String), (f64, bool)>,
-    (workload, metric): (&str, &str),
-    value: f64,
-    fresh: bool,
-) -> f64 {
-    let previous = baselines.insert((workload.to_owned(), metric.to_owned()), (value, false));
-    match previous {
-        Some((prev, _)) if value >= prev => value - prev,
-        // A restored baseline above today's ledger: the counters started over with the agent,
-        // so what was used while it was down cannot be known.
-        Some((_, true)) => 0.0,
-        // The ledger forgot the workload and started it again from zero.
-        Some((_, false)) => value,
-        // A workload found at start-up (or a metric a reload just added) may have run for days:
-        // its history is not this window's.
-        None if fresh => 0.0,
-        None => value,
+/// One tick's usage, read-only: every workload but the host's.
+#[derive(Debug)]
+pub(super) struct Usage<'a> {
+    pub workloads: Vec<WorkloadUsage<'a>>,
+}
+
+#[derive(Debug)]
+pub(super) struct WorkloadUsage<'a> {
+    pub key: WorkloadKey,
+    pub workload: &'a Workload,
+    /// Where its cgroup is, when the tick found it.
+    pub placement: Option<&'a Placement>,
+    /// Still running (not in the ledger's grace period).
+    pub live: bool,
+    /// GPU memory it holds now, in bytes.
+    pub gpu_memory: f64,
+    /// Its cumulative value of each metric the policy counts, where the ledger has one.
+    cumulative: Vec<(Metric, f64)>,
+}
+
+impl WorkloadUsage<'_> {
+    pub fn cumulative(&self, metric: Metric) -> Option<f64> {
+        self.cumulative
+            .iter()
+            .find(|(m, _)| *m == metric)
+            .map(|(_, v)| *v)
     }
 }
 
-/// Whether a budget's selector selects the workload.
-pub(super) fn matches(
-    select: &policy::Selector,
-    workload: &Workload,
-    placement: Option<&Placement>,
-) -> bool {
-    let names = &workload.names;
-    let exact = |want: &Option<String>, have: &str| want.as_ref().is_none_or(|w| w == have);
-    let glob = |want: &Option<String>, have: Option<&str>| match want {
-        None => true,
-        Some(p) => have.is_some_and(|h| policy::glob_match(p, h)),
-    };
-    let unit = match &workload.identity {
-        PathIdentity::Unit(u) => Some(u.as_str()),
-        _ => None,
-    };
-    exact(&select.namespace, &names.namespace)
-        && exact(&select.container, &names.container)
-        && glob(
-            &select.pod,
-            Some(names.pod.as_str()).filter(|p| !p.is_empty()),
-        )
-        && glob(&select.unit, unit)
-        && glob(&select.cgroup, placement.map(|p| p.rel.as_str()))
-        && select
-            .labels
-            .iter()
-            .all(|(k, v)| names.labels.get(k).is_some_and(|have| have == v))
+/// Reads the usage of `metrics` from the tick's ledger (priced with `prices` for `cost`).
+pub(super) fn read<'a>(inputs: &Inputs<'a>, metrics: &[Metric], prices: &Prices) -> Usage<'a> {
+    let workloads = inputs
+        .ledger
+        .entries()
+        .filter(|entry| entry.workload.identity != PathIdentity::Host)
+        .map(|entry| {
+            let identity = &entry.workload.identity;
+            WorkloadUsage {
+                key: subject_key(identity),
+                workload: &entry.workload,
+                placement: inputs.placements.get(identity),
+                live: entry.is_live(),
+                gpu_memory: inputs.gpu_memory.get(identity).copied().unwrap_or(0.0),
+                cumulative: metrics
+                    .iter()
+                    .filter_map(|m| Some((*m, cumulative(entry, *m, prices, &inputs.gpu_models)?)))
+                    .collect(),
+            }
+        })
+        .collect();
+    Usage { workloads }
 }
 
 /// A workload's cumulative value of a budget metric, from its ledger row.
-pub(super) fn cumulative(
+fn cumulative(
     entry: &Entry,
-    metric: &str,
+    metric: Metric,
     prices: &Prices,
     models: &HashMap<Arc<str>, Arc<str>>,
 ) -> Option<f64> {
     let cpu = Key::new(&workload::CPU_SECONDS, Vec::new());
-    let (resource, scope) = match metric.split_once(':') {
-        Some((r, s)) => (r, policy::SCOPES.iter().position(|x| *x == s)),
-        None => (metric, None),
-    };
-    // Each series of `metric` times the weight `f` gives it (None: not counted).
-    let sum = |metric: &'static Metric, f: &dyn Fn(&Key) -> Option<f64>| -> Option<f64> {
+    // Each series of `declared` times the weight `f` gives it (None: not counted).
+    let sum = |declared: &'static Declaration, f: &dyn Fn(&Key) -> Option<f64>| -> Option<f64> {
         let mut total = None;
-        for (key, v) in entry.series(metric) {
+        for (key, v) in entry.series(declared) {
             if let Some(weight) = f(key) {
                 *total.get_or_insert(0.0) += v * weight;
             }
         }
         total
     };
-    let egress = |scope: Option<usize>| {
+    let egress = |scope: Option<u32>| {
         sum(&workload::NETWORK_TRANSMIT_BYTES, &|key| {
-            let want = scope.and_then(|i| policy::SCOPES.get(i));
+            let want = scope.and_then(|i| policy::SCOPES.get(i as usize));
             want.is_none_or(|w| key.label("scope") == Some(*w))
                 .then_some(1.0)
         })
     };
     // cgroupfs counts writeback the BPF programs cannot attribute; prefer it where present.
-    let disk = |metric: &'static Metric| {
-        let method = |m: &str| Key::new(metric, vec![("method", Arc::from(m))]);
+    let disk = |declared: &'static Declaration| {
+        let method = |m: &str| Key::new(declared, vec![("method", Arc::from(m))]);
         entry
             .value(&method("cgroupfs"))
             .or_else(|| entry.value(&method("ebpf")))
@@ -101,15 +105,17 @@ pub(super) fn cumulative(
         (None, None) => None,
         (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
     };
-    match resource {
-        "cpu_seconds" => entry.value(&cpu),
-        "gpu_seconds" => entry.total(&workload::GPU_SECONDS),
-        "gpu_energy_joules" => entry.total(&workload::GPU_ENERGY_JOULES),
-        "network_egress_bytes" => egress(scope),
-        "disk_read_bytes" => read(),
-        "disk_write_bytes" => write(),
-        "disk_bytes" => add(read(), write()),
-        "cost" => {
+    match metric.resource {
+        Resource::CpuSeconds => entry.value(&cpu),
+        Resource::GpuSeconds => entry.total(&workload::GPU_SECONDS),
+        Resource::GpuEnergyJoules => entry.total(&workload::GPU_ENERGY_JOULES),
+        Resource::NetworkEgressBytes => egress(metric.scope),
+        Resource::DiskReadBytes => read(),
+        Resource::DiskWriteBytes => write(),
+        Resource::DiskBytes => add(read(), write()),
+        // A level, read as one (`WorkloadUsage::gpu_memory`).
+        Resource::GpuMemoryBytes => None,
+        Resource::Cost => {
             let gpu_seconds = sum(&workload::GPU_SECONDS, &|key| {
                 let model = key.label("gpu").and_then(|gpu| models.get(gpu));
                 model
@@ -129,6 +135,5 @@ pub(super) fn cumulative(
             let disk = add(read(), write()).map(|b| b * prices.disk_gb / 1e9);
             add(add(gpu_cost, cpu), disk)
         }
-        _ => None,
     }
 }

@@ -1,0 +1,154 @@
+//! The policy as the engine uses it, compiled when the configuration is loaded or reloaded: each
+//! budget with its actuator target, the metric it counts and its network scope resolved once,
+//! and found by name without a search.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::de::IntoDeserializer as _;
+use serde::Deserialize as _;
+
+use crate::config::policy::{self, Budget, Prices, Resource, Target};
+use crate::config::Config;
+
+/// What a budget counts: its resource and, for an egress budget limited to one destination
+/// scope, that scope's index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct Metric {
+    pub resource: Resource,
+    pub scope: Option<u32>,
+}
+
+impl Metric {
+    fn of(b: &Budget) -> Metric {
+        let scope = match b.resource {
+            Resource::NetworkEgressBytes => scope_index(b),
+            _ => None,
+        };
+        Metric {
+            resource: b.resource,
+            scope,
+        }
+    }
+
+    /// Its name in the state file's baselines: the resource, with `:<scope>` for a scoped
+    /// egress budget.
+    pub fn name(self) -> String {
+        match self.scope.and_then(|s| policy::SCOPES.get(s as usize)) {
+            Some(scope) => format!("{}:{scope}", self.resource.as_str()),
+            None => self.resource.as_str().to_owned(),
+        }
+    }
+
+    /// The metric a state file's name stands for; `None` for a name this agent never writes.
+    pub fn parse(name: &str) -> Option<Metric> {
+        let (resource, scope) = match name.split_once(':') {
+            Some((r, s)) => (r, Some(policy::SCOPES.iter().position(|x| *x == s)? as u32)),
+            None => (name, None),
+        };
+        let resource = Resource::deserialize(resource.into_deserializer())
+            .map_err(|_: serde::de::value::Error| ())
+            .ok()?;
+        Some(Metric { resource, scope })
+    }
+}
+
+/// The network scope index a budget names, when it names one.
+fn scope_index(b: &Budget) -> Option<u32> {
+    let scope = b.scope.as_deref()?;
+    policy::SCOPES
+        .iter()
+        .position(|x| *x == scope)
+        .map(|i| i as u32)
+}
+
+/// One budget, compiled.
+#[derive(Debug, Clone)]
+pub(super) struct Compiled {
+    pub budget: Budget,
+    /// The budget's name, shared by the keys of its windows and throttles.
+    pub name: Arc<str>,
+    pub target: Target,
+    pub metric: Metric,
+    /// Network scope index of an egress throttle.
+    pub scope: Option<u32>,
+}
+
+/// Every budget of the configuration, compiled, and the prices of `cost` budgets.
+#[derive(Debug, Default)]
+pub(super) struct Policy {
+    pub budgets: Vec<Compiled>,
+    pub prices: Prices,
+    /// Every metric some budget counts, each once.
+    pub metrics: Vec<Metric>,
+    by_name: HashMap<Arc<str>, usize>,
+}
+
+impl Policy {
+    pub fn compile(config: &Config) -> Policy {
+        let budgets: Vec<Compiled> = config
+            .budget
+            .iter()
+            .filter_map(|b| {
+                // Validation refused anything without a target already.
+                let target = policy::actuator_target(b).ok()?;
+                Some(Compiled {
+                    budget: b.clone(),
+                    name: Arc::from(b.name.as_str()),
+                    target,
+                    metric: Metric::of(b),
+                    scope: scope_index(b),
+                })
+            })
+            .collect();
+        let mut metrics: Vec<Metric> = Vec::new();
+        let mut by_name = HashMap::new();
+        for (i, c) in budgets.iter().enumerate() {
+            if !metrics.contains(&c.metric) {
+                metrics.push(c.metric);
+            }
+            by_name.entry(c.name.clone()).or_insert(i);
+        }
+        Policy {
+            budgets,
+            prices: config.prices.clone(),
+            metrics,
+            by_name,
+        }
+    }
+
+    /// The budget named `name`.
+    pub fn get(&self, name: &str) -> Option<&Compiled> {
+        self.by_name.get(name).map(|i| &self.budgets[*i])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.budgets.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_names_round_trip_through_the_state_file() {
+        for name in [
+            "cpu_seconds",
+            "network_egress_bytes",
+            "network_egress_bytes:zone",
+            "cost",
+        ] {
+            assert_eq!(Metric::parse(name).map(Metric::name).as_deref(), Some(name));
+        }
+        assert_eq!(
+            Metric::parse("network_egress_bytes:zone"),
+            Some(Metric {
+                resource: Resource::NetworkEgressBytes,
+                scope: Some(2)
+            })
+        );
+        assert_eq!(Metric::parse("network_egress_bytes:moon"), None);
+        assert_eq!(Metric::parse("bogus"), None);
+    }
+}
