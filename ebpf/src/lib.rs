@@ -18,9 +18,6 @@ use std::path::{Path, PathBuf};
 
 pub use tally_ebpf_common::{direction, scope, CgroupKey, NetKey, NetValue, ALL_SCOPES};
 pub use tally_ebpf_common::{DiskValue, TcpValue, DISK_LATENCY_BUCKETS};
-// The agent's budget engine still calls it by this path; the function is defined once, in
-// tally-error-chain.
-pub use tally_error_chain::chain;
 
 /// The Rust programs (`ebpf/programs`), built by `ebpf/build.sh`.
 pub static TALLY_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/tally.bpf.o");
