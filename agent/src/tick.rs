@@ -195,8 +195,7 @@ impl Ticker {
                 ledger: &self.ledger,
                 placements: &placements,
                 layout: &self.layout,
-                gpu_memory: self.facts.gpu_memory.clone(),
-                gpu_models: self.facts.gpu_models.clone(),
+                facts: &self.facts,
                 tick_started: started,
             });
         }

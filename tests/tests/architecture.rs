@@ -228,7 +228,10 @@ fn layers(doc: &str) -> Vec<Vec<String>> {
 fn agent_modules_use_only_lower_layers() {
     let doc = fs::read_to_string(repo().join("ARCHITECTURE.md")).unwrap();
     let layers = layers(&doc);
-    assert!(layers.len() >= 5, "ARCHITECTURE.md's layer table: {layers:?}");
+    assert!(
+        layers.len() >= 5,
+        "ARCHITECTURE.md's layer table: {layers:?}"
+    );
     let layer_of = |m: &str| layers.iter().position(|l| l.iter().any(|n| n == m));
     let agent = crates()
         .into_iter()

@@ -36,6 +36,7 @@ use crate::config::Config;
 use crate::host::layout::Layout;
 use crate::identity::{Names, PathIdentity, Workload};
 use crate::ledger::Ledger;
+use crate::source::Facts;
 use compiled::{Metric, Policy};
 use decide::Subject;
 #[cfg(test)]
@@ -56,16 +57,15 @@ pub struct Placement {
     pub v2_id: Option<u64>,
 }
 
-/// What the tick hands the engine: the ledger and what it does not hold yet (where each
-/// workload's cgroup is, GPU memory held, GPU models for prices), read into the usage view
-/// once; and the cgroup layout, where the actuators find a workload's cgroup files.
+/// What the tick hands the engine: the ledger, the node facts sources learned (GPU memory held,
+/// GPU models for prices) and where each workload's cgroup is, read into the usage view once;
+/// and the cgroup layout, where the actuators find a workload's cgroup files.
 #[derive(Debug)]
 pub struct Inputs<'a> {
     pub ledger: &'a Ledger,
     pub placements: &'a HashMap<PathIdentity, Placement>,
     pub layout: &'a Layout,
-    pub gpu_memory: HashMap<PathIdentity, f64>,
-    pub gpu_models: HashMap<Arc<str>, Arc<str>>,
+    pub facts: &'a Facts,
     /// When the tick that produced these readings started.
     pub tick_started: Instant,
 }

@@ -1,5 +1,6 @@
 use super::*;
 use crate::ledger::Key;
+use crate::source::Facts;
 
 fn unit(name: &str, labels: &[(&str, &str)]) -> Arc<Workload> {
     let names = Names {
@@ -40,8 +41,7 @@ fn tick(engine: &mut Engine, ledger: &mut Ledger, layout: &Layout, cpu: &[(&Arc<
         ledger,
         placements: &placements,
         layout,
-        gpu_memory: HashMap::new(),
-        gpu_models: HashMap::new(),
+        facts: &Facts::default(),
         tick_started: Instant::now(),
     });
 }

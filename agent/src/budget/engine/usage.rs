@@ -56,10 +56,17 @@ pub(super) fn read<'a>(inputs: &Inputs<'a>, metrics: &[Metric], prices: &Prices)
                 workload: &entry.workload,
                 placement: inputs.placements.get(identity),
                 live: entry.is_live(),
-                gpu_memory: inputs.gpu_memory.get(identity).copied().unwrap_or(0.0),
+                gpu_memory: inputs
+                    .facts
+                    .gpu_memory
+                    .get(identity)
+                    .copied()
+                    .unwrap_or(0.0),
                 cumulative: metrics
                     .iter()
-                    .filter_map(|m| Some((*m, cumulative(entry, *m, prices, &inputs.gpu_models)?)))
+                    .filter_map(|m| {
+                        Some((*m, cumulative(entry, *m, prices, &inputs.facts.gpu_models)?))
+                    })
                     .collect(),
             }
         })
