@@ -1,7 +1,7 @@
 //! Egress rate: a token bucket per cgroup (and scope) in the `cgroup_skb` egress program's map,
 //! which this actuator owns once the network programs hand it over.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tally_ebpf::throttle::EgressLimits;
 
@@ -59,6 +59,9 @@ pub(super) struct EgressLimit {
     map: Option<Box<dyn EgressMap>>,
     /// Dropped packets per cgroup id, as read at the last refresh.
     drops: HashMap<u64, u64>,
+    /// The limits this process put in the map. The map is the network programs' and starts
+    /// empty with them, so a throttle a restart adopted from the state file is not in it.
+    in_map: HashSet<(u64, Option<u32>)>,
 }
 
 impl EgressLimit {
@@ -93,12 +96,23 @@ impl Actuator for EgressLimit {
         };
         let rate = setting.max(1.0);
         let burst = (rate * BURST_SECS).max(MIN_BURST);
-        Ok(map.set(e.cgroup_id, e.scope, rate as u64, burst as u64)?)
+        map.set(e.cgroup_id, e.scope, rate as u64, burst as u64)?;
+        self.in_map.insert((e.cgroup_id, e.scope));
+        Ok(())
+    }
+
+    fn needs_reapply(&self, t: &Throttle, _setting: f64) -> bool {
+        let in_map = |e: Egress| self.in_map.contains(&(e.cgroup_id, e.scope));
+        self.map.is_some() && t.egress.is_some_and(|e| !in_map(e))
     }
 
     fn release(&mut self, t: &Throttle) -> Result<(), ActuatorError> {
         match (t.egress, &mut self.map) {
-            (Some(e), Some(map)) => Ok(map.clear(e.cgroup_id, e.scope)?),
+            (Some(e), Some(map)) => {
+                map.clear(e.cgroup_id, e.scope)?;
+                self.in_map.remove(&(e.cgroup_id, e.scope));
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -197,7 +211,11 @@ mod tests {
         let err = egress.plan(site(None), 1e7).unwrap_err();
         assert!(matches!(err, ActuatorError::NoCgroup2), "{err}");
         let t = throttle(egress.plan(site(Some(7)), 1e7).unwrap(), 1e7);
+        // A record this process did not apply (adopted from the state file after a restart)
+        // is not in the map yet.
+        assert!(egress.needs_reapply(&t, 1e7));
         egress.apply(&t, 1e7, Some(site(Some(7)))).unwrap();
+        assert!(!egress.needs_reapply(&t, 1e7));
         assert_eq!(
             *limits.lock().unwrap(),
             BTreeMap::from([((7, Some(2)), (10_000_000, 2_500_000))])
@@ -211,5 +229,6 @@ mod tests {
         assert_eq!(egress.held_back(&t), Some(40));
         egress.release(&t).unwrap();
         assert!(limits.lock().unwrap().is_empty());
+        assert!(egress.needs_reapply(&t, 1e7));
     }
 }
