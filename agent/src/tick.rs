@@ -117,7 +117,7 @@ impl Ticker {
 
     /// Releases every throttle and saves the budget windows (graceful stop).
     pub fn shutdown(&mut self) {
-        self.budgets.shutdown();
+        self.budgets.shutdown(&mut self.errors);
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -191,14 +191,18 @@ impl Ticker {
                     (f.identity.clone(), placement)
                 })
                 .collect();
-            self.budgets.tick(crate::budget::Inputs {
-                ledger: &self.ledger,
-                placements: &placements,
-                layout: &self.layout,
-                facts: &self.facts,
-                tick_started: started,
-            });
+            self.budgets.tick(
+                crate::budget::Inputs {
+                    ledger: &self.ledger,
+                    placements: &placements,
+                    layout: &self.layout,
+                    facts: &self.facts,
+                    tick_started: started,
+                },
+                &mut self.errors,
+            );
         }
+        self.budgets.expect_errors(&mut self.errors);
         if let Some(cri) = &self.cri {
             if unknown_container {
                 cri.request_refresh();

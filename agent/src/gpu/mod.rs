@@ -155,7 +155,7 @@ impl GpuSource {
         let arrived: Vec<Batch> = batches.try_iter().collect();
         for batch in arrived {
             for e in &batch.sample.errors {
-                errors.count(&catalogue::gpu::NVML_ERRORS, [e.call, e.code]);
+                errors.count(&catalogue::gpu::NVML_ERRORS, &[e.call, e.code]);
             }
             for x in batch.xids {
                 *self.xids.entry((x.device_uuid, x.xid)).or_default() += 1;

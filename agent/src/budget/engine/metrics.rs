@@ -4,6 +4,27 @@ use super::*;
 use crate::catalogue;
 
 impl Engine {
+    /// Shows every enforcement failure a budget can have from zero (`errors` counts them), so
+    /// the first is an increase; forgets the zero rows of budgets a reload removed.
+    pub fn expect_errors(&self, errors: &mut ErrorCounts) {
+        errors.forget_unused(&ENFORCEMENT_ERRORS);
+        if self.policy.is_empty() && self.throttles.is_empty() {
+            return;
+        }
+        for c in self
+            .policy
+            .budgets
+            .iter()
+            .filter(|c| c.budget.action.actuates())
+        {
+            for reason in ["unavailable", "apply", "release"] {
+                let labels = [c.budget.name.as_str(), c.budget.action.as_str(), reason];
+                errors.expect(&ENFORCEMENT_ERRORS, &labels);
+            }
+        }
+        errors.expect(&ENFORCEMENT_ERRORS, &["", "state", "save"]);
+    }
+
     /// The engine's metric families; none on a node without budgets (nor throttles left).
     pub fn families(&self) -> Vec<Family> {
         if self.policy.is_empty() && self.throttles.is_empty() {
@@ -93,37 +114,6 @@ impl Engine {
                 *n as f64,
             );
         }
-        let mut errors = Family::new(&catalogue::budget::ENFORCEMENT_ERRORS);
-        let mut errors_by: BTreeMap<(String, &'static str, String), u64> = self
-            .policy
-            .budgets
-            .iter()
-            .filter(|c| c.budget.action.actuates())
-            .flat_map(|c| {
-                ["unavailable", "apply", "release"].map(|r| {
-                    (
-                        (
-                            c.budget.name.clone(),
-                            c.budget.action.as_str(),
-                            r.to_owned(),
-                        ),
-                        0,
-                    )
-                })
-            })
-            .collect();
-        errors_by.insert((String::new(), "state", "save".to_owned()), 0);
-        errors_by.extend(self.errors.iter().map(|(k, v)| (k.clone(), *v)));
-        for ((budget, action, reason), n) in &errors_by {
-            errors.push_labeled(
-                vec![
-                    ("budget", Arc::from(budget.as_str())),
-                    ("action", Arc::from(*action)),
-                    ("reason", Arc::from(reason.as_str())),
-                ],
-                *n as f64,
-            );
-        }
         let mut latency = Family::new(&catalogue::budget::ENFORCEMENT_LATENCY_SECONDS);
         latency.push_histogram(&Arc::from([]), Vec::new(), self.latency.clone());
         let mut throttles = Family::new(&catalogue::budget::ENFORCEMENT_THROTTLES);
@@ -144,7 +134,7 @@ impl Engine {
             throttles.push_labeled(vec![("action", Arc::from(action))], n as f64);
         }
         vec![
-            ratio, usage, limit, active, share, actions, errors, latency, throttles,
+            ratio, usage, limit, active, share, actions, latency, throttles,
         ]
     }
 }

@@ -31,8 +31,10 @@ use tally_exporters::{Family, Histogram, LabelSet};
 
 use super::actuator::{Actuators, EgressMap};
 use super::state::{self, Baseline, SavedWindow, State, Throttle};
+use crate::catalogue::budget::ENFORCEMENT_ERRORS;
 use crate::config::policy::{self, Action, Target};
 use crate::config::Config;
+use crate::errors::ErrorCounts;
 use crate::host::layout::Layout;
 use crate::identity::{Names, PathIdentity, Workload};
 use crate::ledger::Ledger;
@@ -116,7 +118,6 @@ pub struct Engine {
     alerts: Option<Box<dyn AlertSink>>,
     node: String,
     actions: BTreeMap<(String, &'static str, &'static str), u64>,
-    errors: BTreeMap<(String, &'static str, String), u64>,
     latency: Histogram,
     last_save: f64,
     last_tick: Option<Instant>,
@@ -152,7 +153,6 @@ impl Engine {
             alerts: None,
             node: config.node_name(),
             actions: BTreeMap::new(),
-            errors: BTreeMap::new(),
             latency: Histogram {
                 buckets: LATENCY_BOUNDS.iter().map(|b| (*b, 0)).collect(),
                 sum: 0.0,
@@ -271,8 +271,8 @@ impl Engine {
         self.policy.is_empty() && self.throttles.is_empty() && self.subjects.is_empty()
     }
 
-    /// One evaluation, after the tick has updated the ledger.
-    pub fn tick(&mut self, inputs: Inputs<'_>) {
+    /// One evaluation, after the tick has updated the ledger; failures are counted in `errors`.
+    pub fn tick(&mut self, inputs: Inputs<'_>, errors: &mut ErrorCounts) {
         let now = unix_now();
         let elapsed = self
             .last_tick
@@ -286,13 +286,13 @@ impl Engine {
         self.find_binding();
         let events = self.decide(now);
         self.steer_freeze(elapsed);
-        self.reconcile(inputs.layout, inputs.tick_started, now);
+        self.reconcile(inputs.layout, inputs.tick_started, now, errors);
         for (key, event) in events {
             self.announce(&key, event);
         }
         self.applied.clear();
         if now - self.last_save >= SAVE_EVERY {
-            self.save(now);
+            self.save(now, errors);
         }
         for (file, e) in self.actuators.freeze_failures() {
             tracing::warn!(file = %file.display(), error = %tally_error_chain::chain(&e), "freeze cycle write failed");
@@ -301,16 +301,13 @@ impl Engine {
                 .values()
                 .find(|t| t.freeze.as_deref() == Some(file.as_path()))
                 .map_or_else(String::new, |t| t.budget.clone());
-            *self
-                .errors
-                .entry((budget, "freeze", "write".to_owned()))
-                .or_default() += 1;
+            errors.count(&ENFORCEMENT_ERRORS, &[&budget, "freeze", "write"]);
         }
         self.first_tick = false;
     }
 
     /// Writes windows, baselines and throttles to the state file.
-    fn save(&mut self, now: f64) {
+    fn save(&mut self, now: f64, errors: &mut ErrorCounts) {
         let mut state = State {
             throttles: self.throttles.values().cloned().collect(),
             windows: self
@@ -343,26 +340,23 @@ impl Engine {
                     tracing::error!(error = %e, "saving the budget state failed");
                 }
                 self.state_error = Some(e.to_string());
-                *self
-                    .errors
-                    .entry((String::new(), "state", "save".to_owned()))
-                    .or_default() += 1;
+                errors.count(&ENFORCEMENT_ERRORS, &["", "state", "save"]);
             }
         }
     }
 
     /// Releases every throttle and saves the windows: the graceful end of enforcement.
-    pub fn shutdown(&mut self) {
+    pub fn shutdown(&mut self, errors: &mut ErrorCounts) {
         let throttles: Vec<Throttle> = std::mem::take(&mut self.throttles).into_values().collect();
         for t in &throttles {
-            self.release(t);
+            self.release(t, errors);
         }
         self.actuators.stop();
         if !throttles.is_empty() {
             tracing::info!(released = throttles.len(), "released every throttle");
         }
         if !self.policy.is_empty() || !throttles.is_empty() {
-            self.save(unix_now());
+            self.save(unix_now(), errors);
         }
     }
 }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::errors::ErrorCounts;
 use crate::ledger::Key;
 use crate::source::Facts;
 
@@ -37,13 +38,16 @@ fn tick(engine: &mut Engine, ledger: &mut Ledger, layout: &Layout, cpu: &[(&Arc<
         );
     }
     ledger.end_tick(Instant::now());
-    engine.tick(Inputs {
-        ledger,
-        placements: &placements,
-        layout,
-        facts: &Facts::default(),
-        tick_started: Instant::now(),
-    });
+    engine.tick(
+        Inputs {
+            ledger,
+            placements: &placements,
+            layout,
+            facts: &Facts::default(),
+            tick_started: Instant::now(),
+        },
+        &mut ErrorCounts::default(),
+    );
 }
 
 fn layout(dir: &std::path::Path) -> Layout {
@@ -151,7 +155,7 @@ fn a_restart_resumes_windows_and_baselines_from_the_state_file() {
     let a = unit("a.service", &[]);
     tick(&mut engine, &mut ledger, &layout, &[(&a, 100.0)]);
     tick(&mut engine, &mut ledger, &layout, &[(&a, 103.0)]);
-    engine.shutdown();
+    engine.shutdown(&mut ErrorCounts::default());
 
     let mut restarted = self::engine(policy, &dir.path().join("state"));
     let key = ("b".to_owned(), "unit:a.service".to_owned());
@@ -169,5 +173,41 @@ fn a_restart_resumes_windows_and_baselines_from_the_state_file() {
     assert_eq!(
         restarted.subjects[&("team".to_owned(), SHARED.to_owned())].usage,
         4.5
+    );
+}
+
+#[test]
+fn enforcement_failures_show_from_zero_for_the_budgets_that_act() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(
+        "[[budget]]\nname = 'cap'\nresource = 'cpu_seconds'\nlimit = 1.0\nwindow = '1h'\naction = 'cpu'\n\
+         [[budget]]\nname = 'watch'\nresource = 'cpu_seconds'\nlimit = 1.0\nwindow = '1h'\n",
+        &dir.path().join("state"),
+    );
+    let mut errors = ErrorCounts::default();
+    errors.count(
+        &crate::catalogue::budget::ENFORCEMENT_ERRORS,
+        &["gone", "cpu", "apply"],
+    );
+    engine.expect_errors(&mut errors);
+    let rows: Vec<String> = errors
+        .families()
+        .iter()
+        .flat_map(|f| &f.samples)
+        .map(|s| {
+            let values: Vec<&str> = s.extra.iter().map(|(_, v)| v.as_ref()).collect();
+            format!("{} {}", values.join("/"), s.value)
+        })
+        .collect();
+    // The alert-only budget touches nothing, so it cannot fail to; a counted row stays.
+    assert_eq!(
+        rows,
+        [
+            "/state/save 0",
+            "cap/cpu/apply 0",
+            "cap/cpu/release 0",
+            "cap/cpu/unavailable 0",
+            "gone/cpu/apply 1"
+        ]
     );
 }

@@ -50,7 +50,13 @@ impl Engine {
 
     /// Makes the throttles in force the desired ones. New and changed throttles are recorded in
     /// the state file before they are applied.
-    pub(super) fn reconcile(&mut self, layout: &Layout, tick_started: Instant, now: f64) {
+    pub(super) fn reconcile(
+        &mut self,
+        layout: &Layout,
+        tick_started: Instant,
+        now: f64,
+        errors: &mut ErrorCounts,
+    ) {
         let want = self.desired();
         // Release what is no longer wanted.
         let stale: Vec<ThrottleKey> = self
@@ -62,7 +68,7 @@ impl Engine {
         let mut changed = !stale.is_empty();
         for key in stale {
             if let Some(t) = self.throttles.remove(&key) {
-                self.release(&t);
+                self.release(&t, errors);
             }
         }
         // Plan what is new or changed.
@@ -100,7 +106,7 @@ impl Engine {
             } = match actuator.plan(site, setting) {
                 Ok(p) => p,
                 Err(e) => {
-                    self.fail(&key.budget, action, "unavailable", &chain(&e));
+                    self.fail(errors, &key.budget, action, "unavailable", &chain(&e));
                     continue;
                 }
             };
@@ -134,7 +140,7 @@ impl Engine {
         if changed {
             // Recorded before applied: a crash between the two leaves a record of a throttle
             // that may not be there, which releasing handles; never the reverse.
-            self.save(now);
+            self.save(now, errors);
         }
         for (key, action, setting, new) in to_apply {
             let (Some(t), Some(actuator)) =
@@ -155,30 +161,36 @@ impl Engine {
                         self.applied.insert(key.clone(), latency);
                     }
                 }
-                Err(e) => self.fail(&key.budget, action, "apply", &chain(&e)),
+                Err(e) => self.fail(errors, &key.budget, action, "apply", &chain(&e)),
             }
         }
     }
 
     /// Undoes a throttle: what its actuator holds, then the files its record lists.
-    pub(super) fn release(&mut self, t: &Throttle) {
+    pub(super) fn release(&mut self, t: &Throttle, errors: &mut ErrorCounts) {
         let released = self
             .actuators
             .get_mut(t.action)
             .map_or(Ok(()), |a| a.release(t));
         if let Err(e) = released {
-            self.fail(&t.budget, t.action, "release", &chain(&e));
+            self.fail(errors, &t.budget, t.action, "release", &chain(&e));
         }
         for e in state::release_files(t) {
-            self.fail(&t.budget, t.action, "release", &e);
+            self.fail(errors, &t.budget, t.action, "release", &e);
         }
     }
 
-    pub(super) fn fail(&mut self, budget: &str, action: Action, reason: &'static str, error: &str) {
-        let key = (budget.to_owned(), action.as_str(), reason.to_owned());
-        let n = self.errors.entry(key).or_default();
-        // Logged the first time and then every 60th, counted always.
-        if *n % 60 == 0 {
+    /// Counts a failed throttle in `errors`, logged the first time and then every 60th.
+    pub(super) fn fail(
+        &self,
+        errors: &mut ErrorCounts,
+        budget: &str,
+        action: Action,
+        reason: &'static str,
+        error: &str,
+    ) {
+        let n = errors.count(&ENFORCEMENT_ERRORS, &[budget, action.as_str(), reason]);
+        if (n - 1) % 60 == 0 {
             tracing::error!(
                 budget,
                 action = action.as_str(),
@@ -187,7 +199,6 @@ impl Engine {
                 "enforcement failed"
             );
         }
-        *n += 1;
     }
 
     pub(super) fn observe_latency(&mut self, latency: Duration) {
