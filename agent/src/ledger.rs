@@ -42,9 +42,11 @@ impl Key {
     }
 }
 
+// A declaration is a `static`: its address names it, and comparing addresses is cheaper than
+// comparing names on every ledger lookup.
 impl PartialEq for Key {
     fn eq(&self, other: &Self) -> bool {
-        self.metric.name == other.metric.name && self.labels == other.labels
+        std::ptr::eq(self.metric, other.metric) && self.labels == other.labels
     }
 }
 
@@ -58,7 +60,8 @@ impl PartialOrd for Key {
 
 impl Ord for Key {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.metric.name, &self.labels).cmp(&(other.metric.name, &other.labels))
+        let address = |k: &Key| std::ptr::from_ref(k.metric) as usize;
+        (address(self), &self.labels).cmp(&(address(other), &other.labels))
     }
 }
 
@@ -196,7 +199,7 @@ impl Entry {
     ) -> impl Iterator<Item = (&'a Key, f64)> + 'a {
         self.values
             .iter()
-            .filter(move |(key, _)| key.metric.name == metric.name)
+            .filter(move |(key, _)| std::ptr::eq(key.metric, metric))
             .filter_map(|(key, value)| value.number().map(|v| (key, v)))
     }
 
@@ -216,7 +219,7 @@ impl Entry {
             return true;
         };
         !self.values.keys().any(|other| {
-            other.metric.name == key.metric.name
+            std::ptr::eq(other.metric, key.metric)
                 && other
                     .label("method")
                     .and_then(|m| METHOD_PREFERENCE.iter().position(|p| *p == m))
@@ -278,49 +281,67 @@ impl Ledger {
 
     /// Marks a workload seen in its cgroup this tick: live, and with `cgroup_id` (a new id means a
     /// recreated cgroup, whose cumulative counters start again from zero).
-    pub fn see(&mut self, workload: Arc<Workload>, cgroup_id: u64, in_v2: bool) {
-        let key = workload.identity.clone();
-        self.entry(workload, Some(cgroup_id)).in_v2 = in_v2;
-        self.seen.push(key);
+    pub fn see(&mut self, workload: &Arc<Workload>, cgroup_id: u64, in_v2: bool) {
+        if let Some(entry) = self.entry(workload) {
+            if entry.cgroup_id != cgroup_id {
+                for value in entry.values.values_mut() {
+                    if let Value::Counter(m) = value {
+                        m.rebase();
+                    }
+                }
+                entry.cgroup_id = cgroup_id;
+            }
+            entry.exited_at = None;
+            entry.in_v2 = in_v2;
+            entry.workload = workload.clone();
+        }
+        self.seen.push(workload.identity.clone());
     }
 
     /// Records a cumulative value a source read (a cgroup file's counter); a value lower than
     /// the last is a reset, folded into the counter's base.
-    pub fn observe(&mut self, workload: &Arc<Workload>, key: Key, raw: f64) {
-        debug_assert_eq!(key.metric.kind, Kind::Counter, "{}", key.metric.name);
-        let entry = self.entry(workload.clone(), None);
-        // A family has one kind, so its series has one kind of value.
-        if let Value::Counter(m) = entry
-            .values
-            .entry(key)
-            .or_insert(Value::Counter(Monotonic::default()))
-        {
-            m.observe(raw);
-        }
+    pub fn observe(&mut self, workload: &Arc<Workload>, key: &Key, raw: f64) {
+        self.counter(workload, key, |m| m.observe(raw));
+    }
+
+    /// Adds an increment from a source that reports deltas. Does not change whether the workload
+    /// is live: an exited workload's last bytes still count.
+    pub fn add(&mut self, workload: &Arc<Workload>, key: &Key, delta: f64) {
+        self.counter(workload, key, |m| m.add(delta));
     }
 
     /// Sets a gauge; it keeps its value until set again or the workload exits.
-    pub fn set(&mut self, workload: &Arc<Workload>, key: Key, value: f64) {
+    pub fn set(&mut self, workload: &Arc<Workload>, key: &Key, value: f64) {
         debug_assert_eq!(key.metric.kind, Kind::Gauge, "{}", key.metric.name);
-        self.entry(workload.clone(), None)
-            .values
-            .insert(key, Value::Gauge(value));
+        let Some(entry) = self.entry(workload) else {
+            return;
+        };
+        match entry.values.get_mut(key) {
+            Some(v) => *v = Value::Gauge(value),
+            None => {
+                entry.values.insert(key.clone(), Value::Gauge(value));
+            }
+        }
     }
 
     /// Adds one increment of a histogram from a source that reports deltas.
-    pub fn add_observed(&mut self, workload: Arc<Workload>, key: Key, observed: Observed<'_>) {
+    pub fn add_observed(&mut self, workload: &Arc<Workload>, key: &Key, observed: Observed<'_>) {
         debug_assert_eq!(key.metric.kind, Kind::Histogram, "{}", key.metric.name);
-        let entry = self.entry(workload, None);
-        let value = entry.values.entry(key).or_insert_with(|| {
-            Value::Histogram(Buckets {
+        let Some(entry) = self.entry(workload) else {
+            return;
+        };
+        if !entry.values.contains_key(key) {
+            let buckets = Buckets {
                 bounds: observed.bounds,
                 counts: vec![0.0; observed.bounds.len()],
                 count: 0.0,
                 sum: 0.0,
                 scale: observed.scale,
-            })
-        });
-        if let Value::Histogram(b) = value {
+            };
+            entry.values.insert(key.clone(), Value::Histogram(buckets));
+        }
+        // A family has one kind, so its series has one kind of value.
+        if let Some(Value::Histogram(b)) = entry.values.get_mut(key) {
             for (n, add) in b.counts.iter_mut().zip(observed.buckets) {
                 *n += add;
             }
@@ -329,51 +350,44 @@ impl Ledger {
         }
     }
 
-    /// Adds an increment from a source that reports deltas. Does not change whether the workload
-    /// is live: an exited workload's last bytes still count.
-    pub fn add(&mut self, workload: Arc<Workload>, key: Key, delta: f64) {
+    /// Keeps a workload live without a cgroupfs reading (the host row of per-cgroup-id sources).
+    pub fn touch(&mut self, workload: &Arc<Workload>) {
+        if let Some(entry) = self.entry(workload) {
+            entry.exited_at = None;
+        }
+        self.seen.push(workload.identity.clone());
+    }
+
+    /// Applies `f` to a counter series, made on first use. The key is cloned only then: sources
+    /// keep their keys and lend them every tick.
+    fn counter(&mut self, workload: &Arc<Workload>, key: &Key, f: impl FnOnce(&mut Monotonic)) {
         debug_assert_eq!(key.metric.kind, Kind::Counter, "{}", key.metric.name);
-        let entry = self.entry(workload, None);
-        if let Value::Counter(m) = entry
-            .values
-            .entry(key)
-            .or_insert(Value::Counter(Monotonic::default()))
-        {
-            m.add(delta);
+        let Some(entry) = self.entry(workload) else {
+            return;
+        };
+        if !entry.values.contains_key(key) {
+            let fresh = Value::Counter(Monotonic::default());
+            entry.values.insert(key.clone(), fresh);
+        }
+        // A family has one kind, so its series has one kind of value.
+        if let Some(Value::Counter(m)) = entry.values.get_mut(key) {
+            f(m);
         }
     }
 
-    /// Keeps a workload live without a cgroupfs reading (the host row of per-cgroup-id sources).
-    pub fn touch(&mut self, workload: Arc<Workload>) {
-        let key = workload.identity.clone();
-        self.entry(workload, None).exited_at = None;
-        self.seen.push(key);
-    }
-
-    fn entry(&mut self, workload: Arc<Workload>, cgroup_id: Option<u64>) -> &mut Entry {
-        let entry = self
-            .entries
-            .entry(workload.identity.clone())
-            .or_insert_with(|| Entry {
+    /// The workload's row, made on first use (the identity is cloned only then). Always `Some`.
+    fn entry(&mut self, workload: &Arc<Workload>) -> Option<&mut Entry> {
+        if !self.entries.contains_key(&workload.identity) {
+            let entry = Entry {
                 workload: workload.clone(),
-                cgroup_id: cgroup_id.unwrap_or(0),
+                cgroup_id: 0,
                 values: BTreeMap::new(),
                 in_v2: true,
                 exited_at: None,
-            });
-        if let Some(id) = cgroup_id {
-            if entry.cgroup_id != id {
-                for value in entry.values.values_mut() {
-                    if let Value::Counter(m) = value {
-                        m.rebase();
-                    }
-                }
-                entry.cgroup_id = id;
-            }
-            entry.exited_at = None;
-            entry.workload = workload;
+            };
+            self.entries.insert(workload.identity.clone(), entry);
         }
-        entry
+        self.entries.get_mut(&workload.identity)
     }
 
     /// Ends a tick: workloads not observed since the last call have exited (their final values
@@ -436,9 +450,9 @@ mod tests {
 
     /// What the cgroupfs source records for a cgroup that used `seconds` of CPU.
     fn read(ledger: &mut Ledger, w: &Arc<Workload>, cgroup_id: u64, seconds: f64) {
-        ledger.see(w.clone(), cgroup_id, true);
-        ledger.observe(w, cpu(), seconds);
-        ledger.set(w, memory(), 100.0);
+        ledger.see(w, cgroup_id, true);
+        ledger.observe(w, &cpu(), seconds);
+        ledger.set(w, &memory(), 100.0);
     }
 
     fn disk(method: &str) -> Key {
@@ -505,10 +519,10 @@ mod tests {
         let mut ledger = Ledger::new(Duration::from_secs(60));
         let (a, b) = (unit("a.service"), unit("b.service"));
         for w in [&a, &b] {
-            ledger.see(w.clone(), 1, true);
-            ledger.observe(w, disk("cgroupfs"), 10.0);
+            ledger.see(w, 1, true);
+            ledger.observe(w, &disk("cgroupfs"), 10.0);
         }
-        ledger.add(a.clone(), disk("ebpf"), 0.0);
+        ledger.add(&a, &disk("ebpf"), 0.0);
         let families = ledger.families();
         let family = &families[workload::DISK_READ_BYTES.name];
         let mut shown: Vec<(String, String, f64)> = family
@@ -543,7 +557,7 @@ mod tests {
                 sum,
                 scale: 1e-9,
             };
-            ledger.add_observed(w.clone(), key.clone(), observed);
+            ledger.add_observed(&w, &key, observed);
         }
         let families = ledger.families();
         let sample = &families[workload::DISK_IO_LATENCY_SECONDS.name].samples[0];

@@ -145,7 +145,7 @@ impl Ticker {
                 }
             }
             let in_v2 = discovery.v2_ids.contains_key(&f.cgroup_id);
-            self.ledger.see(workload.clone(), f.cgroup_id, in_v2);
+            self.ledger.see(&workload, f.cgroup_id, in_v2);
             workloads.push(workload);
         }
         let assignments = self.pod_resources.as_ref().map(|h| h.assignments());

@@ -2,6 +2,7 @@
 //! per-cgroup-id cumulative counters into per-workload increments in the ledger, and deletes map
 //! entries of cgroups that are gone once their final values are in.
 
+mod keys;
 mod sampler;
 mod scopes;
 mod source;
@@ -18,16 +19,16 @@ use tally_ebpf::throttle::EgressLimits;
 use tally_ebpf::{direction, DiskValue, NetKey, NetValue, ProbeStatus, ProgramStats, TcpValue};
 use tally_error_chain::chain;
 
+use keys::KEYS;
 use sampler::StatsSampler;
 pub use scopes::scope_name;
 
-use crate::catalogue::workload;
 use crate::config::Config;
 use crate::errors::ErrorCounts;
 use crate::host::layout::Layout;
 use crate::host::Discovery;
 use crate::identity::Workload;
-use crate::ledger::{Key, Ledger, Observed};
+use crate::ledger::{Ledger, Observed};
 
 const COLLECTOR: &str = "ebpf";
 
@@ -244,27 +245,14 @@ impl BpfSources {
                 &mut owners,
                 errors,
                 |w, v, last| {
-                    let opened = |direction: &str| {
-                        Key::new(
-                            &workload::TCP_CONNECTIONS_OPENED,
-                            vec![("direction", Arc::from(direction))],
-                        )
-                    };
+                    let k = &*KEYS;
                     for (key, now, before) in [
-                        (
-                            Key::new(&workload::TCP_RETRANSMITTED_SEGMENTS, Vec::new()),
-                            v.retransmits,
-                            last.retransmits,
-                        ),
-                        (opened("active"), v.active_opens, last.active_opens),
-                        (opened("passive"), v.passive_opens, last.passive_opens),
-                        (
-                            Key::new(&workload::TCP_CONNECTIONS_CLOSED, Vec::new()),
-                            v.closes,
-                            last.closes,
-                        ),
+                        (&k.retransmits, v.retransmits, last.retransmits),
+                        (&k.opened_active, v.active_opens, last.active_opens),
+                        (&k.opened_passive, v.passive_opens, last.passive_opens),
+                        (&k.closed, v.closes, last.closes),
                     ] {
-                        ledger.add(w.clone(), key, delta(now, before));
+                        ledger.add(w, key, delta(now, before));
                     }
                 },
             );
@@ -279,25 +267,16 @@ impl BpfSources {
                 &mut owners,
                 errors,
                 |w, v, last| {
-                    let method = || vec![("method", Arc::from("ebpf"))];
-                    let op = |op: &str| vec![("op", Arc::from(op))];
+                    let k = &*KEYS;
                     let reads = delta(v.reads, last.reads);
                     let writes = delta(v.writes, last.writes);
-                    for (metric, labels, value) in [
-                        (
-                            &workload::DISK_READ_BYTES,
-                            method(),
-                            delta(v.read_bytes, last.read_bytes),
-                        ),
-                        (
-                            &workload::DISK_WRITE_BYTES,
-                            method(),
-                            delta(v.write_bytes, last.write_bytes),
-                        ),
-                        (&workload::DISK_OPERATIONS, op("read"), reads),
-                        (&workload::DISK_OPERATIONS, op("write"), writes),
+                    for (key, value) in [
+                        (&k.disk_read, delta(v.read_bytes, last.read_bytes)),
+                        (&k.disk_write, delta(v.write_bytes, last.write_bytes)),
+                        (&k.reads, reads),
+                        (&k.writes, writes),
                     ] {
-                        ledger.add(w.clone(), Key::new(metric, labels), value);
+                        ledger.add(w, key, value);
                     }
                     let buckets: Vec<f64> = v
                         .latency_buckets
@@ -312,8 +291,7 @@ impl BpfSources {
                         sum: delta(v.latency_ns_total, last.latency_ns_total),
                         scale: 1e-9,
                     };
-                    let latency = Key::new(&workload::DISK_IO_LATENCY_SECONDS, Vec::new());
-                    ledger.add_observed(w.clone(), latency, observed);
+                    ledger.add_observed(w, &k.latency, observed);
                 },
             );
             if let Err(e) = disk.remove(&gone) {
@@ -321,7 +299,7 @@ impl BpfSources {
             }
         }
         if owners.host_used {
-            ledger.touch(host.clone());
+            ledger.touch(host);
         }
         if self.disk.is_some() {
             // A workload the block-layer programs see that did no I/O did none: 0 is a number
@@ -334,10 +312,8 @@ impl BpfSources {
                 .map(|(_, w)| w);
             let host = owners.host_used.then_some(host);
             for w in seen.chain(host) {
-                for metric in [&workload::DISK_READ_BYTES, &workload::DISK_WRITE_BYTES] {
-                    let key = Key::new(metric, vec![("method", Arc::from("ebpf"))]);
-                    ledger.add(w.clone(), key, 0.0);
-                }
+                ledger.add(w, &KEYS.disk_read, 0.0);
+                ledger.add(w, &KEYS.disk_write, 0.0);
             }
         }
         self.owners = now;
@@ -365,7 +341,7 @@ fn per_cgroup<V: Copy + Default>(
     last: &mut HashMap<u64, V>,
     owners: &mut Owners<'_>,
     errors: &mut ErrorCounts,
-    mut add: impl FnMut(Arc<Workload>, &V, &V),
+    mut add: impl FnMut(&Arc<Workload>, &V, &V),
 ) -> Vec<u64> {
     let entries = match entries {
         Ok(entries) => entries,
@@ -378,7 +354,7 @@ fn per_cgroup<V: Copy + Default>(
     for (id, value) in entries {
         let (workload, live) = owners.of(id);
         let before = swap(last, id, value);
-        add(workload, &value, &before);
+        add(&workload, &value, &before);
         if !live {
             gone.push(id);
             last.remove(&id);
@@ -407,24 +383,10 @@ fn collect_net(
         let before = swap(last, key, value);
         let packets = delta(value.packets, before.packets);
         if packets > 0.0 {
-            let (bytes, packets_family) = if key.direction == direction::EGRESS {
-                (
-                    &workload::NETWORK_TRANSMIT_BYTES,
-                    &workload::NETWORK_TRANSMIT_PACKETS,
-                )
-            } else {
-                (
-                    &workload::NETWORK_RECEIVE_BYTES,
-                    &workload::NETWORK_RECEIVE_PACKETS,
-                )
-            };
-            let scope = || vec![("scope", Arc::from(scope_name(key.scope)))];
-            ledger.add(
-                workload.clone(),
-                Key::new(bytes, scope()),
-                delta(value.bytes, before.bytes),
-            );
-            ledger.add(workload, Key::new(packets_family, scope()), packets);
+            let transmit = key.direction == direction::EGRESS;
+            let bytes = delta(value.bytes, before.bytes);
+            ledger.add(&workload, KEYS.net(transmit, false, key.scope), bytes);
+            ledger.add(&workload, KEYS.net(transmit, true, key.scope), packets);
         }
         if !live {
             gone.push(key);

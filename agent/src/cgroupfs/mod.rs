@@ -15,7 +15,7 @@ mod files;
 mod parse;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use files::WorkloadFiles;
 
@@ -122,22 +122,34 @@ impl Source for Collector {
     }
 }
 
-/// What a workload's cgroup files said this tick, into the ledger.
-fn record(ledger: &mut Ledger, workload: &Arc<Workload>, reading: &Reading) {
+/// The ledger keys of what cgroup files say, made once.
+struct Keys {
+    cpu: Key,
+    read: Key,
+    write: Key,
+    memory: Key,
+}
+
+static KEYS: LazyLock<Keys> = LazyLock::new(|| {
     use crate::catalogue::workload::{
         CPU_SECONDS, DISK_READ_BYTES, DISK_WRITE_BYTES, MEMORY_BYTES,
     };
-    let method = || vec![("method", Arc::from("cgroupfs"))];
+    let method = || vec![("method", Arc::from(COLLECTOR))];
+    Keys {
+        cpu: Key::new(&CPU_SECONDS, Vec::new()),
+        read: Key::new(&DISK_READ_BYTES, method()),
+        write: Key::new(&DISK_WRITE_BYTES, method()),
+        memory: Key::new(&MEMORY_BYTES, Vec::new()),
+    }
+});
+
+/// What a workload's cgroup files said this tick, into the ledger.
+fn record(ledger: &mut Ledger, workload: &Arc<Workload>, reading: &Reading) {
+    let keys = &*KEYS;
     let counters = [
-        (Key::new(&CPU_SECONDS, Vec::new()), reading.cpu_seconds),
-        (
-            Key::new(&DISK_READ_BYTES, method()),
-            reading.disk_read_bytes,
-        ),
-        (
-            Key::new(&DISK_WRITE_BYTES, method()),
-            reading.disk_write_bytes,
-        ),
+        (&keys.cpu, reading.cpu_seconds),
+        (&keys.read, reading.disk_read_bytes),
+        (&keys.write, reading.disk_write_bytes),
     ];
     for (key, value) in counters {
         if let Some(v) = value {
@@ -145,6 +157,6 @@ fn record(ledger: &mut Ledger, workload: &Arc<Workload>, reading: &Reading) {
         }
     }
     if let Some(bytes) = reading.memory_bytes {
-        ledger.set(workload, Key::new(&MEMORY_BYTES, Vec::new()), bytes);
+        ledger.set(workload, &keys.memory, bytes);
     }
 }

@@ -330,7 +330,7 @@ impl GpuSource {
                         share.memory_bytes * seconds,
                     ),
                 ] {
-                    ledger.add(w.clone(), Key::new(metric, labels), value);
+                    ledger.add(&w, &Key::new(metric, labels), value);
                 }
             }
             state.busy_seconds_total += busy_seconds.unwrap_or(0.0);

@@ -335,7 +335,7 @@ fn add(
         (&workload::RDMA_RECEIVE_PACKETS, t.receive_packets),
     ] {
         if let Some(v) = value {
-            ledger.add(w.clone(), Key::new(metric, labels()), v as f64 * share);
+            ledger.add(w, &Key::new(metric, labels()), v as f64 * share);
         }
     }
 }

@@ -26,9 +26,9 @@ fn engine(policy: &str, state: &std::path::Path) -> Engine {
 fn tick(engine: &mut Engine, ledger: &mut Ledger, layout: &Layout, cpu: &[(&Arc<Workload>, f64)]) {
     let mut placements = HashMap::new();
     for (i, (w, v)) in cpu.iter().enumerate() {
-        ledger.see((*w).clone(), i as u64 + 1, true);
+        ledger.see(w, i as u64 + 1, true);
         let cpu = Key::new(&crate::catalogue::workload::CPU_SECONDS, Vec::new());
-        ledger.observe(w, cpu, *v);
+        ledger.observe(w, &cpu, *v);
         placements.insert(
             w.identity.clone(),
             Placement {
