@@ -298,56 +298,19 @@ impl Ledger {
         self.seen.push(workload.identity.clone());
     }
 
-    /// Records a cumulative value a source read (a cgroup file's counter); a value lower than
-    /// the last is a reset, folded into the counter's base.
+    /// The workload's row, to record several values with one lookup (made on first use).
+    pub fn row(&mut self, workload: &Arc<Workload>) -> Row<'_> {
+        Row(self.entry(workload))
+    }
+
+    /// Records one cumulative value: `row(workload).observe(key, raw)`.
     pub fn observe(&mut self, workload: &Arc<Workload>, key: &Key, raw: f64) {
-        self.counter(workload, key, |m| m.observe(raw));
+        self.row(workload).observe(key, raw);
     }
 
-    /// Adds an increment from a source that reports deltas. Does not change whether the workload
-    /// is live: an exited workload's last bytes still count.
+    /// Records one increment: `row(workload).add(key, delta)`.
     pub fn add(&mut self, workload: &Arc<Workload>, key: &Key, delta: f64) {
-        self.counter(workload, key, |m| m.add(delta));
-    }
-
-    /// Sets a gauge; it keeps its value until set again or the workload exits.
-    pub fn set(&mut self, workload: &Arc<Workload>, key: &Key, value: f64) {
-        debug_assert_eq!(key.metric.kind, Kind::Gauge, "{}", key.metric.name);
-        let Some(entry) = self.entry(workload) else {
-            return;
-        };
-        match entry.values.get_mut(key) {
-            Some(v) => *v = Value::Gauge(value),
-            None => {
-                entry.values.insert(key.clone(), Value::Gauge(value));
-            }
-        }
-    }
-
-    /// Adds one increment of a histogram from a source that reports deltas.
-    pub fn add_observed(&mut self, workload: &Arc<Workload>, key: &Key, observed: Observed<'_>) {
-        debug_assert_eq!(key.metric.kind, Kind::Histogram, "{}", key.metric.name);
-        let Some(entry) = self.entry(workload) else {
-            return;
-        };
-        if !entry.values.contains_key(key) {
-            let buckets = Buckets {
-                bounds: observed.bounds,
-                counts: vec![0.0; observed.bounds.len()],
-                count: 0.0,
-                sum: 0.0,
-                scale: observed.scale,
-            };
-            entry.values.insert(key.clone(), Value::Histogram(buckets));
-        }
-        // A family has one kind, so its series has one kind of value.
-        if let Some(Value::Histogram(b)) = entry.values.get_mut(key) {
-            for (n, add) in b.counts.iter_mut().zip(observed.buckets) {
-                *n += add;
-            }
-            b.count += observed.count;
-            b.sum += observed.sum;
-        }
+        self.row(workload).add(key, delta);
     }
 
     /// Keeps a workload live without a cgroupfs reading (the host row of per-cgroup-id sources).
@@ -356,23 +319,6 @@ impl Ledger {
             entry.exited_at = None;
         }
         self.seen.push(workload.identity.clone());
-    }
-
-    /// Applies `f` to a counter series, made on first use. The key is cloned only then: sources
-    /// keep their keys and lend them every tick.
-    fn counter(&mut self, workload: &Arc<Workload>, key: &Key, f: impl FnOnce(&mut Monotonic)) {
-        debug_assert_eq!(key.metric.kind, Kind::Counter, "{}", key.metric.name);
-        let Some(entry) = self.entry(workload) else {
-            return;
-        };
-        if !entry.values.contains_key(key) {
-            let fresh = Value::Counter(Monotonic::default());
-            entry.values.insert(key.clone(), fresh);
-        }
-        // A family has one kind, so its series has one kind of value.
-        if let Some(Value::Counter(m)) = entry.values.get_mut(key) {
-            f(m);
-        }
     }
 
     /// The workload's row, made on first use (the identity is cloned only then). Always `Some`.
@@ -427,6 +373,76 @@ impl Ledger {
     }
 }
 
+/// One workload's row, open for recording. A series is made on its first value, and only then is
+/// its key cloned: sources keep their keys and lend them every tick.
+#[derive(Debug)]
+pub struct Row<'a>(Option<&'a mut Entry>);
+
+impl Row<'_> {
+    /// Records a cumulative value a source read (a cgroup file's counter); a value lower than
+    /// the last is a reset, folded into the counter's base.
+    pub fn observe(&mut self, key: &Key, raw: f64) {
+        self.counter(key, |m| m.observe(raw));
+    }
+
+    /// Adds an increment from a source that reports deltas. Does not change whether the workload
+    /// is live: an exited workload's last bytes still count.
+    pub fn add(&mut self, key: &Key, delta: f64) {
+        self.counter(key, |m| m.add(delta));
+    }
+
+    /// Sets a gauge; it keeps its value until set again or the workload exits.
+    pub fn set(&mut self, key: &Key, value: f64) {
+        debug_assert_eq!(key.metric.kind, Kind::Gauge, "{}", key.metric.name);
+        let Some(entry) = &mut self.0 else { return };
+        match entry.values.get_mut(key) {
+            Some(v) => *v = Value::Gauge(value),
+            None => {
+                entry.values.insert(key.clone(), Value::Gauge(value));
+            }
+        }
+    }
+
+    /// Adds one increment of a histogram from a source that reports deltas.
+    pub fn add_observed(&mut self, key: &Key, observed: Observed<'_>) {
+        debug_assert_eq!(key.metric.kind, Kind::Histogram, "{}", key.metric.name);
+        let Some(entry) = &mut self.0 else { return };
+        if !entry.values.contains_key(key) {
+            let buckets = Buckets {
+                bounds: observed.bounds,
+                counts: vec![0.0; observed.bounds.len()],
+                count: 0.0,
+                sum: 0.0,
+                scale: observed.scale,
+            };
+            entry.values.insert(key.clone(), Value::Histogram(buckets));
+        }
+        // A family has one kind, so its series has one kind of value.
+        if let Some(Value::Histogram(b)) = entry.values.get_mut(key) {
+            for (n, add) in b.counts.iter_mut().zip(observed.buckets) {
+                *n += add;
+            }
+            b.count += observed.count;
+            b.sum += observed.sum;
+        }
+    }
+
+    fn counter(&mut self, key: &Key, f: impl FnOnce(&mut Monotonic)) {
+        debug_assert_eq!(key.metric.kind, Kind::Counter, "{}", key.metric.name);
+        let Some(entry) = &mut self.0 else { return };
+        match entry.values.get_mut(key) {
+            Some(Value::Counter(m)) => f(m),
+            // A family has one kind, so its series has one kind of value.
+            Some(_) => {}
+            None => {
+                let mut fresh = Monotonic::default();
+                f(&mut fresh);
+                entry.values.insert(key.clone(), Value::Counter(fresh));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,7 +468,7 @@ mod tests {
     fn read(ledger: &mut Ledger, w: &Arc<Workload>, cgroup_id: u64, seconds: f64) {
         ledger.see(w, cgroup_id, true);
         ledger.observe(w, &cpu(), seconds);
-        ledger.set(w, &memory(), 100.0);
+        ledger.row(w).set(&memory(), 100.0);
     }
 
     fn disk(method: &str) -> Key {
@@ -557,7 +573,7 @@ mod tests {
                 sum,
                 scale: 1e-9,
             };
-            ledger.add_observed(&w, &key, observed);
+            ledger.row(&w).add_observed(&key, observed);
         }
         let families = ledger.families();
         let sample = &families[workload::DISK_IO_LATENCY_SECONDS.name].samples[0];

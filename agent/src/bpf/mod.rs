@@ -246,13 +246,14 @@ impl BpfSources {
                 errors,
                 |w, v, last| {
                     let k = &*KEYS;
+                    let mut row = ledger.row(w);
                     for (key, now, before) in [
                         (&k.retransmits, v.retransmits, last.retransmits),
                         (&k.opened_active, v.active_opens, last.active_opens),
                         (&k.opened_passive, v.passive_opens, last.passive_opens),
                         (&k.closed, v.closes, last.closes),
                     ] {
-                        ledger.add(w, key, delta(now, before));
+                        row.add(key, delta(now, before));
                     }
                 },
             );
@@ -268,6 +269,7 @@ impl BpfSources {
                 errors,
                 |w, v, last| {
                     let k = &*KEYS;
+                    let mut row = ledger.row(w);
                     let reads = delta(v.reads, last.reads);
                     let writes = delta(v.writes, last.writes);
                     for (key, value) in [
@@ -276,7 +278,7 @@ impl BpfSources {
                         (&k.reads, reads),
                         (&k.writes, writes),
                     ] {
-                        ledger.add(w, key, value);
+                        row.add(key, value);
                     }
                     let buckets: Vec<f64> = v
                         .latency_buckets
@@ -291,7 +293,7 @@ impl BpfSources {
                         sum: delta(v.latency_ns_total, last.latency_ns_total),
                         scale: 1e-9,
                     };
-                    ledger.add_observed(w, &k.latency, observed);
+                    row.add_observed(&k.latency, observed);
                 },
             );
             if let Err(e) = disk.remove(&gone) {
@@ -312,8 +314,9 @@ impl BpfSources {
                 .map(|(_, w)| w);
             let host = owners.host_used.then_some(host);
             for w in seen.chain(host) {
-                ledger.add(w, &KEYS.disk_read, 0.0);
-                ledger.add(w, &KEYS.disk_write, 0.0);
+                let mut row = ledger.row(w);
+                row.add(&KEYS.disk_read, 0.0);
+                row.add(&KEYS.disk_write, 0.0);
             }
         }
         self.owners = now;
@@ -385,8 +388,9 @@ fn collect_net(
         if packets > 0.0 {
             let transmit = key.direction == direction::EGRESS;
             let bytes = delta(value.bytes, before.bytes);
-            ledger.add(&workload, KEYS.net(transmit, false, key.scope), bytes);
-            ledger.add(&workload, KEYS.net(transmit, true, key.scope), packets);
+            let mut row = ledger.row(&workload);
+            row.add(KEYS.net(transmit, false, key.scope), bytes);
+            row.add(KEYS.net(transmit, true, key.scope), packets);
         }
         if !live {
             gone.push(key);

@@ -146,6 +146,7 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| {
 /// What a workload's cgroup files said this tick, into the ledger.
 fn record(ledger: &mut Ledger, workload: &Arc<Workload>, reading: &Reading) {
     let keys = &*KEYS;
+    let mut row = ledger.row(workload);
     let counters = [
         (&keys.cpu, reading.cpu_seconds),
         (&keys.read, reading.disk_read_bytes),
@@ -153,10 +154,10 @@ fn record(ledger: &mut Ledger, workload: &Arc<Workload>, reading: &Reading) {
     ];
     for (key, value) in counters {
         if let Some(v) = value {
-            ledger.observe(workload, key, v);
+            row.observe(key, v);
         }
     }
     if let Some(bytes) = reading.memory_bytes {
-        ledger.set(workload, &keys.memory, bytes);
+        row.set(&keys.memory, bytes);
     }
 }

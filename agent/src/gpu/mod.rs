@@ -321,6 +321,7 @@ impl GpuSource {
                 let gpu = || vec![("gpu", gpu.clone())];
                 let mut busy = gpu();
                 busy.push(("method", Arc::from(share.method.as_str())));
+                let mut row = ledger.row(&w);
                 for (metric, labels, value) in [
                     (&workload::GPU_SECONDS, busy, share.busy_seconds),
                     (&workload::GPU_ENERGY_JOULES, gpu(), share.energy_joules),
@@ -330,7 +331,7 @@ impl GpuSource {
                         share.memory_bytes * seconds,
                     ),
                 ] {
-                    ledger.add(&w, &Key::new(metric, labels), value);
+                    row.add(&Key::new(metric, labels), value);
                 }
             }
             state.busy_seconds_total += busy_seconds.unwrap_or(0.0);
