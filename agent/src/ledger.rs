@@ -174,6 +174,12 @@ impl Value {
 /// workload has: the same bytes are never exported twice.
 const METHOD_PREFERENCE: [&str; 2] = ["ebpf", "cgroupfs"];
 
+/// Where a series' `method` label stands in `METHOD_PREFERENCE`, if it is one of those.
+fn method_rank(key: &Key) -> Option<usize> {
+    let method = key.label("method")?;
+    METHOD_PREFERENCE.iter().position(|m| *m == method)
+}
+
 /// One workload's row.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -210,28 +216,33 @@ impl Entry {
             .fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
     }
 
-    /// Whether a series of `metric` shows: not where the workload has a preferred method's.
-    fn shown(&self, key: &Key) -> bool {
-        let Some(method) = key.label("method") else {
-            return true;
-        };
-        let Some(rank) = METHOD_PREFERENCE.iter().position(|m| *m == method) else {
-            return true;
-        };
-        !self.values.keys().any(|other| {
-            std::ptr::eq(other.metric, key.metric)
-                && other
-                    .label("method")
-                    .and_then(|m| METHOD_PREFERENCE.iter().position(|p| *p == m))
-                    .is_some_and(|r| r < rank)
-        })
+    /// For each family with series of more than one method (`METHOD_PREFERENCE`), the best
+    /// method rank this row has: the series it shows.
+    fn best_methods(&self) -> Vec<(&'static Metric, usize)> {
+        let mut best: Vec<(&'static Metric, usize)> = Vec::new();
+        for key in self.values.keys() {
+            let Some(rank) = method_rank(key) else {
+                continue;
+            };
+            match best.iter_mut().find(|(m, _)| std::ptr::eq(*m, key.metric)) {
+                Some((_, r)) => *r = (*r).min(rank),
+                None => best.push((key.metric, rank)),
+            }
+        }
+        best
     }
 
     /// Pushes every series of this workload into its family in `families`.
     fn export(&self, families: &mut HashMap<&'static str, Family>) {
         let labels = self.workload.labels();
+        let best = self.best_methods();
         for (key, value) in &self.values {
-            if !self.shown(key) {
+            // Not where the workload has a preferred method's series of the same family.
+            let hidden = method_rank(key).is_some_and(|rank| {
+                best.iter()
+                    .any(|(m, r)| std::ptr::eq(*m, key.metric) && *r < rank)
+            });
+            if hidden {
                 continue;
             }
             let (value, histogram) = match value {
