@@ -67,12 +67,6 @@ impl ErrorCounts {
         *self.slot(&COLLECTOR_ERRORS, &[collector, reason]) = total;
     }
 
-    /// How many failures `family` counted for `labels`.
-    pub fn get(&self, family: &'static Metric, labels: &[&str]) -> u64 {
-        let key = (family.name, labels.iter().map(|&l| Arc::from(l)).collect());
-        self.counts.get(&key).map_or(0, |(_, n)| *n)
-    }
-
     /// One family per declaration with a count, series in label order.
     pub fn families(&self) -> Vec<Family> {
         let mut families: Vec<Family> = Vec::new();
@@ -146,8 +140,6 @@ mod tests {
                 r#"tally_gpu_nvml_errors_total{call="nvmlDeviceGetPowerUsage",code="NotSupported"} 2"#,
             ]
         );
-        assert_eq!(errors.get(&COLLECTOR_ERRORS, &["cgroupfs", "read"]), 2);
-        assert_eq!(errors.get(&COLLECTOR_ERRORS, &["cgroupfs", "walk"]), 0);
     }
 
     #[test]

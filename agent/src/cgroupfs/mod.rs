@@ -86,11 +86,6 @@ impl Collector {
         let tick = self.tick;
         self.files.retain(|_, (_, last)| *last == tick);
     }
-
-    /// Workloads whose files are open.
-    pub fn open_workloads(&self) -> usize {
-        self.files.len()
-    }
 }
 
 impl Source for Collector {
