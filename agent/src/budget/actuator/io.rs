@@ -65,7 +65,11 @@ pub(super) fn plan_disk(
                             || format!("{dev} rbps=max wbps=max riops=max wiops=max"),
                             str::to_owned,
                         ),
-                        applied: format!("{dev} rbps={bps} wbps={bps}"),
+                        applied: format!(
+                            "{dev} rbps={} wbps={}",
+                            tighter(line, "rbps", bps),
+                            tighter(line, "wbps", bps)
+                        ),
                     }
                 })
                 .collect());
@@ -101,6 +105,17 @@ pub(super) fn plan_disk(
         return Ok(writes);
     }
     Err(CgroupError::NoIoControl)
+}
+
+/// The `key` limit (`rbps`, `wbps`) of an `io.max` line if one is set and at most `bps`, else
+/// `bps`: a throttle never loosens a tighter limit found in place.
+fn tighter(line: Option<&str>, key: &str, bps: u64) -> u64 {
+    line.into_iter()
+        .flat_map(str::split_whitespace)
+        .filter_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .find_map(|v| v.parse::<u64>().ok())
+        .filter(|&n| n > 0)
+        .map_or(bps, |n| n.min(bps))
 }
 
 /// `major:minor` of every whole disk that is a real device (not loop, ram or zram: they have

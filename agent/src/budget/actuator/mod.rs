@@ -399,4 +399,33 @@ mod tests {
             [("254:0 0", "254:0 1000000"), ("254:0 500", "254:0 500")]
         );
     }
+
+    #[test]
+    fn io_max_keeps_a_tighter_limit_and_restores_the_line_found() {
+        let root = tempfile::tempdir().unwrap();
+        let sys = root.path().join("sys");
+        for (name, dev) in [("vda", "254:0"), ("vdb", "254:16")] {
+            std::fs::create_dir_all(sys.join("block").join(name)).unwrap();
+            std::fs::write(sys.join("block").join(name).join("dev"), dev).unwrap();
+        }
+        let d = dirs(root.path());
+        std::fs::create_dir_all(root.path().join("unified")).unwrap();
+        let found = "254:0 rbps=500 wbps=max riops=max wiops=40";
+        std::fs::write(root.path().join("unified/io.max"), format!("{found}\n")).unwrap();
+        let w = plan_disk(&d, &sys, 1e6).unwrap();
+        let got: Vec<(&str, &str)> = w
+            .iter()
+            .map(|w| (w.original.as_str(), w.applied.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (found, "254:0 rbps=500 wbps=1000000"),
+                (
+                    "254:16 rbps=max wbps=max riops=max wiops=max",
+                    "254:16 rbps=1000000 wbps=1000000"
+                )
+            ]
+        );
+    }
 }
