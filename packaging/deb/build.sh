@@ -6,7 +6,8 @@
 #
 # Install it with `dpkg -i target/debian/tally_*.deb`: the unit is enabled and started, the
 # configuration is /etc/tally/tally.toml. This directory is also cargo-deb's
-# `maintainer-scripts`: it generates the systemd scripts itself, so there are none here.
+# `maintainer-scripts`: cargo-deb generates the systemd scripts and merges them into postrm
+# (which removes the state directory on purge) at its #DEBHELPER# line.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
