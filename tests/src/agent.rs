@@ -24,6 +24,16 @@ pub fn tally_bin() -> PathBuf {
     bin
 }
 
+/// How much slower than this machine the tests run: `TALLY_TEST_TIME_SCALE` (default 1). The VM
+/// suite sets it, as software emulation starts the agent several times slower.
+pub fn time_scale() -> f64 {
+    std::env::var("TALLY_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v: &f64| *v >= 1.0)
+        .unwrap_or(1.0)
+}
+
 /// A free loopback port (bound then released; the agent binds it right after).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -53,6 +63,19 @@ impl Agent {
 
     /// Starts it without waiting.
     pub fn spawn(config: &str) -> Agent {
+        Self::spawn_in(config, Vec::new())
+    }
+
+    /// Starts it inside the cgroup `procs` files name (each a `cgroup.procs`, written between
+    /// fork and exec) and in a cgroup namespace of its own rooted there, as a DaemonSet pod is on
+    /// cgroup v2; waits until ready.
+    pub fn start_in_cgroup_namespace(config: &str, procs: Vec<PathBuf>) -> Agent {
+        let agent = Self::spawn_in(config, procs);
+        agent.wait_ready(Duration::from_secs(20));
+        agent
+    }
+
+    fn spawn_in(config: &str, procs: Vec<PathBuf>) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let config_path = dir.path().join("tally.toml");
@@ -68,7 +91,8 @@ impl Agent {
         std::fs::write(&config_path, text).expect("write config");
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-        let child = Command::new(tally_bin())
+        let mut command = Command::new(tally_bin());
+        command
             .args(["agent", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
@@ -76,9 +100,24 @@ impl Agent {
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn tally");
+            .stderr(stderr);
+        if !procs.is_empty() {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec the closure only writes files whose paths were
+            // built beforehand and calls unshare(2).
+            unsafe {
+                command.pre_exec(move || {
+                    for p in &procs {
+                        std::fs::write(p, b"0")?;
+                    }
+                    if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn().expect("spawn tally");
         Agent {
             child,
             port,
@@ -88,8 +127,10 @@ impl Agent {
         }
     }
 
-    /// Polls `/readyz` until 200, panicking with the agent's log after `timeout`.
+    /// Polls `/readyz` until 200, panicking with the agent's log after `timeout` (times
+    /// `TALLY_TEST_TIME_SCALE`: the VM suite runs under software emulation).
     pub fn wait_ready(&self, timeout: Duration) {
+        let timeout = timeout.mul_f64(time_scale());
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(r) = self.get("/readyz") {

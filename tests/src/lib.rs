@@ -9,6 +9,7 @@ pub mod agent;
 pub mod alertmanager;
 pub mod catalogue;
 pub mod cgroup;
+pub mod cri_client;
 pub mod fake_cri;
 pub mod fake_nvml;
 pub mod fake_rdma;

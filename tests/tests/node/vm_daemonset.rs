@@ -1,0 +1,224 @@
+//! The agent as its DaemonSet runs it, in a containerd container: not privileged, its own cgroup
+//! namespace, the node's pid namespace, the host's `/proc` and `/sys/fs/cgroup` mounted where
+//! the manifest mounts them, and exactly the capabilities the manifest lists. From there it
+//! charges another pod's (fake-NVML) GPU process to that pod, not to the host row.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use tally_tests::agent::{free_port, http_get, sample, tally_bin};
+use tally_tests::cri_client::proto::{Capability, ContainerConfig, Mount};
+use tally_tests::cri_client::{CriClient, Qos};
+use tally_tests::fake_nvml::{FakeNvml, FULL};
+
+use crate::{on_the_node, wait_for};
+
+const CONTAINERD: &str = "/run/containerd/containerd.sock";
+const GPU: &str = "GPU-11111111-2222-3333-4444-555555555555";
+const MANIFEST: &str = "../packaging/kubernetes/base/daemonset.yaml";
+
+/// The capabilities the DaemonSet adds (after dropping ALL), in the manifest's order.
+fn manifest_capabilities() -> Vec<String> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(MANIFEST))
+        .expect("daemonset.yaml");
+    let mut lines = text.lines().map(str::trim);
+    assert!(
+        lines.any(|l| l == "capabilities:"),
+        "no capabilities in {MANIFEST}"
+    );
+    assert_eq!(lines.next(), Some("drop: [\"ALL\"]"));
+    assert_eq!(lines.next(), Some("add:"));
+    lines
+        .filter(|l| !l.starts_with('#'))
+        .map_while(|l| l.strip_prefix("- "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The capability numbers of linux/capability.h the manifest may name.
+fn capability_bit(name: &str) -> u32 {
+    let bits = [
+        ("KILL", 5),
+        ("NET_ADMIN", 12),
+        ("SYS_ADMIN", 21),
+        ("PERFMON", 38),
+        ("BPF", 39),
+    ];
+    let bit = bits.iter().find(|(n, _)| *n == name).map(|(_, b)| *b);
+    assert!(bit.is_some(), "unknown capability {name}");
+    bit.unwrap_or_default()
+}
+
+fn mount(host: &str, container: &str, readonly: bool) -> Mount {
+    Mount {
+        container_path: container.to_owned(),
+        host_path: host.to_owned(),
+        readonly,
+    }
+}
+
+fn procs(cgroup: &Path) -> Vec<u32> {
+    std::fs::read_to_string(cgroup.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn vm_the_agent_as_a_daemonset_pod_charges_other_pods_gpu_processes_to_them() {
+    on_the_node("vm_the_agent_as_a_daemonset_pod_charges_other_pods_gpu_processes_to_them");
+    let cri = CriClient::connect(Path::new(CONTAINERD)).expect("containerd's CRI");
+
+    // A pod whose one process "uses the GPU".
+    let user = cri
+        .run_pod("tally-vm", "gpu-user", Qos::Burstable)
+        .expect("gpu-user pod");
+    let cuda = user
+        .create_container("cuda", "tally.test/busybox:1", &["sleep", "3600"])
+        .expect("cuda container");
+    let cuda_cgroup = user.container_cgroup_path(cuda.as_str());
+    let pid = wait_for(Duration::from_secs(30), "the cuda process", || {
+        procs(&cuda_cgroup).first().copied()
+    });
+    let fake = FakeNvml::new(
+        FULL,
+        &json!({ "devices": [{
+            "uuid": GPU,
+            "name": "NVIDIA H100 80GB HBM3",
+            "memory_total_bytes": 85899345920u64,
+            "power_watts": 400,
+            "energy_start_joules": 1000,
+            "processes": [{ "pid": pid, "used_memory_bytes": 2_000_000_000u64, "sm_percent": 50 }]
+        }] }),
+    );
+
+    // The agent's pod, as packaging/kubernetes/base/daemonset.yaml shapes it.
+    let port = free_port();
+    let etc = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::write(
+        etc.path().join("tally.toml"),
+        format!(
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\ntick_interval_ms = 500\n[paths]\nproc_root = \"/host/proc\"\ncgroup_root = \"/host/sys/fs/cgroup\"\n[cri]\nendpoints = [\"{CONTAINERD}\"]\n[gpu]\nnvml_library = \"{}\"\npod_resources_socket = \"\"\n[enforcement]\nstate_dir = \"/var/lib/tally\"\n",
+            fake.library.display()
+        ),
+    )
+    .unwrap();
+    let capabilities = manifest_capabilities();
+    assert_eq!(
+        capabilities,
+        ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "KILL"]
+    );
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let tally = cri
+        .run_host_pid_pod("tally-system", "tally-agent", Qos::Burstable)
+        .expect("the agent's pod");
+    let bin = tally_bin();
+    let agent = tally
+        .create_container_with(
+            "tally",
+            "tally.test/busybox:1",
+            &[
+                &bin.to_string_lossy(),
+                "agent",
+                "--config",
+                "/etc/tally/tally.toml",
+            ],
+            |c: &mut ContainerConfig| {
+                // The node's /usr (glibc, libsystemd) and the binary under test, read-only.
+                c.mounts = vec![
+                    mount("/usr", "/usr", true),
+                    mount(&repo.to_string_lossy(), &repo.to_string_lossy(), true),
+                    mount(
+                        &fake.dir.path().to_string_lossy(),
+                        &fake.dir.path().to_string_lossy(),
+                        true,
+                    ),
+                    mount(&etc.path().to_string_lossy(), "/etc/tally", true),
+                    mount(&state.path().to_string_lossy(), "/var/lib/tally", false),
+                    mount("/proc", "/host/proc", true),
+                    mount("/sys/fs/cgroup", "/host/sys/fs/cgroup", false),
+                    mount("/sys/kernel/tracing", "/sys/kernel/tracing", true),
+                    mount("/sys/fs/bpf", "/sys/fs/bpf", true),
+                    mount("/run/containerd", "/run/containerd", true),
+                ];
+                let security = c
+                    .linux
+                    .as_mut()
+                    .and_then(|l| l.security_context.as_mut())
+                    .expect("security context");
+                security.privileged = false;
+                security.capabilities = Some(Capability {
+                    add_capabilities: capabilities.clone(),
+                    drop_capabilities: vec!["ALL".to_owned()],
+                });
+            },
+        )
+        .expect("the agent's container");
+    let agent_cgroup = tally.container_cgroup_path(agent.as_str());
+    let agent_pid = wait_for(Duration::from_secs(30), "the agent's process", || {
+        procs(&agent_cgroup).first().copied()
+    });
+
+    // Its shape: exactly the manifest's capabilities, its own cgroup namespace rooted at its
+    // container, the node's pid namespace.
+    let status = std::fs::read_to_string(format!("/proc/{agent_pid}/status")).unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap());
+    let want = capabilities
+        .iter()
+        .fold(0u64, |m, c| m | 1 << capability_bit(c));
+    assert_eq!(effective, Some(want), "{status}");
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).unwrap();
+    assert_ne!(
+        ns(&agent_pid.to_string()),
+        ns("1"),
+        "no cgroup namespace of its own"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{agent_pid}/cgroup")).unwrap(),
+        "0::/\n"
+    );
+
+    let scrape = || {
+        http_get(port, "/metrics", &[])
+            .ok()
+            .filter(|r| r.status == 200)
+            .and_then(|r| String::from_utf8(r.body).ok())
+    };
+    let pod = [
+        "namespace=\"tally-vm\"",
+        "pod=\"gpu-user\"",
+        "container=\"cuda\"",
+    ];
+    let text = wait_for(Duration::from_secs(180), "the pod's GPU time", || {
+        scrape().filter(|t| {
+            sample(t, "tally_workload_gpu_seconds_total", &pod).is_some_and(|s| s >= 1.0)
+        })
+    });
+    assert_eq!(
+        sample(&text, "tally_workload_gpu_memory_bytes", &pod),
+        Some(2e9)
+    );
+    let host = sample(
+        &text,
+        "tally_workload_gpu_seconds_total",
+        &["namespace=\"\",pod=\"\",pod_uid=\"\",container=\"\",container_id=\"\",unit=\"\""],
+    );
+    assert!(
+        host.is_none() || host == Some(0.0),
+        "{host:?} s charged to the host row:\n{text}"
+    );
+    // Every eBPF probe loads with only these capabilities.
+    for probe in ["network", "tcp", "disk"] {
+        let up = text
+            .lines()
+            .find(|l| l.starts_with(&format!("tally_probe_up{{probe=\"{probe}\"")));
+        assert!(up.is_some_and(|l| l.ends_with(" 1")), "{probe}: {up:?}");
+    }
+    drop((tally, user, fake));
+}

@@ -1,0 +1,223 @@
+//! Budgets on pods made through containerd's CRI, enforced through pure cgroup v2 files:
+//! `cpu.max` (two shares at once), `io.max` (a rate, and a tighter limit found in place kept and
+//! restored) and `cgroup.freeze` (a duty cycle, thawed within a cycle of the agent's SIGKILL).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tally_tests::agent::{sample, Agent};
+use tally_tests::cri_client::{CriClient, PodHandle, Qos};
+
+use crate::{on_the_node, shares_over, wait_for};
+
+const CONTAINERD: &str = "/run/containerd/containerd.sock";
+
+/// A BestEffort pod in namespace `tally-vm` with one container running `script`.
+struct PodRun {
+    pod: PodHandle,
+    name: String,
+    cgroup: PathBuf,
+}
+
+fn pod_running(cri: &CriClient, name: &str, script: &str) -> PodRun {
+    let pod = cri
+        .run_pod("tally-vm", name, Qos::BestEffort)
+        .expect("RunPodSandbox");
+    let id = pod
+        .create_container("main", "tally.test/busybox:1", &["sh", "-c", script])
+        .expect("CreateContainer");
+    let cgroup = pod.container_cgroup_path(id.as_str());
+    assert!(cgroup.is_dir(), "{}", cgroup.display());
+    PodRun {
+        pod,
+        name: name.to_owned(),
+        cgroup,
+    }
+}
+
+fn config(state: &Path, extra: &str) -> String {
+    format!(
+        "[cri]\nendpoints = [\"{CONTAINERD}\"]\n[gpu]\npod_resources_socket = \"\"\n[enforcement]\nstate_dir = \"{}\"\n{extra}",
+        state.display()
+    )
+}
+
+fn budget(name: &str, pod: &str, body: &str) -> String {
+    format!("[[budget]]\nname = \"{name}\"\n{body}select.namespace = \"tally-vm\"\nselect.pod = \"{pod}\"\n")
+}
+
+fn cpu_budget(name: &str, pod: &str, cores: f64, action: &str) -> String {
+    budget(
+        name,
+        pod,
+        &format!(
+            "resource = \"cpu_seconds\"\nlimit = {}\nwindow = \"4s\"\naction = \"{action}\"\n",
+            cores * 4.0
+        ),
+    )
+}
+
+fn active(text: &str, budget: &str) -> bool {
+    sample(
+        text,
+        "tally_enforcement_active",
+        &[&format!("budget=\"{budget}\"")],
+    ) == Some(1.0)
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| format!("<{}: {e}>", path.display()))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn vm_cpu_budgets_of_30_and_70_percent_hold_at_once_through_cpu_max() {
+    on_the_node("vm_cpu_budgets_of_30_and_70_percent_hold_at_once_through_cpu_max");
+    let cri = CriClient::connect(Path::new(CONTAINERD)).expect("containerd's CRI");
+    let a = pod_running(&cri, "thirty", "while :; do :; done");
+    let b = pod_running(&cri, "seventy", "while :; do :; done");
+    let state = tempfile::tempdir().unwrap();
+    let budgets = format!(
+        "{}{}",
+        cpu_budget("thirty", &a.name, 0.3, "cpu"),
+        cpu_budget("seventy", &b.name, 0.7, "cpu")
+    );
+    let mut agent = Agent::start(&config(state.path(), &budgets));
+    agent.scrape_until(Duration::from_secs(60), "both budgets enforced", |t| {
+        active(t, "thirty") && active(t, "seventy")
+    });
+    assert_eq!(read(&a.cgroup.join("cpu.max")), "30000 100000");
+    assert_eq!(read(&b.cgroup.join("cpu.max")), "70000 100000");
+    let shares = shares_over(&[&a.cgroup, &b.cgroup], 6.0);
+    eprintln!("achieved shares: {shares:?} (targets 0.30, 0.70)");
+    assert!((shares[0] - 0.30).abs() <= 0.03, "{shares:?}");
+    assert!((shares[1] - 0.70).abs() <= 0.03, "{shares:?}");
+
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(20)).is_some());
+    assert_eq!(read(&a.cgroup.join("cpu.max")), "max 100000");
+    assert_eq!(read(&b.cgroup.join("cpu.max")), "max 100000");
+    drop((a.pod, b.pod));
+}
+
+/// `major:minor` of the disk under the containers' file systems.
+fn root_disk() -> String {
+    read(Path::new("/sys/block/vda/dev"))
+}
+
+#[test]
+fn vm_a_disk_budget_holds_through_io_max_and_keeps_a_tighter_limit() {
+    on_the_node("vm_a_disk_budget_holds_through_io_max_and_keeps_a_tighter_limit");
+    let cri = CriClient::connect(Path::new(CONTAINERD)).expect("containerd's CRI");
+    // Direct writes (no page cache), so io.max paces the writer itself.
+    let w = pod_running(
+        &cri,
+        "writer",
+        "sleep 1; while :; do dd if=/dev/zero of=/data bs=65536 count=256 oflag=direct 2>/dev/null; done",
+    );
+    let dev = root_disk();
+    let state = tempfile::tempdir().unwrap();
+    let rate = 2_000_000.0;
+    let disk = budget(
+        "disk",
+        &w.name,
+        &format!("resource = \"disk_write_bytes\"\nlimit = 4e6\nwindow = \"2s\"\naction = \"disk\"\nthrottle.disk_bytes_per_sec = {rate}\n"),
+    );
+    let mut agent = Agent::start(&config(state.path(), &disk));
+    agent.scrape_until(Duration::from_secs(60), "disk enforced", |t| {
+        active(t, "disk")
+    });
+    let io_max = w.cgroup.join("io.max");
+    assert!(
+        read(&io_max).contains(&format!("{dev} rbps=2000000 wbps=2000000")),
+        "{}",
+        read(&io_max)
+    );
+    // The writer's rate under the throttle, from the agent's own counter.
+    let written = |t: &str| {
+        sample(
+            t,
+            "tally_workload_disk_write_bytes_total",
+            &["pod=\"writer\""],
+        )
+        .unwrap_or(-1.0)
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let (b0, t0) = (written(&agent.scrape()), Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    let achieved = (written(&agent.scrape()) - b0) / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "direct writes under a 2 MB/s io.max: {:.3} MB/s",
+        achieved / 1e6
+    );
+    assert!((achieved - rate).abs() <= 0.05 * rate, "{achieved}");
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(20)).is_some());
+    assert!(!read(&io_max).contains("2000000"), "{}", read(&io_max));
+
+    // A tighter write limit already in place (1 MB/s) is kept while enforced, then restored.
+    std::fs::write(&io_max, format!("{dev} wbps=1000000")).unwrap();
+    let found = read(&io_max);
+    let state = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(&config(state.path(), &disk));
+    agent.scrape_until(Duration::from_secs(60), "disk enforced again", |t| {
+        active(t, "disk")
+    });
+    assert!(
+        read(&io_max).contains(&format!("{dev} rbps=2000000 wbps=1000000")),
+        "{}",
+        read(&io_max)
+    );
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(20)).is_some());
+    assert_eq!(read(&io_max), found);
+    drop(w.pod);
+}
+
+#[test]
+fn vm_a_freeze_duty_cycle_holds_a_share_and_thaws_within_a_cycle_of_sigkill() {
+    on_the_node("vm_a_freeze_duty_cycle_holds_a_share_and_thaws_within_a_cycle_of_sigkill");
+    let cri = CriClient::connect(Path::new(CONTAINERD)).expect("containerd's CRI");
+    let f = pod_running(&cri, "frozen", "while :; do :; done");
+    let state = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(&config(
+        state.path(),
+        &format!(
+            "freeze_period_ms = 100\n{}",
+            cpu_budget("duty", &f.name, 0.3, "freeze")
+        ),
+    ));
+    agent.scrape_until(Duration::from_secs(60), "freeze enforced", |t| {
+        active(t, "duty")
+    });
+    // The share is steered from the measured rate; give it a few ticks to settle.
+    std::thread::sleep(Duration::from_secs(6));
+    let share = shares_over(&[&f.cgroup], 6.0)[0];
+    eprintln!("achieved share under cgroup.freeze: {share:.3} (target 0.30)");
+    assert!((share - 0.30).abs() <= 0.03, "{share}");
+
+    let frozen = || {
+        read(&f.cgroup.join("cgroup.events"))
+            .lines()
+            .any(|l| l == "frozen 1")
+    };
+    wait_for(Duration::from_secs(5), "the container frozen", || {
+        frozen().then_some(())
+    });
+    agent.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    agent.wait_exit(Duration::from_secs(5));
+    while frozen() {
+        assert!(
+            killed.elapsed() < Duration::from_millis(100),
+            "still frozen {:?} after SIGKILL",
+            killed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    eprintln!("thawed {:?} after SIGKILL", killed.elapsed());
+    assert_eq!(read(&f.cgroup.join("cgroup.freeze")), "0");
+    drop(f.pod);
+}
