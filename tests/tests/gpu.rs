@@ -465,3 +465,61 @@ fn invisible_processes_are_charged_to_the_pod_holding_the_device() {
     );
     assert_conserved(&later, GPU);
 }
+
+#[test]
+fn an_agent_in_its_own_cgroup_namespace_charges_processes_to_their_units() {
+    const TEST: &str = "an_agent_in_its_own_cgroup_namespace_charges_processes_to_their_units";
+    let Some(unified) = setup(TEST) else { return };
+    let a = unit(&unified, "ns");
+    let fake = FakeNvml::new(
+        FULL,
+        &json!({ "devices": [device(json!([
+            { "pid": a.pid, "used_memory_bytes": 2_000_000_000u64, "sm_percent": 50 }
+        ]))] }),
+    );
+    // The agent in a sibling cgroup, in a namespace rooted there: it reads a's cgroup as
+    // `0::/../system.slice/<unit>`, as a DaemonSet pod reads other pods'.
+    let home = TestCgroup::create(
+        std::slice::from_ref(&unified),
+        &format!("/tally-agent-ns-{}", random_hex(6)),
+    );
+    let agent = Agent::start_in_cgroup_namespace(
+        &format!(
+            "[agent]\ntick_interval_ms = 200\n[cri]\nendpoints = []\n[ebpf]\nenabled = false\n{}",
+            fake.config()
+        ),
+        vec![home.dirs[0].join("cgroup.procs")],
+    );
+    let own = std::fs::read_to_string(format!("/proc/{}/cgroup", agent.child.id())).unwrap();
+    assert!(
+        own.contains(&format!(
+            "0::{}\n",
+            home.dirs[0]
+                .strip_prefix(&unified)
+                .map(|p| format!("/{}", p.display()))
+                .unwrap()
+        )),
+        "{own}"
+    );
+    let text = agent.scrape_until(Duration::from_secs(15), "a's GPU time", |t| {
+        seconds(t, &a, "") >= 1.0
+    });
+    assert_eq!(
+        total(
+            &text,
+            "tally_workload_gpu_memory_bytes",
+            &[&format!("unit=\"{}\"", a.name)]
+        ),
+        2e9
+    );
+    assert_eq!(
+        total(
+            &text,
+            "tally_workload_gpu_seconds_total",
+            &["namespace=\"\",pod=\"\",pod_uid=\"\",container=\"\",container_id=\"\",unit=\"\""]
+        ),
+        0.0,
+        "nothing for the host row"
+    );
+    assert_conserved(&text, GPU);
+}

@@ -5,6 +5,7 @@
 //! workloads are cached by cgroup id (the inode of the cgroup v2 directory, what BPF programs see)
 //! and evicted when the cgroup disappears.
 
+mod cgroupns;
 pub mod cri;
 mod grpc;
 pub mod podresources;
@@ -87,15 +88,40 @@ pub enum PidError {
 pub struct Identity {
     proc_root: PathBuf,
     layout: Layout,
+    /// Where the agent's cgroup namespace is rooted in the cgroup2 hierarchy (`/` outside one):
+    /// cgroup2 paths in `/proc/<pid>/cgroup` are shown relative to it.
+    ns_root: String,
     by_cgroup: HashMap<u64, Arc<Workload>>,
     cri: Option<cri::CriHandle>,
 }
 
 impl Identity {
     pub fn new(proc_root: &Path, layout: Layout, cri: Option<cri::CriHandle>) -> Self {
+        let ns_root = match &layout.unified {
+            Some(unified) => match cgroupns::namespace_root(proc_root, unified) {
+                Ok(root) => {
+                    if root != "/" {
+                        tracing::info!(
+                            root,
+                            "in a cgroup namespace: resolving process cgroups against its root"
+                        );
+                    }
+                    root
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = %tally_error_chain::chain(&e),
+                        "in a cgroup namespace whose root is not found: processes outside it are charged to the host row"
+                    );
+                    "/".to_owned()
+                }
+            },
+            None => "/".to_owned(),
+        };
         Self {
             proc_root: proc_root.to_path_buf(),
             layout,
+            ns_root,
             by_cgroup: HashMap::new(),
             cri,
         }
@@ -140,8 +166,10 @@ impl Identity {
         self.by_cgroup.len()
     }
 
-    /// The workload a process belongs to, from `/proc/<pid>/cgroup`. The first hierarchy whose
-    /// path names a workload wins, the cgroup2 line first.
+    /// The workload a process belongs to, from `/proc/<pid>/cgroup`. A line naming a container
+    /// wins over one naming a systemd unit (on a mixed v1/v2 node a pod's processes can sit in
+    /// v1 pod cgroups while the cgroup2 line names `containerd.service`); among equals, the
+    /// cgroup2 line first. cgroup2 paths are shown relative to the agent's cgroup namespace.
     pub fn resolve_pid(&mut self, pid: u32) -> Result<Arc<Workload>, PidError> {
         let file = self.proc_root.join(pid.to_string()).join("cgroup");
         let text =
@@ -149,17 +177,26 @@ impl Identity {
                 Some(libc::ENOENT) | Some(libc::ESRCH) => PidError::Gone { pid },
                 _ => PidError::Read { path: file, source },
             })?;
-        let mut lines: Vec<(bool, &str)> = text
+        let mut lines: Vec<(bool, String)> = text
             .lines()
             .filter_map(|line| {
                 let mut parts = line.splitn(3, ':');
                 let (hid, _controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-                Some((hid == "0", path))
+                let v2 = hid == "0";
+                let path = if v2 {
+                    cgroupns::join(&self.ns_root, path)
+                } else {
+                    path.to_owned()
+                };
+                Some((v2, path))
             })
             .collect();
-        lines.sort_by_key(|(v2, _)| !v2);
+        lines.sort_by_key(|(v2, path)| {
+            let container = matches!(path::resolve(path).0, PathIdentity::Container(_));
+            (!container, !v2)
+        });
         for (v2, path) in lines {
-            let (identity, len) = path::resolve(path);
+            let (identity, len) = path::resolve(&path);
             if identity == PathIdentity::Host {
                 continue;
             }
@@ -210,4 +247,47 @@ pub fn resolve_sampled_pid(
     };
     now.insert(pid, w.clone());
     w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mixed v1/v2 node: the pod's process sits in v1 pod cgroups while its cgroup2 line names
+    /// the runtime's unit. The container line wins.
+    #[test]
+    fn a_container_line_wins_over_a_unit_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cgroup");
+        let container = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let pod = "kubepods/besteffort/pod1a2b3c4d-0000-1111-2222-333344445555";
+        for d in [
+            "unified/system.slice/containerd.service".to_owned(),
+            format!("cpu,cpuacct/{pod}/{container}"),
+            format!("memory/{pod}/{container}"),
+        ] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("unified/cgroup.controllers"), "").unwrap();
+        for v1 in ["cpu,cpuacct", "memory"] {
+            std::fs::write(root.join(v1).join("cgroup.procs"), "").unwrap();
+        }
+        let proc_root = dir.path().join("proc");
+        std::fs::create_dir_all(proc_root.join("77")).unwrap();
+        std::fs::write(
+            proc_root.join("77/cgroup"),
+            format!(
+                "5:memory:/{pod}/{container}\n3:cpu,cpuacct:/{pod}/{container}\n0::/system.slice/containerd.service\n"
+            ),
+        )
+        .unwrap();
+        let layout = Layout::detect(&root).unwrap();
+        let mut identity = Identity::new(&proc_root, layout, None);
+        let w = identity.resolve_pid(77).unwrap();
+        let id = match &w.identity {
+            PathIdentity::Container(c) => Some(c.container_id.as_str()),
+            _ => None,
+        };
+        assert_eq!(id, Some(container), "charged to {:?}", w.identity);
+    }
 }
