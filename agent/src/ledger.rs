@@ -170,14 +170,20 @@ impl Value {
 }
 
 /// Within one workload, families whose series come from more than one method (the cgroupfs and
-/// the block-layer disk counters) show only the series of the first method in this list the
-/// workload has: the same bytes are never exported twice.
-const METHOD_PREFERENCE: [&str; 2] = ["ebpf", "cgroupfs"];
+/// the block-layer disk counters) show only the series of the first method in the preference the
+/// workload has: the same bytes are never exported twice, and budgets charge what is shown.
+/// The default: the block-layer counters first, as v1 `blkio.throttle.io_service_bytes` reads 0
+/// until blk-throttle is first used on the node.
+pub const EBPF_FIRST: &[&str] = &["ebpf", "cgroupfs"];
 
-/// Where a series' `method` label stands in `METHOD_PREFERENCE`, if it is one of those.
-fn method_rank(key: &Key) -> Option<usize> {
+/// On pure cgroup v2: the kernel's `io.stat` first. It counts from the cgroup's birth (the BPF
+/// programs only from the agent's start), and includes writeback charged to the cgroup.
+pub const CGROUPFS_FIRST: &[&str] = &["cgroupfs", "ebpf"];
+
+/// Where a series' `method` label stands in `preference`, if it is one of those.
+fn method_rank(key: &Key, preference: &[&str]) -> Option<usize> {
     let method = key.label("method")?;
-    METHOD_PREFERENCE.iter().position(|m| *m == method)
+    preference.iter().position(|m| *m == method)
 }
 
 /// One workload's row.
@@ -190,6 +196,8 @@ pub struct Entry {
     pub in_v2: bool,
     /// When the workload was last seen; `exited` once a tick did not see it.
     pub exited_at: Option<Instant>,
+    /// The ledger's method preference ([`EBPF_FIRST`] or [`CGROUPFS_FIRST`]).
+    preference: &'static [&'static str],
 }
 
 impl Entry {
@@ -216,12 +224,26 @@ impl Entry {
             .fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
     }
 
-    /// For each family with series of more than one method (`METHOD_PREFERENCE`), the best
+    /// The sum of the series of `metric` that `/metrics` shows for this row: where the family
+    /// has series of more than one method, only the preferred method's.
+    /// Budgets read this, so they charge exactly what is exported. `None` where it has none.
+    pub fn shown_total(&self, metric: &'static Metric) -> Option<f64> {
+        let best = self
+            .series(metric)
+            .filter_map(|(key, _)| method_rank(key, self.preference))
+            .min();
+        self.series(metric)
+            .filter(|(key, _)| best.is_none() || method_rank(key, self.preference) == best)
+            .map(|(_, v)| v)
+            .fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
+    }
+
+    /// For each family with series of more than one method, the best
     /// method rank this row has: the series it shows.
     fn best_methods(&self) -> Vec<(&'static Metric, usize)> {
         let mut best: Vec<(&'static Metric, usize)> = Vec::new();
         for key in self.values.keys() {
-            let Some(rank) = method_rank(key) else {
+            let Some(rank) = method_rank(key, self.preference) else {
                 continue;
             };
             match best.iter_mut().find(|(m, _)| std::ptr::eq(*m, key.metric)) {
@@ -238,7 +260,7 @@ impl Entry {
         let best = self.best_methods();
         for (key, value) in &self.values {
             // Not where the workload has a preferred method's series of the same family.
-            let hidden = method_rank(key).is_some_and(|rank| {
+            let hidden = method_rank(key, self.preference).is_some_and(|rank| {
                 best.iter()
                     .any(|(m, r)| std::ptr::eq(*m, key.metric) && *r < rank)
             });
@@ -275,6 +297,7 @@ pub struct Ledger {
     entries: HashMap<PathIdentity, Entry>,
     grace: Duration,
     seen: Vec<PathIdentity>,
+    preference: &'static [&'static str],
 }
 
 impl Ledger {
@@ -283,11 +306,21 @@ impl Ledger {
             entries: HashMap::new(),
             grace,
             seen: Vec::new(),
+            preference: EBPF_FIRST,
         }
     }
 
     pub fn set_grace(&mut self, grace: Duration) {
         self.grace = grace;
+    }
+
+    /// Which method's series a workload shows where a family has more than one:
+    /// [`CGROUPFS_FIRST`] on pure cgroup v2, [`EBPF_FIRST`] elsewhere.
+    pub fn prefer_methods(&mut self, preference: &'static [&'static str]) {
+        self.preference = preference;
+        for entry in self.entries.values_mut() {
+            entry.preference = preference;
+        }
     }
 
     /// Marks a workload seen in its cgroup this tick: live, and with `cgroup_id` (a new id means a
@@ -341,6 +374,7 @@ impl Ledger {
                 values: BTreeMap::new(),
                 in_v2: true,
                 exited_at: None,
+                preference: self.preference,
             };
             self.entries.insert(workload.identity.clone(), entry);
         }
@@ -565,9 +599,26 @@ mod tests {
                 ("b.service".into(), "cgroupfs".into(), 10.0)
             ]
         );
-        // The hidden series still has its value, for budgets.
+        // The hidden series still has its value; what budgets read is what is shown.
         let a_row = ledger.entries().find(|e| e.workload == a).unwrap();
         assert_eq!(a_row.value(&disk("cgroupfs")), Some(10.0));
+        assert_eq!(a_row.shown_total(&workload::DISK_READ_BYTES), Some(0.0));
+        let b_row = ledger.entries().find(|e| e.workload == b).unwrap();
+        assert_eq!(b_row.shown_total(&workload::DISK_READ_BYTES), Some(10.0));
+        assert_eq!(b_row.shown_total(&workload::DISK_WRITE_BYTES), None);
+
+        // On pure cgroup v2, io.stat is the one truth.
+        ledger.prefer_methods(CGROUPFS_FIRST);
+        let families = ledger.families();
+        let a_shown: Vec<(String, f64)> = families[workload::DISK_READ_BYTES.name]
+            .samples
+            .iter()
+            .filter(|s| &*s.labels[5].1 == "a.service")
+            .map(|s| (s.extra[0].1.to_string(), s.value))
+            .collect();
+        assert_eq!(a_shown, [("cgroupfs".into(), 10.0)]);
+        let a_row = ledger.entries().find(|e| e.workload == a).unwrap();
+        assert_eq!(a_row.shown_total(&workload::DISK_READ_BYTES), Some(10.0));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tally_exporters::{Family, Snapshot};
 use crate::catalogue::{self, agent};
 use crate::config::Config;
 use crate::errors::ErrorCounts;
-use crate::host::layout::{Layout, NoHierarchy};
+use crate::host::layout::{Layout, Mode, NoHierarchy};
 use crate::identity::podresources::DevicesHandle;
 use crate::identity::{cri::CriHandle, Identity, Names, PathIdentity, Workload};
 use crate::ledger::Ledger;
@@ -78,11 +78,13 @@ impl Ticker {
             budgets.set_alerts(Box::new(crate::alerts::Sink(sender)));
             stats
         });
+        let mut ledger = Ledger::new(config.grace_period());
+        ledger.prefer_methods(method_preference(&layout));
         Ok(Self {
             sources: built.sources,
             identity: Identity::new(&config.paths.proc_root, layout.clone(), deps.cri.clone()),
             layout,
-            ledger: Ledger::new(config.grace_period()),
+            ledger,
             errors: ErrorCounts::default(),
             facts: Facts::default(),
             host: Arc::new(Workload::new(PathIdentity::Host, Names::default())),
@@ -108,6 +110,7 @@ impl Ticker {
             self.layout = layout;
         }
         self.ledger.set_grace(config.grace_period());
+        self.ledger.prefer_methods(method_preference(&self.layout));
         for source in &mut self.sources {
             source.reconfigure(config, &self.layout, &mut self.errors);
         }
@@ -307,6 +310,15 @@ impl Ticker {
             families.extend(crate::alerts::families(stats));
         }
         families
+    }
+}
+
+/// Disk bytes have one truth per node: on pure cgroup v2 the kernel's `io.stat`, elsewhere the
+/// block-layer (eBPF) counters (see [`crate::ledger::EBPF_FIRST`]).
+fn method_preference(layout: &Layout) -> &'static [&'static str] {
+    match layout.mode {
+        Mode::V2 => crate::ledger::CGROUPFS_FIRST,
+        Mode::Hybrid | Mode::V1 => crate::ledger::EBPF_FIRST,
     }
 }
 

@@ -99,13 +99,9 @@ fn cumulative(
                 .then_some(1.0)
         })
     };
-    // cgroupfs counts writeback the BPF programs cannot attribute; prefer it where present.
-    let disk = |declared: &'static Declaration| {
-        let method = |m: &str| Key::new(declared, vec![("method", Arc::from(m))]);
-        entry
-            .value(&method("cgroupfs"))
-            .or_else(|| entry.value(&method("ebpf")))
-    };
+    // One truth for disk bytes: the method `/metrics` shows for this workload (the block-layer
+    // counters where they load, else cgroupfs), so a budget charges what the operator sees.
+    let disk = |declared: &'static Declaration| entry.shown_total(declared);
     let read = || disk(&workload::DISK_READ_BYTES);
     let write = || disk(&workload::DISK_WRITE_BYTES);
     let add = |a: Option<f64>, b: Option<f64>| match (a, b) {
