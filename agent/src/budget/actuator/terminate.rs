@@ -26,6 +26,12 @@ fn terminate(dirs: &CgroupDirs) -> Result<usize, CgroupError> {
     let mut sent = 0;
     let mut refused = Vec::new();
     for pid in dirs.pids()? {
+        // `cgroup.procs` lists 0 for a process outside the reader's pid namespace, and kill(0)
+        // would signal the agent's own process group; -1 every process; 1 is an init.
+        if pid <= 1 {
+            tracing::debug!(pid, "not signalled: no process of this pid namespace");
+            continue;
+        }
         // SAFETY: kill takes plain integers.
         if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
             sent += 1;
@@ -41,5 +47,33 @@ fn terminate(dirs: &CgroupDirs) -> Result<usize, CgroupError> {
         Ok(sent)
     } else {
         Err(CgroupError::SigtermRefused { sent, refused })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pids_zero_and_one_are_never_signalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        std::fs::write(
+            dir.path().join("cgroup.procs"),
+            format!("0\n1\n{}\n", child.id()),
+        )
+        .unwrap();
+        let dirs = CgroupDirs {
+            unified: Some(dir.path().to_path_buf()),
+            cpu: None,
+            blkio: None,
+            freezer: None,
+        };
+        assert_eq!(terminate(&dirs).unwrap(), 1);
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGTERM)
+        );
     }
 }
