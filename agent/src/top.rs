@@ -270,43 +270,54 @@ fn scrape(agent: &str) -> anyhow::Result<String> {
     )?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
         .context("the agent's answer is not HTTP")?;
+    let head = String::from_utf8_lossy(&response[..split]);
+    let body = &response[split + 4..];
     if !head.starts_with("HTTP/1.1 200") {
         bail!(
             "the agent answered {}",
             head.lines().next().unwrap_or_default()
         );
     }
-    if head
+    // Chunk sizes count bytes, and a chunk may end inside a UTF-8 character: join the chunks
+    // as bytes, then decode once.
+    let body = if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
     {
-        return Ok(dechunk(body));
-    }
-    Ok(body.to_owned())
+        dechunk(body)
+    } else {
+        body.to_vec()
+    };
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
+fn dechunk(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
     let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
+    while let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(&rest[..line_end]);
         let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
             break;
         };
+        let after = &rest[line_end + 2..];
         if n == 0 || after.len() < n {
             break;
         }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
+        out.extend_from_slice(&after[..n]);
+        rest = after[n..].strip_prefix(b"\r\n").unwrap_or(&after[n..]);
     }
     out
 }
 
 /// Runs the view until interrupted (or once).
 pub fn run(agent: &str, interval: f64, once: bool, limit: usize) -> anyhow::Result<()> {
+    if !interval.is_finite() {
+        bail!("--interval must be a number of seconds (0.2 to 3600), not {interval}");
+    }
     let interval = Duration::from_secs_f64(interval.clamp(0.2, 3600.0));
     let mut previous = (Instant::now(), rows(&parse(&scrape(agent)?)));
     loop {
@@ -334,6 +345,22 @@ pub fn run(agent: &str, interval: f64, once: bool, limit: usize) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_may_end_inside_a_character() {
+        // "é" is 0xC3 0xA9: the first chunk ends after 0xC3.
+        let body = b"2\r\na\xc3\r\n2\r\n\xa9b\r\n0\r\n\r\n";
+        assert_eq!(String::from_utf8(dechunk(body)).unwrap(), "a\u{e9}b");
+    }
+
+    #[test]
+    fn a_nan_interval_is_an_error_not_a_panic() {
+        let err = run("127.0.0.1:1", f64::NAN, true, 10).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--interval must be a number of seconds (0.2 to 3600), not NaN"
+        );
+    }
 
     const LABELS: &str =
         r#"namespace="ml",pod="train-0",pod_uid="u",container="main",container_id="c",unit="""#;
