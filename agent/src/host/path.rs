@@ -307,7 +307,9 @@ fn pod_dir(name: &str) -> Option<String> {
     let well_formed = match uid.len() {
         // Static pods: the kubelet's 32-hex-digit hash of the manifest.
         32 => hex_digits == 32,
-        36 => hex_digits == 32 && [8, 13, 18, 23].iter().all(|&i| &uid[i..=i] == "-"),
+        // By bytes: a name may hold multibyte characters (any user with a delegated subtree can
+        // make one), and a string index off a character boundary panics.
+        36 => hex_digits == 32 && [8, 13, 18, 23].iter().all(|&i| uid.as_bytes()[i] == b'-'),
         _ => false,
     };
     well_formed.then(|| uid.to_ascii_lowercase())
@@ -414,6 +416,10 @@ mod tests {
             ("/process_api/9e89cdcacbcb8e32b7c96c298a220758".to_owned(), PathIdentity::Host, "unrecognised"),
             (format!("/kubepods/burstable/podnot-a-uid/{ID}"), PathIdentity::Host, "malformed pod uid"),
             ("/kubepods/burstable/pod8d1f7c2e-4b5a-4c3d-9e8f-0a1b2c3d4e5f/NOTHEX".to_owned(), PathIdentity::Host, "malformed container id"),
+            // 36 bytes, 32 hex digits, a 2-byte character across the first dash's byte: no panic.
+            (format!("/kubepods/burstable/pod8d1f7c2\u{e9}4b5a4c3d9e8f0a1b2c3d4e5f0\u{e9}/{ID}"), PathIdentity::Host, "multibyte pod uid"),
+            ("/user.slice/user-1000.slice/user@1000.service/\u{e9}t\u{e9}-pod\u{e9}.slice".to_owned(),
+             PathIdentity::Unit("user@1000.service".into()), "multibyte in a delegated subtree"),
         ];
         for (path, want, what) in table {
             let (got, len) = resolve(&path);
