@@ -54,7 +54,16 @@ impl Window {
     /// Whether `self` (restored from the state file) still measures what `budget` asks.
     pub fn fits(&self, budget: &Budget) -> bool {
         match (self, Window::for_budget(budget)) {
-            (Window::Sliding { length, .. }, Window::Sliding { length: l, .. }) => *length == l,
+            // The bucket too: a restored bucket of 0 (a hand-edited or corrupt file) would
+            // divide by zero on the first tick.
+            (
+                Window::Sliding { length, bucket, .. },
+                Window::Sliding {
+                    length: l,
+                    bucket: b,
+                    ..
+                },
+            ) => *length == l && *bucket == b,
             (Window::Calendar { period, .. }, Window::Calendar { period: p, .. }) => *period == p,
             (Window::Level { .. }, Window::Level { .. }) => true,
             _ => false,
@@ -152,6 +161,19 @@ mod tests {
             "name='b'\nresource='cpu_seconds'\nlimit=1.0\n{window}"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn a_restored_window_with_another_bucket_does_not_fit() {
+        let b = budget("window='60s'");
+        let restored = |bucket| Window::Sliding {
+            length: 60,
+            bucket,
+            buckets: VecDeque::from([(0, 1.0)]),
+        };
+        assert!(restored(1).fits(&b));
+        assert!(!restored(0).fits(&b));
+        assert!(!restored(2).fits(&b));
     }
 
     #[test]
