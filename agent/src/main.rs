@@ -152,6 +152,31 @@ fn release(dir: &Path) -> ExitCode {
     use tally_agent::budget::state::{self, State};
     let mut saved = match State::load(dir) {
         Ok(s) => s,
+        Err(e @ (state::StateError::Parse { .. } | state::StateError::Version { .. })) => {
+            // Not discarded: kept aside, and what it still says of its throttles undone.
+            eprintln!("tally release: {e}");
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            return match tally_agent::budget::salvage::salvage(dir, now) {
+                Ok(s) => {
+                    for failure in &s.errors {
+                        eprintln!("tally release: {failure}");
+                    }
+                    println!(
+                        "kept the unreadable state aside as {}; {} control file(s) restored or thawed, {} failed",
+                        s.kept_as.display(),
+                        s.restored,
+                        s.errors.len()
+                    );
+                    ExitCode::from(1)
+                }
+                Err(io) => {
+                    eprintln!("tally release: keeping the state file aside: {io}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Err(e) => {
             eprintln!("tally release: {e}");
             return ExitCode::from(2);

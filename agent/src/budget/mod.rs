@@ -5,6 +5,7 @@
 pub mod actuator;
 pub mod engine;
 pub mod freeze;
+pub mod salvage;
 pub mod state;
 pub mod window;
 

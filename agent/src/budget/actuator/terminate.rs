@@ -57,7 +57,10 @@ mod tests {
     #[test]
     fn pids_zero_and_one_are_never_signalled() {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         std::fs::write(
             dir.path().join("cgroup.procs"),
             format!("0\n1\n{}\n", child.id()),

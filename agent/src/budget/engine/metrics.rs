@@ -23,6 +23,7 @@ impl Engine {
             }
         }
         errors.expect(&ENFORCEMENT_ERRORS, &["", "state", "save"]);
+        errors.expect(&ENFORCEMENT_ERRORS, &["", "state", "unreadable"]);
     }
 
     /// The engine's metric families; none on a node without budgets (nor throttles left).

@@ -122,6 +122,8 @@ pub struct Engine {
     last_save: f64,
     last_tick: Option<Instant>,
     state_error: Option<String>,
+    /// The state file could not be read at start: counted once, at the first tick.
+    unreadable_state: bool,
     /// Per throttle, the last kernel count of times it held the workload back (CFS throttled
     /// periods, dropped packets).
     held_back: HashMap<ThrottleKey, u64>,
@@ -161,15 +163,34 @@ impl Engine {
             last_save: 0.0,
             last_tick: None,
             state_error: None,
+            unreadable_state: false,
             held_back: HashMap::new(),
             applied: HashMap::new(),
         };
         let saved = match State::load(&engine.state_dir) {
             Ok(s) => s,
             Err(e) => {
-                // Unreadable state cannot be trusted to undo anything; start empty, loudly.
-                tracing::error!(error = %e, "budget state unreadable: starting with fresh windows and no recorded throttles");
+                // Never discarded: kept aside, and what it still says of its throttles undone.
+                engine.unreadable_state = true;
                 engine.state_error = Some(e.to_string());
+                match crate::budget::salvage::salvage(&engine.state_dir, unix_now() as u64) {
+                    Ok(s) => {
+                        tracing::error!(
+                            error = %e,
+                            kept_as = %s.kept_as.display(),
+                            restored = s.restored,
+                            "budget state unreadable: kept aside, the throttles it names released; starting with fresh windows"
+                        );
+                        for failure in &s.errors {
+                            tracing::error!(error = %failure, "releasing a throttle from the unreadable state file");
+                        }
+                    }
+                    Err(io) => tracing::error!(
+                        error = %e,
+                        salvage = %io,
+                        "budget state unreadable and could not be kept aside; starting with fresh windows"
+                    ),
+                }
                 State::default()
             }
         };
@@ -278,6 +299,9 @@ impl Engine {
             .last_tick
             .map_or(0.0, |t| inputs.tick_started.duration_since(t).as_secs_f64());
         self.last_tick = Some(inputs.tick_started);
+        if std::mem::take(&mut self.unreadable_state) {
+            errors.count(&ENFORCEMENT_ERRORS, &["", "state", "unreadable"]);
+        }
         if self.is_idle() {
             return;
         }

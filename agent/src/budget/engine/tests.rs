@@ -204,10 +204,52 @@ fn enforcement_failures_show_from_zero_for_the_budgets_that_act() {
         rows,
         [
             "/state/save 0",
+            "/state/unreadable 0",
             "cap/cpu/apply 0",
             "cap/cpu/release 0",
             "cap/cpu/unavailable 0",
             "gone/cpu/apply 1"
         ]
+    );
+}
+
+#[test]
+fn an_unreadable_state_file_is_kept_aside_and_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("state.json"), "{\"version\": 99}").unwrap();
+    let mut engine = engine(
+        "[[budget]]\nname = 'cap'\nresource = 'cpu_seconds'\nlimit = 1.0\nwindow = '1h'\naction = 'cpu'\n",
+        &state,
+    );
+    let kept: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].starts_with("state.json.unreadable-"), "{kept:?}");
+    let cgroups = tempfile::tempdir().unwrap();
+    let layout = layout(cgroups.path());
+    let mut errors = ErrorCounts::default();
+    for _ in 0..2 {
+        let mut ledger = Ledger::new(std::time::Duration::from_secs(60));
+        engine.tick(
+            Inputs {
+                ledger: &mut ledger,
+                placements: &HashMap::new(),
+                layout: &layout,
+                facts: &Facts::default(),
+                tick_started: Instant::now(),
+            },
+            &mut errors,
+        );
+    }
+    // Counted once over two ticks: one more count makes it 2.
+    let labels = ["", "state", "unreadable"];
+    assert_eq!(
+        errors.count(&crate::catalogue::budget::ENFORCEMENT_ERRORS, &labels),
+        2
     );
 }
