@@ -22,7 +22,7 @@ const MANIFEST: &str = "../packaging/kubernetes/base/daemonset.yaml";
 fn manifest_capabilities() -> Vec<String> {
     let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(MANIFEST))
         .expect("daemonset.yaml");
-    let mut lines = text.lines().map(str::trim);
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.starts_with('#'));
     assert!(
         lines.any(|l| l == "capabilities:"),
         "no capabilities in {MANIFEST}"
@@ -30,7 +30,6 @@ fn manifest_capabilities() -> Vec<String> {
     assert_eq!(lines.next(), Some("drop: [\"ALL\"]"));
     assert_eq!(lines.next(), Some("add:"));
     lines
-        .filter(|l| !l.starts_with('#'))
         .map_while(|l| l.strip_prefix("- "))
         .map(str::to_owned)
         .collect()

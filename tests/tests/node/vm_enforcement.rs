@@ -57,11 +57,13 @@ fn cpu_budget(name: &str, pod: &str, cores: f64, action: &str) -> String {
     )
 }
 
+/// Whether `budget` is enforced on the pod's `main` container (the budget selects the pod, so
+/// its sandbox row has a series too, never enforced: the pause process uses nothing).
 fn active(text: &str, budget: &str) -> bool {
     sample(
         text,
         "tally_enforcement_active",
-        &[&format!("budget=\"{budget}\"")],
+        &["container=\"main\"", &format!("budget=\"{budget}\"")],
     ) == Some(1.0)
 }
 
@@ -140,7 +142,7 @@ fn vm_a_disk_budget_holds_through_io_max_and_keeps_a_tighter_limit() {
         sample(
             t,
             "tally_workload_disk_write_bytes_total",
-            &["pod=\"writer\""],
+            &["pod=\"writer\"", "container=\"main\""],
         )
         .unwrap_or(-1.0)
     };
