@@ -438,6 +438,14 @@ fn invisible_processes_are_charged_to_the_pod_holding_the_device() {
         6e9,
         "{text}"
     );
+    // Known only from the kubelet, yet running while its device is busy.
+    let mut running = pod_labels.to_vec();
+    running.push("state=\"running\"");
+    assert_eq!(
+        sample(&text, "tally_workload_info", &running),
+        Some(1.0),
+        "{text}"
+    );
     // Nothing for the host row: all of it was the pod's.
     assert_eq!(
         total(

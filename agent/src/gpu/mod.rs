@@ -321,6 +321,9 @@ impl GpuSource {
                 let gpu = || vec![("gpu", gpu.clone())];
                 let mut busy = gpu();
                 busy.push(("method", Arc::from(share.method.as_str())));
+                // Sampled now, so it runs: live even where no cgroup reading says so (a pod known
+                // only from the kubelet's device assignments, the host row without eBPF).
+                ledger.touch(&w);
                 let mut row = ledger.row(&w);
                 for (metric, labels, value) in [
                     (&workload::GPU_SECONDS, busy, share.busy_seconds),

@@ -328,6 +328,8 @@ fn add(
             ("method", Arc::from(method)),
         ]
     };
+    // Counted now, so it runs (see the GPU source): live even without a cgroup reading.
+    ledger.touch(w);
     for (metric, value) in [
         (&workload::RDMA_TRANSMIT_BYTES, t.transmit_bytes),
         (&workload::RDMA_RECEIVE_BYTES, t.receive_bytes),
