@@ -178,9 +178,11 @@ fn vm_the_agent_as_a_daemonset_pod_charges_other_pods_gpu_processes_to_them() {
         ns("1"),
         "no cgroup namespace of its own"
     );
+    // Read from here (the host's namespace): the container's own cgroup.
+    let rel = agent_cgroup.strip_prefix("/sys/fs/cgroup").unwrap();
     assert_eq!(
         std::fs::read_to_string(format!("/proc/{agent_pid}/cgroup")).unwrap(),
-        "0::/\n"
+        format!("0::/{}\n", rel.display())
     );
 
     let scrape = || {
