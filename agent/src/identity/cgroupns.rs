@@ -3,9 +3,11 @@
 //! relative to the agent's namespace root: `0::/../../kubepods.slice/…/cri-containerd-<id>.scope`.
 //! Joined to where that root lies in the host's hierarchy, the path is the host's again.
 //!
-//! The root is found once, at start and on reload: the agent's namespace differs from PID 1's
-//! (`<proc_root>/{self,1}/ns/cgroup`), so it looks for its own pid in the `cgroup.procs` of the
-//! host hierarchy it meters, and takes away the path its namespace shows for itself.
+//! The root is found once, at start and on reload: the agent looks for its own pid in the
+//! `cgroup.procs` of the host hierarchy it meters, and takes away the path its namespace shows
+//! for itself. Outside a namespace the path shown is where the pid is, and the root is `/`.
+//! (Comparing `<proc_root>/{self,1}/ns/cgroup` would be simpler, but reading PID 1's needs
+//! ptrace access to it, which the DaemonSet's five capabilities do not give.)
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -26,13 +28,8 @@ pub enum NamespaceError {
 }
 
 /// Where the agent's cgroup namespace is rooted in the cgroup2 hierarchy at `unified` (`/` when
-/// it shares the host's namespace, or cannot tell: no PID 1 in `proc_root`).
+/// it shares the host's).
 pub fn namespace_root(proc_root: &Path, unified: &Path) -> Result<String, NamespaceError> {
-    let ns = |pid: &str| std::fs::read_link(proc_root.join(pid).join("ns/cgroup")).ok();
-    match (ns("self"), ns("1")) {
-        (Some(own), Some(init)) if own != init => {}
-        _ => return Ok("/".to_owned()),
-    }
     let read = |path: PathBuf| {
         std::fs::read_to_string(&path).map_err(|source| NamespaceError::Read { path, source })
     };
@@ -53,6 +50,13 @@ pub fn namespace_root(proc_root: &Path, unified: &Path) -> Result<String, Namesp
             path: link,
             source: std::io::Error::from(std::io::ErrorKind::InvalidData),
         })?;
+    let lists = |dir: &Path| {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .is_ok_and(|procs| procs.lines().any(|l| l.trim().parse() == Ok(pid)))
+    };
+    if lists(&unified.join(shown.trim_start_matches('/'))) {
+        return Ok("/".to_owned());
+    }
     let own = find_pid(unified, pid).ok_or_else(|| NamespaceError::NotFound {
         pid,
         root: unified.to_path_buf(),
@@ -140,11 +144,8 @@ mod tests {
         std::fs::create_dir_all(&own).unwrap();
         std::fs::write(unified.join("cgroup.procs"), "1\n").unwrap();
         std::fs::write(own.join("cgroup.procs"), "4242\n").unwrap();
-        std::fs::create_dir_all(proc_root.join("4242/ns")).unwrap();
-        std::fs::create_dir_all(proc_root.join("1/ns")).unwrap();
+        std::fs::create_dir_all(proc_root.join("4242")).unwrap();
         std::os::unix::fs::symlink("4242", proc_root.join("self")).unwrap();
-        std::os::unix::fs::symlink("cgroup:[2]", proc_root.join("4242/ns/cgroup")).unwrap();
-        std::os::unix::fs::symlink("cgroup:[1]", proc_root.join("1/ns/cgroup")).unwrap();
         std::fs::write(proc_root.join("4242/cgroup"), "0::/\n").unwrap();
         assert_eq!(namespace_root(&proc_root, &unified).unwrap(), "/t/agent");
         // Moved below its namespace root after unsharing: the root is still /t/agent.
@@ -153,13 +154,11 @@ mod tests {
         std::fs::write(own.join("leaf/cgroup.procs"), "4242\n").unwrap();
         std::fs::write(proc_root.join("4242/cgroup"), "0::/leaf\n").unwrap();
         assert_eq!(namespace_root(&proc_root, &unified).unwrap(), "/t/agent");
-        // The same namespace as PID 1: paths are the host's.
-        std::fs::remove_file(proc_root.join("1/ns/cgroup")).unwrap();
-        std::os::unix::fs::symlink("cgroup:[2]", proc_root.join("1/ns/cgroup")).unwrap();
+        // No namespace of its own: the path shown is where the pid is.
+        std::fs::write(proc_root.join("4242/cgroup"), "0::/t/agent/leaf\n").unwrap();
         assert_eq!(namespace_root(&proc_root, &unified).unwrap(), "/");
-        // In its own namespace but nowhere in the hierarchy: an error naming the pid.
-        std::fs::remove_file(proc_root.join("1/ns/cgroup")).unwrap();
-        std::os::unix::fs::symlink("cgroup:[1]", proc_root.join("1/ns/cgroup")).unwrap();
+        // In a namespace but nowhere in the hierarchy: an error naming the pid.
+        std::fs::write(proc_root.join("4242/cgroup"), "0::/leaf\n").unwrap();
         std::fs::write(own.join("leaf/cgroup.procs"), "").unwrap();
         let err = namespace_root(&proc_root, &unified)
             .unwrap_err()

@@ -196,11 +196,25 @@ fn vm_the_agent_as_a_daemonset_pod_charges_other_pods_gpu_processes_to_them() {
         "pod=\"gpu-user\"",
         "container=\"cuda\"",
     ];
-    let text = wait_for(Duration::from_secs(180), "the pod's GPU time", || {
-        scrape().filter(|t| {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let mut last = None;
+    let text = loop {
+        let now = scrape();
+        if let Some(t) = now.as_ref().filter(|t| {
             sample(t, "tally_workload_gpu_seconds_total", &pod).is_some_and(|s| s >= 1.0)
-        })
-    });
+        }) {
+            break t.clone();
+        }
+        last = now.or(last);
+        let log = Path::new(&tally.config().log_directory).join("tally/0.log");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no GPU time for the pod within 180 s; the agent's log:\n{}\nlast scrape:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_else(|e| format!("{}: {e}", log.display())),
+            last.as_deref().unwrap_or("(none)")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert_eq!(
         sample(&text, "tally_workload_gpu_memory_bytes", &pod),
         Some(2e9)
