@@ -171,7 +171,7 @@ impl Value {
 
 /// Within one workload, families whose series come from more than one method (the cgroupfs and
 /// the block-layer disk counters) show only the series of the first method in the preference the
-/// workload has: the same bytes are never exported twice, and budgets charge what is shown.
+/// workload has: the same bytes are never exported twice.
 /// The default: the block-layer counters first, as v1 `blkio.throttle.io_service_bytes` reads 0
 /// until blk-throttle is first used on the node.
 pub const EBPF_FIRST: &[&str] = &["ebpf", "cgroupfs"];
@@ -220,20 +220,6 @@ impl Entry {
     /// The sum of every series of `metric`, `None` where it has none.
     pub fn total(&self, metric: &'static Metric) -> Option<f64> {
         self.series(metric)
-            .map(|(_, v)| v)
-            .fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
-    }
-
-    /// The sum of the series of `metric` that `/metrics` shows for this row: where the family
-    /// has series of more than one method, only the preferred method's.
-    /// Budgets read this, so they charge exactly what is exported. `None` where it has none.
-    pub fn shown_total(&self, metric: &'static Metric) -> Option<f64> {
-        let best = self
-            .series(metric)
-            .filter_map(|(key, _)| method_rank(key, self.preference))
-            .min();
-        self.series(metric)
-            .filter(|(key, _)| best.is_none() || method_rank(key, self.preference) == best)
             .map(|(_, v)| v)
             .fold(None, |sum, v| Some(sum.unwrap_or(0.0) + v))
     }
@@ -599,13 +585,9 @@ mod tests {
                 ("b.service".into(), "cgroupfs".into(), 10.0)
             ]
         );
-        // The hidden series still has its value; what budgets read is what is shown.
+        // The hidden series still has its value, for budgets.
         let a_row = ledger.entries().find(|e| e.workload == a).unwrap();
         assert_eq!(a_row.value(&disk("cgroupfs")), Some(10.0));
-        assert_eq!(a_row.shown_total(&workload::DISK_READ_BYTES), Some(0.0));
-        let b_row = ledger.entries().find(|e| e.workload == b).unwrap();
-        assert_eq!(b_row.shown_total(&workload::DISK_READ_BYTES), Some(10.0));
-        assert_eq!(b_row.shown_total(&workload::DISK_WRITE_BYTES), None);
 
         // On pure cgroup v2, io.stat is the one truth.
         ledger.prefer_methods(CGROUPFS_FIRST);
@@ -617,8 +599,6 @@ mod tests {
             .map(|s| (s.extra[0].1.to_string(), s.value))
             .collect();
         assert_eq!(a_shown, [("cgroupfs".into(), 10.0)]);
-        let a_row = ledger.entries().find(|e| e.workload == a).unwrap();
-        assert_eq!(a_row.shown_total(&workload::DISK_READ_BYTES), Some(10.0));
     }
 
     #[test]

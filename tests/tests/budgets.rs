@@ -612,7 +612,7 @@ fn a_disk_budget_sets_per_device_throttle_rules_and_releases_them() {
         "direct writes under a 2 MB/s disk throttle: {:.2} MB/s",
         rate / 1e6
     );
-    assert!(rate < 3e6, "{rate}");
+    assert!(rate < 3e6, "{rate}; log:\n{}", agent.log());
 
     agent.signal(libc::SIGTERM);
     agent.wait_exit(Duration::from_secs(6));

@@ -99,9 +99,16 @@ fn cumulative(
                 .then_some(1.0)
         })
     };
-    // One truth for disk bytes: the method `/metrics` shows for this workload (the block-layer
-    // counters where they load, else cgroupfs), so a budget charges what the operator sees.
-    let disk = |declared: &'static Declaration| entry.shown_total(declared);
+    // cgroupfs first, where the workload has its series: on pure cgroup v2 that is `io.stat`,
+    // the series /metrics shows too. On a hybrid node /metrics shows the block-layer counters,
+    // but they charge I/O that v1 blk-throttle delays to the kworker that dispatches it, so a
+    // throttled workload would seem idle and be released; v1 blkio counts it right.
+    let disk = |declared: &'static Declaration| {
+        let method = |m: &str| Key::new(declared, vec![("method", Arc::from(m))]);
+        entry
+            .value(&method("cgroupfs"))
+            .or_else(|| entry.value(&method("ebpf")))
+    };
     let read = || disk(&workload::DISK_READ_BYTES);
     let write = || disk(&workload::DISK_WRITE_BYTES);
     let add = |a: Option<f64>, b: Option<f64>| match (a, b) {
