@@ -160,10 +160,16 @@ fn vm_a_disk_budget_holds_through_io_max_and_keeps_a_tighter_limit() {
     assert!(!read(&io_max).contains("2000000"), "{}", read(&io_max));
 
     // A tighter write limit already in place (1 MB/s) is kept while enforced, then restored.
+    // The writer now goes at 1 MB/s, so this budget's rate is below that (0.5 MB/s).
     std::fs::write(&io_max, format!("{dev} wbps=1000000")).unwrap();
     let found = read(&io_max);
     let state = tempfile::tempdir().unwrap();
-    let mut agent = Agent::start(&config(state.path(), &disk));
+    let slow = budget(
+        "disk",
+        &w.name,
+        &format!("resource = \"disk_write_bytes\"\nlimit = 1e6\nwindow = \"2s\"\naction = \"disk\"\nthrottle.disk_bytes_per_sec = {rate}\n"),
+    );
+    let mut agent = Agent::start(&config(state.path(), &slow));
     agent.scrape_until(Duration::from_secs(60), "disk enforced again", |t| {
         active(t, "disk")
     });
