@@ -7,7 +7,7 @@
 
 mod cgroupns;
 pub mod cri;
-mod grpc;
+pub mod grpc;
 pub mod podresources;
 
 use std::collections::HashMap;

@@ -18,13 +18,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use hyper_util::rt::TokioIo;
 use tally_agent::identity::cri::proto::{
     LABEL_CONTAINER_NAME, LABEL_NAMESPACE, LABEL_POD_NAME, LABEL_POD_UID,
 };
 use tonic::codec::ProstCodec;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 pub mod proto;
 
@@ -141,22 +140,11 @@ impl CriClient {
             .enable_all()
             .build()
             .context("building the CRI client's tokio runtime")?;
-        let path = socket.to_path_buf();
-        let connector = tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map(TokioIo::new)
-            }
-        });
-        // Never resolved: the connector dials the socket whatever the URI.
         let channel = runtime
-            .block_on(
-                Endpoint::from_static("http://[::]:50051")
-                    .connect_timeout(Duration::from_secs(10))
-                    .connect_with_connector(connector),
-            )
+            .block_on(tally_agent::identity::grpc::unix_channel(
+                socket,
+                Duration::from_secs(10),
+            ))
             .with_context(|| format!("connecting to CRI socket {}", socket.display()))?;
         Ok(CriClient {
             runtime: Arc::new(runtime),

@@ -122,11 +122,15 @@ fn vm_a_disk_budget_holds_through_io_max_and_keeps_a_tighter_limit() {
     let dev = root_disk();
     let state = tempfile::tempdir().unwrap();
     let rate = 2_000_000.0;
-    let disk = budget(
-        "disk",
-        &w.name,
-        &format!("resource = \"disk_write_bytes\"\nlimit = 4e6\nwindow = \"2s\"\naction = \"disk\"\nthrottle.disk_bytes_per_sec = {rate}\n"),
-    );
+    // Written bytes over a 2 s window, throttled to `rate` per device when over `limit`.
+    let disk_budget = |limit: &str| {
+        budget(
+            "disk",
+            &w.name,
+            &format!("resource = \"disk_write_bytes\"\nlimit = {limit}\nwindow = \"2s\"\naction = \"disk\"\nthrottle.disk_bytes_per_sec = {rate}\n"),
+        )
+    };
+    let disk = disk_budget("4e6");
     let mut agent = Agent::start(&config(state.path(), &disk));
     agent.scrape_until(Duration::from_secs(60), "disk enforced", |t| {
         active(t, "disk")
@@ -164,11 +168,7 @@ fn vm_a_disk_budget_holds_through_io_max_and_keeps_a_tighter_limit() {
     std::fs::write(&io_max, format!("{dev} wbps=1000000")).unwrap();
     let found = read(&io_max);
     let state = tempfile::tempdir().unwrap();
-    let slow = budget(
-        "disk",
-        &w.name,
-        &format!("resource = \"disk_write_bytes\"\nlimit = 1e6\nwindow = \"2s\"\naction = \"disk\"\nthrottle.disk_bytes_per_sec = {rate}\n"),
-    );
+    let slow = disk_budget("1e6");
     let mut agent = Agent::start(&config(state.path(), &slow));
     agent.scrape_until(Duration::from_secs(60), "disk enforced again", |t| {
         active(t, "disk")

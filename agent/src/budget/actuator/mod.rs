@@ -370,14 +370,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn disk_rules_per_whole_disk_with_removable_originals() {
-        let root = tempfile::tempdir().unwrap();
-        let sys = root.path().join("sys");
-        for (name, dev) in [("vda", "254:0"), ("loop0", "7:0")] {
+    /// A `<root>/sys` whose `block/` lists `(name, major:minor)` devices.
+    fn block_devices(root: &Path, devices: &[(&str, &str)]) -> PathBuf {
+        let sys = root.join("sys");
+        for (name, dev) in devices {
             std::fs::create_dir_all(sys.join("block").join(name)).unwrap();
             std::fs::write(sys.join("block").join(name).join("dev"), dev).unwrap();
         }
+        sys
+    }
+
+    #[test]
+    fn disk_rules_per_whole_disk_with_removable_originals() {
+        let root = tempfile::tempdir().unwrap();
+        let sys = block_devices(root.path(), &[("vda", "254:0"), ("loop0", "7:0")]);
         let d = CgroupDirs {
             unified: None,
             ..dirs(root.path())
@@ -403,11 +409,7 @@ mod tests {
     #[test]
     fn io_max_keeps_a_tighter_limit_and_restores_the_line_found() {
         let root = tempfile::tempdir().unwrap();
-        let sys = root.path().join("sys");
-        for (name, dev) in [("vda", "254:0"), ("vdb", "254:16")] {
-            std::fs::create_dir_all(sys.join("block").join(name)).unwrap();
-            std::fs::write(sys.join("block").join(name).join("dev"), dev).unwrap();
-        }
+        let sys = block_devices(root.path(), &[("vda", "254:0"), ("vdb", "254:16")]);
         let d = dirs(root.path());
         std::fs::create_dir_all(root.path().join("unified")).unwrap();
         let found = "254:0 rbps=500 wbps=max riops=max wiops=40";
