@@ -33,12 +33,16 @@ struct Beat {
     last: Instant,
     /// Older than this and the component counts as stuck.
     max_age: Duration,
+    /// Its last run failed (the tick panicked): unhealthy and not ready until it beats again.
+    failed: bool,
 }
 
 /// One component's line in `/healthz`.
 #[derive(Debug, Serialize)]
 pub struct ComponentHealth {
     pub healthy: bool,
+    /// Its last run failed (rather than stopped beating).
+    pub failed: bool,
     pub last_beat_seconds_ago: f64,
     pub max_age_seconds: f64,
 }
@@ -63,9 +67,12 @@ impl Shared {
         }
     }
 
-    /// Ready once the first tick has been published, until draining starts.
+    /// Ready once the first tick has been published, until draining starts, and not while a
+    /// component's last run failed.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire)
+            && !self.draining.load(Ordering::Acquire)
+            && !self.lock_beats().values().any(|b| b.failed)
     }
 
     /// A scraper asked for gzip: render it from the next tick on.
@@ -82,19 +89,34 @@ impl Shared {
     }
 
     pub fn beat(&self, component: &'static str, max_age: Duration) {
-        let mut beats = self.beats.lock().unwrap_or_else(|p| p.into_inner());
-        beats.insert(
+        self.lock_beats().insert(
             component,
             Beat {
                 last: Instant::now(),
                 max_age,
+                failed: false,
             },
         );
     }
 
+    /// `component`'s last run failed: unhealthy and not ready until its next beat.
+    pub fn fail(&self, component: &'static str) {
+        let mut beats = self.lock_beats();
+        let beat = beats.entry(component).or_insert(Beat {
+            last: Instant::now(),
+            max_age: Duration::ZERO,
+            failed: true,
+        });
+        beat.failed = true;
+    }
+
+    fn lock_beats(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, Beat>> {
+        self.beats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Every component's state; healthy overall when each has beaten recently.
     pub fn health(&self) -> (bool, BTreeMap<&'static str, ComponentHealth>) {
-        let beats = self.beats.lock().unwrap_or_else(|p| p.into_inner());
+        let beats = self.lock_beats();
         let now = Instant::now();
         let components: BTreeMap<_, _> = beats
             .iter()
@@ -103,7 +125,8 @@ impl Shared {
                 (
                     *name,
                     ComponentHealth {
-                        healthy: age <= beat.max_age,
+                        healthy: !beat.failed && age <= beat.max_age,
+                        failed: beat.failed,
                         last_beat_seconds_ago: age.as_secs_f64(),
                         max_age_seconds: beat.max_age.as_secs_f64(),
                     },

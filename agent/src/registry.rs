@@ -15,12 +15,18 @@ pub struct Built {
     pub egress_limits: Option<EgressLimits>,
 }
 
-pub fn build(config: &Config, layout: &Layout) -> Built {
+/// `open_file_limit` is the soft `RLIMIT_NOFILE` the agent runs with, which sizes how many cgroup
+/// files the cgroupfs collector keeps open (`None`: unknown).
+pub fn build(config: &Config, layout: &Layout, open_file_limit: Option<u64>) -> Built {
     let mut bpf = crate::bpf::BpfSources::start(config, layout);
     let egress_limits = bpf.take_egress_limits();
     Built {
         sources: vec![
-            Box::new(crate::cgroupfs::Collector::new(layout.clone())),
+            Box::new(crate::cgroupfs::Collector::new(
+                config,
+                layout.clone(),
+                open_file_limit,
+            )),
             Box::new(bpf),
             Box::new(crate::gpu::GpuSource::start(config, config.tick_interval())),
             Box::new(crate::rdma::RdmaSource::start(config)),

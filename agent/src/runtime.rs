@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::health::Shared;
 use crate::identity::cri;
+use crate::supervise::{notify, tick_loop, Command};
 use crate::tick::{Deps, Ticker};
 use tally_exporters::Snapshot;
 
@@ -42,28 +43,31 @@ pub struct Options {
     pub listen_override: Option<SocketAddr>,
 }
 
-enum Command {
-    Reload(Box<Config>),
-    Stop,
-}
-
 /// Runs the agent until a signal stops it.
 pub fn run(config: Config, options: Options) -> anyhow::Result<()> {
-    // The collector keeps three cgroup files open per workload; the usual soft limit of 1024 is
-    // too low for a node with hundreds of containers.
-    if let Ok(limit) = crate::sys::raise_fd_limit() {
-        tracing::debug!(limit, "open file limit");
-    }
+    // The collector keeps three cgroup files open per workload, up to a budget sized from this
+    // limit; the usual soft limit of 1024 would leave room for only a few hundred workloads.
+    let open_file_limit = match crate::sys::raise_fd_limit() {
+        Ok(limit) => Some(limit),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit");
+            None
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tally-rt")
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(serve(config, options))
+    runtime.block_on(serve(config, options, open_file_limit))
 }
 
-async fn serve(config: Config, options: Options) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    options: Options,
+    open_file_limit: Option<u64>,
+) -> anyhow::Result<()> {
     // Before anything can tell a supervisor we are ready: a SIGTERM that follows READY=1 at once
     // must drain, not meet the default action.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -105,6 +109,7 @@ async fn serve(config: Config, options: Options) -> anyhow::Result<()> {
         pod_resources,
         otlp: otlp_pusher.is_some().then_some(otlp_stats),
         alerts: Some(alerts.clone()),
+        open_file_limit,
     };
     let ticker = Ticker::new(&config, deps).context("detecting cgroup hierarchies")?;
     let (snapshots_tx, snapshots) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
@@ -242,68 +247,5 @@ fn reload(current: &Config, options: &Options) -> Option<Config> {
             );
             None
         }
-    }
-}
-
-fn tick_loop(
-    mut ticker: Ticker,
-    mut interval: Duration,
-    shared: Arc<Shared>,
-    inbox: mpsc::Receiver<Command>,
-    snapshots: tokio::sync::watch::Sender<Arc<Snapshot>>,
-) {
-    crate::sys::lower_priority();
-    let watchdog = std::env::var_os("WATCHDOG_USEC").is_some();
-    let mut first = true;
-    let mut next = Instant::now();
-    loop {
-        let snapshot = ticker.tick();
-        match tally_exporters::prometheus_text::render(&snapshot, shared.gzip_wanted()) {
-            Ok(rendered) => shared.publish(rendered),
-            Err(e) => {
-                tracing::error!(error = %e, "rendering /metrics failed; serving the previous tick")
-            }
-        }
-        // No receiver (OTLP off) is fine.
-        let _ = snapshots.send(Arc::new(snapshot));
-        shared.beat("tick", (interval * 3).max(Duration::from_secs(5)));
-        if first {
-            notify(&[("READY", "1")]);
-            first = false;
-        } else if watchdog {
-            notify(&[("WATCHDOG", "1")]);
-        }
-        next += interval;
-        let now = Instant::now();
-        if next < now {
-            // Fell behind (a slow tick or a suspended VM): skip the missed ticks, keep the phase.
-            next = now + interval;
-        }
-        loop {
-            match inbox.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                Ok(Command::Reload(config)) => {
-                    if let Err(e) = ticker.reconfigure(&config) {
-                        tracing::error!(error = %e, "reload: keeping the previous cgroup layout");
-                    }
-                    interval = config.tick_interval();
-                    next = next.min(Instant::now() + interval);
-                }
-                Ok(Command::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    ticker.shutdown();
-                    return;
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => break,
-            }
-        }
-    }
-}
-
-/// sd_notify when running under systemd (`NOTIFY_SOCKET` set); a no-op otherwise.
-fn notify(state: &[(&str, &str)]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return;
-    }
-    if let Err(e) = systemd::daemon::notify(false, state.iter()) {
-        tracing::warn!(error = %e, "sd_notify failed");
     }
 }

@@ -9,7 +9,7 @@
 //!
 //! A new source is a module implementing [`Source`] plus one line in `registry::build`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tally_exporters::Family;
@@ -44,10 +44,23 @@ pub struct TickCtx<'a> {
 /// What sources know about the node beyond ledger values, for the budget engine's usage view.
 #[derive(Debug, Default)]
 pub struct Facts {
-    /// GPU (and MIG instance) UUID → model name, for per-model prices.
-    pub gpu_models: HashMap<Arc<str>, Arc<str>>,
+    /// GPU (and MIG instance) UUID → what it is priced as.
+    pub gpus: HashMap<Arc<str>, PricedGpu>,
     /// GPU memory each workload holds now, over all its devices.
     pub gpu_memory: HashMap<PathIdentity, f64>,
+    /// The cgroup paths (below each hierarchy root) of the live workloads a budget selected at
+    /// its last evaluation: read every tick, whatever `cgroupfs.read_interval_ms` says.
+    pub budgeted: HashSet<String>,
+}
+
+/// What a GPU (or a MIG instance) is priced as.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PricedGpu {
+    /// The model name NVML reports (a MIG instance's is its GPU's).
+    pub model: Arc<str>,
+    /// The fraction of its GPU that one of its seconds stands for: 1 for a whole GPU, a MIG
+    /// instance's compute slices over the GPU's.
+    pub share: f64,
 }
 
 /// Whether one way of measuring works: a series of `tally_probe_up{probe,method}`.
@@ -74,6 +87,12 @@ pub trait Source: Send + std::fmt::Debug {
     /// Its own families (node-level state), samples in a stable order.
     fn families(&self) -> Vec<Family> {
         Vec::new()
+    }
+
+    /// A count that grows whenever a cgroup is made or removed anywhere, where this source can
+    /// see that: while it stays the same, the tick reuses its last walk.
+    fn cgroup_changes(&self) -> Option<u64> {
+        None
     }
 
     /// Applies a reloaded configuration; `layout` is the cgroup layout detected for it.

@@ -12,11 +12,16 @@ use tally_exporters::{Family, Snapshot};
 use crate::catalogue::{self, agent};
 use crate::config::Config;
 use crate::errors::ErrorCounts;
-use crate::host::layout::{Layout, Mode, NoHierarchy};
+use crate::host::layout::{Layout, NoHierarchy};
+use crate::host::Discovery;
 use crate::identity::podresources::DevicesHandle;
 use crate::identity::{cri::CriHandle, Identity, Names, PathIdentity, Workload};
 use crate::ledger::Ledger;
 use crate::source::{Facts, Source, TickCtx};
+
+/// Ticks in a row that may reuse a walk while no cgroup was made or removed: renames (cgroup v1
+/// only) and anything else the mkdir and rmdir records miss are found within this many.
+const REUSE_WALK_TICKS: u64 = 60;
 
 /// What the tick works with besides its sources, made by the runtime before the tick starts.
 #[derive(Debug, Default)]
@@ -29,6 +34,9 @@ pub struct Deps {
     pub otlp: Option<Arc<OtlpStats>>,
     /// Where budget alerts go.
     pub alerts: Option<AlertSender>,
+    /// The soft open-file limit the runtime found (after raising it), which sizes how many
+    /// cgroup files stay open; `None` when it could not be read.
+    pub open_file_limit: Option<u64>,
 }
 
 /// The tick's state, owned by the tick thread.
@@ -47,7 +55,17 @@ pub struct Ticker {
     asked_cri: HashSet<String>,
     pod_resources: Option<DevicesHandle>,
     budgets: crate::budget::Engine,
+    /// Prices each tick's use into the ledger's costs.
+    meter: crate::cost::Meter,
+    /// When the last tick accrued costs (memory is charged for the time since).
+    accrued_at: Option<Instant>,
     ticks: u64,
+    /// The last walk's result, what `cgroup_changes` said before it, and ticks since.
+    discovery: Option<Discovery>,
+    walked_at: Option<u64>,
+    since_walk: u64,
+    /// Ticks that walked, and that reused the last walk.
+    walks: [u64; 2],
     last_duration: Duration,
     /// How long each source's collect took in the last tick.
     collect_durations: Vec<(&'static str, Duration)>,
@@ -68,7 +86,7 @@ impl std::fmt::Debug for Ticker {
 impl Ticker {
     pub fn new(config: &Config, deps: Deps) -> Result<Self, NoHierarchy> {
         let layout = Layout::detect(&config.paths.cgroup_root)?;
-        let built = crate::registry::build(config, &layout);
+        let built = crate::registry::build(config, &layout, deps.open_file_limit);
         let mut budgets = crate::budget::Engine::new(config);
         if let Some(limits) = built.egress_limits {
             budgets.set_egress_map(Box::new(limits));
@@ -79,7 +97,11 @@ impl Ticker {
             stats
         });
         let mut ledger = Ledger::new(config.grace_period());
-        ledger.prefer_methods(method_preference(&layout));
+        // Disk bytes have one truth on every node, the one budgets charge too: the kernel's
+        // cgroup files (`io.stat` on pure cgroup v2, v1 blkio elsewhere, which the cgroupfs
+        // collector makes count by activating blk-throttle); the block-layer counters only where
+        // a workload has no such file.
+        ledger.prefer_methods(crate::ledger::CGROUPFS_FIRST);
         Ok(Self {
             sources: built.sources,
             identity: Identity::new(&config.paths.proc_root, layout.clone(), deps.cri.clone()),
@@ -92,7 +114,13 @@ impl Ticker {
             asked_cri: HashSet::new(),
             pod_resources: deps.pod_resources,
             budgets,
+            meter: crate::cost::Meter::new(&config.prices),
+            accrued_at: None,
             ticks: 0,
+            discovery: None,
+            walked_at: None,
+            since_walk: 0,
+            walks: [0, 0],
             last_duration: Duration::ZERO,
             collect_durations: Vec::new(),
             otlp: deps.otlp,
@@ -105,22 +133,36 @@ impl Ticker {
     pub fn reconfigure(&mut self, config: &Config) -> Result<(), NoHierarchy> {
         let layout = Layout::detect(&config.paths.cgroup_root)?;
         if layout != self.layout {
+            self.discovery = None;
             self.identity =
                 Identity::new(&config.paths.proc_root, layout.clone(), self.cri.clone());
             self.layout = layout;
         }
         self.ledger.set_grace(config.grace_period());
-        self.ledger.prefer_methods(method_preference(&self.layout));
         for source in &mut self.sources {
             source.reconfigure(config, &self.layout, &mut self.errors);
         }
         self.budgets.reconfigure(config);
+        self.meter
+            .reprice(&config.prices, &mut self.ledger, &self.facts.gpus);
         Ok(())
     }
 
     /// Releases every throttle and saves the budget windows (graceful stop).
     pub fn shutdown(&mut self) {
         self.budgets.shutdown(&mut self.errors);
+    }
+
+    /// Counts a tick that panicked, in `tally_collector_errors_total{collector="tick"}` (logged
+    /// by the supervisor, with the panic's message).
+    pub fn count_failed_tick(&mut self) {
+        self.errors
+            .count(&agent::COLLECTOR_ERRORS, &["tick", "panic"]);
+    }
+
+    /// Releases every throttle while ticks cannot run; the next tick that does enforces again.
+    pub fn release_throttles(&mut self) {
+        self.budgets.release_all(&mut self.errors);
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -135,7 +177,7 @@ impl Ticker {
     /// ledger afterwards.
     pub fn tick(&mut self) -> Snapshot {
         let started = Instant::now();
-        let discovery = crate::host::discover(&self.layout, &mut self.errors);
+        let discovery = self.discover();
         let found = &discovery.found;
         let mut unknown_container = false;
         let mut workloads = Vec::with_capacity(found.len());
@@ -179,7 +221,16 @@ impl Ticker {
             .collect();
         self.asked_cri
             .retain(|id| live_containers.contains(id.as_str()));
-        self.ledger.end_tick(Instant::now());
+        let now = Instant::now();
+        self.ledger.end_tick(now);
+        // After the ledger settled (an exited workload holds no memory) and before budgets,
+        // which charge the costs.
+        let seconds = self
+            .accrued_at
+            .map_or(0.0, |at| now.duration_since(at).as_secs_f64());
+        self.accrued_at = Some(now);
+        self.meter
+            .accrue(&mut self.ledger, &self.facts.gpus, seconds);
         if !self.budgets.is_idle() {
             let placements = found
                 .iter()
@@ -205,6 +256,11 @@ impl Ticker {
                 &mut self.errors,
             );
         }
+        self.facts.budgeted = if self.budgets.is_idle() {
+            HashSet::new()
+        } else {
+            self.budgets.selected()
+        };
         self.budgets.expect_errors(&mut self.errors);
         if let Some(cri) = &self.cri {
             if unknown_container {
@@ -214,9 +270,30 @@ impl Ticker {
                 self.errors.set_external("cri", reason, n);
             }
         }
+        self.discovery = Some(discovery);
         self.ticks += 1;
         self.last_duration = started.elapsed();
         self.snapshot()
+    }
+
+    /// The workload cgroups: a walk of the hierarchies, or the last walk's result where no cgroup
+    /// was made or removed anywhere since it began (most of the tick's cost is the walk), at
+    /// most [`REUSE_WALK_TICKS`] in a row.
+    fn discover(&mut self) -> Discovery {
+        let changes = self.sources.iter().find_map(|s| s.cgroup_changes());
+        if reuse_walk(changes, self.walked_at, self.since_walk) {
+            if let Some(last) = self.discovery.take() {
+                self.since_walk += 1;
+                self.walks[1] += 1;
+                return last;
+            }
+        }
+        // Read before the walk: a cgroup made while it runs moves the count past this value,
+        // and the next tick walks again.
+        self.walked_at = changes;
+        self.since_walk = 0;
+        self.walks[0] += 1;
+        crate::host::discover(&self.layout, &mut self.errors)
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -255,6 +332,7 @@ impl Ticker {
         families.values_mut().for_each(Family::sort_samples);
         let own = self.sources.iter().flat_map(|s| s.families());
         let own = own.chain(self.budgets.families());
+        let own = own.chain(self.meter.families());
         let own = own.chain(self.self_metrics(live, exited));
         for family in own {
             families.insert(family.name, family);
@@ -301,7 +379,11 @@ impl Ticker {
         for (source, took) in &self.collect_durations {
             collect.push_labeled(vec![("source", Arc::from(*source))], took.as_secs_f64());
         }
-        let mut families = vec![build, workloads, probes, ticks, duration, collect];
+        let mut walks = Family::new(&agent::CGROUP_WALKS);
+        for (result, n) in ["walked", "reused"].into_iter().zip(self.walks) {
+            walks.push_labeled(vec![("result", Arc::from(result))], n as f64);
+        }
+        let mut families = vec![build, workloads, probes, ticks, duration, collect, walks];
         families.extend(self.errors.families());
         if let Some(otlp) = &self.otlp {
             families.extend(otlp_families(otlp));
@@ -313,13 +395,10 @@ impl Ticker {
     }
 }
 
-/// Disk bytes have one truth per node: on pure cgroup v2 the kernel's `io.stat`, elsewhere the
-/// block-layer (eBPF) counters (see [`crate::ledger::EBPF_FIRST`]).
-fn method_preference(layout: &Layout) -> &'static [&'static str] {
-    match layout.mode {
-        Mode::V2 => crate::ledger::CGROUPFS_FIRST,
-        Mode::Hybrid | Mode::V1 => crate::ledger::EBPF_FIRST,
-    }
+/// Whether the last walk still holds: the count of cgroups made and removed is known and has not
+/// moved since that walk began, and fewer than [`REUSE_WALK_TICKS`] ticks reused it.
+fn reuse_walk(changes: Option<u64>, walked_at: Option<u64>, since_walk: u64) -> bool {
+    changes.is_some() && changes == walked_at && since_walk < REUSE_WALK_TICKS
 }
 
 fn otlp_families(stats: &tally_exporters::otlp::OtlpStats) -> Vec<Family> {
@@ -338,4 +417,24 @@ fn otlp_families(stats: &tally_exporters::otlp::OtlpStats) -> Vec<Family> {
     let mut queued = Family::new(&catalogue::agent::OTLP_QUEUE_BATCHES);
     queued.push_labeled(Vec::new(), stats.queued.load(Relaxed) as f64);
     vec![batches, failures, queued]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_walk_is_reused_only_while_no_cgroup_came_or_went_and_not_forever() {
+        // Nothing made or removed since the walk began.
+        assert!(reuse_walk(Some(7), Some(7), 0));
+        assert!(reuse_walk(Some(7), Some(7), REUSE_WALK_TICKS - 1));
+        // Reused long enough: walk again.
+        assert!(!reuse_walk(Some(7), Some(7), REUSE_WALK_TICKS));
+        // A cgroup was made or removed.
+        assert!(!reuse_walk(Some(8), Some(7), 0));
+        // No lifecycle probe: every tick walks.
+        assert!(!reuse_walk(None, None, 0));
+        // The probe came up after the last walk.
+        assert!(!reuse_walk(Some(7), None, 0));
+    }
 }

@@ -131,8 +131,9 @@ fn workload_name(labels: &BTreeMap<String, String>) -> Option<String> {
         return Some(get("unit").to_owned());
     }
     if !get("container_id").is_empty() {
-        let id = get("container_id");
-        return Some(format!("container {}", &id[..id.len().min(12)]));
+        // The first 12 characters (not bytes: the label comes from the scraped text).
+        let id: String = get("container_id").chars().take(12).collect();
+        return Some(format!("container {id}"));
     }
     (labels.contains_key("pod_uid") && labels.contains_key("unit")).then(|| "(host)".to_owned())
 }
@@ -295,7 +296,9 @@ fn scrape(agent: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
-fn dechunk(body: &[u8]) -> Vec<u8> {
+/// The body of an HTTP/1.1 chunked response; stops at the last chunk, or at the first malformed
+/// or cut one.
+pub fn dechunk(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut rest = body;
     while let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") {
@@ -384,6 +387,15 @@ mod tests {
         let text = render(&view, 10, "a");
         assert!(text.contains("ml/train-0/main"), "{text}");
         assert!(text.contains("102%"), "{text}");
+    }
+
+    /// Found by fuzzing (`fuzz/fuzz_targets/top.rs`): a container id cut at byte 12, inside a
+    /// character, panicked.
+    #[test]
+    fn a_container_id_is_shortened_by_characters() {
+        let text = "tally_workload_cpu_seconds_total{namespace=\"\",pod=\"\",pod_uid=\"\",container=\"\",container_id=\"abcdefghijk\u{e9}\u{e9}z\",unit=\"\"} 1\n";
+        let names: Vec<String> = rows(&parse(text)).into_keys().collect();
+        assert_eq!(names, ["container abcdefghijk\u{e9}"]);
     }
 
     #[test]

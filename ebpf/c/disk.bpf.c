@@ -3,26 +3,39 @@
  * DISK_STATS (per-CPU hash, cgroup v2 id -> struct tally_disk_value).
  *
  * Written in C with CO-RE, not in Rust like ebpf/programs, because it reads kernel structs whose
- * layout differs between kernels: struct request, and the cgroup a bio is charged to through
- * bio->bi_blkg->blkcg (present only with CONFIG_BLK_CGROUP), and the tracepoints' argument lists
- * (block_rq_issue / block_rq_insert lost their request_queue argument in 5.11). clang's
- * preserve_access_index relocations, applied by the loader against the kernel's BTF, let one
- * object read them everywhere.
+ * layout differs between kernels: struct request and struct bio, the cgroup a bio is charged to
+ * through bio->bi_blkg->blkcg (present only with CONFIG_BLK_CGROUP), and the tracepoints'
+ * argument lists (block_rq_issue / block_rq_insert / block_bio_queue lost their request_queue
+ * argument in 5.11). clang's preserve_access_index relocations, applied by the loader against the
+ * kernel's BTF, let one object read them everywhere.
  *
- * Which cgroup pays for a request: the blkcg its first bio is charged to, when that is a cgroup
- * v2 cgroup below the root. That is right even when a kernel flusher writes the pages back or
- * the request is issued from kblockd, because the kernel records the owner on the bio
- * (block/blk-cgroup.c, bio_associate_blkg(); writeback: wbc_init_bio()). Otherwise — the io
- * controller is not enabled for the cgroup (its bios carry the root blkcg), blkio is a v1
- * controller on a hybrid node (the blkcg is not a v2 cgroup), or there is no blkg — it is the
- * cgroup of the task that queued the request: captured at block_rq_insert, which runs in the
- * submitter's context, or at block_rq_issue for requests issued directly without a scheduler.
+ * Bytes are counted per bio at block_bio_queue, in the submitter's context, where the kernel
+ * charges them to io.stat too (block/blk-core.c, submit_bio_noacct_nocheck(): blk_cgroup_bio_start()
+ * then the tracepoint, once per bio: BIO_TRACE_COMPLETION marks it traced, so the remainder of a
+ * split bio is not counted twice). Nothing there can be lost or charged to someone else: no map
+ * entry has to survive until completion. Counting bytes at request completion, as this program
+ * once did, charged whole requests to the wrong cgroup under load: on a node where the v2 cgroups
+ * carry no io controller (hybrid nodes, where blkio is v1), every bio shares one blkg, so the
+ * scheduler merges requests of different cgroups that touch adjacent sectors
+ * (block/blk-merge.c, blk_rq_merge_ok() compares only bi_blkg), and a bio merged into another
+ * cgroup's request paid that cgroup. Bytes of failed I/O are counted as io.stat counts them.
+ * Only bios of request-based (blk-mq) disks are counted: a bio-based stacked device (dm, md)
+ * passes its bios on to the disks below it, where they are counted, so a stack counts once.
  *
- * A request is tracked from issue to completion in DISK_IN_FLIGHT, keyed by its address; the
- * plain-tracepoint fallback has no request pointer and keys by (dev, sector) instead, charging
- * the task current at the request's first issue. A request the driver was too busy to take is
- * issued again later from kblockd (block/blk-mq.c, blk_mq_requeue_work() and
- * blk_mq_run_work_fn()); it keeps its first owner.
+ * Which cgroup pays: the blkcg the bio is charged to, when that is a cgroup v2 cgroup below the
+ * root. That is right even when a kernel flusher writes the pages back, because the kernel
+ * records the owner on the bio (block/blk-cgroup.c, bio_associate_blkg(); writeback:
+ * wbc_init_bio()). Otherwise — the io controller is not enabled for the cgroup (its bios carry
+ * the root blkcg), blkio is a v1 controller on a hybrid node (the blkcg is not a v2 cgroup), or
+ * there is no blkg — it is the cgroup of the submitting task.
+ *
+ * Requests (reads, writes) and their latency are counted at completion, tracked from issue in
+ * DISK_IN_FLIGHT, keyed by the request's address (the plain-tracepoint fallback has no request
+ * pointer and keys by (dev, sector) instead). A request is charged to the cgroup that queued it,
+ * captured at block_rq_insert in the submitter's context or at block_rq_issue for requests issued
+ * directly; a request merged from several cgroups' bios counts for the first. A request the
+ * driver was too busy to take is issued again later from kblockd (block/blk-mq.c,
+ * blk_mq_requeue_work() and blk_mq_run_work_fn()); it keeps its first owner.
  *
  * One program per attach method and hook, all thin wrappers of the same bodies, so the loader
  * (ebpf/src/disk.rs) can load the best method this kernel allows and fall back: tp_btf, raw_tp,
@@ -143,15 +156,21 @@ static __always_inline __u32 latency_bucket(__u64 ns)
 	return bucket;
 }
 
-/* The cgroup v2 id a request is charged to (see the header comment). */
-static __always_inline __u64 rq_cgroup_id(const struct request *rq)
+/* The cgroup v2 id a bio is charged to (see the header comment). */
+static __always_inline __u64 bio_cgroup_id(const struct bio *bio)
 {
-	if (bpf_core_field_exists(struct bio, bi_blkg)) {
-		const struct cgroup *cgrp = BPF_CORE_READ(rq, bio, bi_blkg, blkcg, css.cgroup);
+	if (bio && bpf_core_field_exists(struct bio, bi_blkg)) {
+		const struct cgroup *cgrp = BPF_CORE_READ(bio, bi_blkg, blkcg, css.cgroup);
 		if (cgrp && tally_cgroup_is_v2(cgrp) && BPF_CORE_READ(cgrp, level) > 0)
 			return tally_cgroup_id(cgrp);
 	}
 	return bpf_get_current_cgroup_id();
+}
+
+/* The cgroup v2 id a request is charged to: its first bio's. */
+static __always_inline __u64 rq_cgroup_id(const struct request *rq)
+{
+	return bio_cgroup_id(BPF_CORE_READ(rq, bio));
 }
 
 /* REQ_OP_READ, REQ_OP_WRITE, or -1 for anything else (flush, discard, zone and driver ops). */
@@ -170,6 +189,56 @@ static __always_inline __u64 rq_alloc_ns(const struct request *rq)
 	if (!bpf_core_field_exists(rq->start_time_ns))
 		return 0;
 	return BPF_CORE_READ(rq, start_time_ns);
+}
+
+/* Whether a bio is on a request-based (blk-mq) disk, where it is counted; a bio-based stacked
+ * device passes it on to the disks below. Kernels before 5.12 have no bio->bi_bdev: there every
+ * bio counts. */
+static __always_inline int bio_on_mq_disk(const struct bio *bio)
+{
+	if (!bpf_core_field_exists(bio->bi_bdev))
+		return 1;
+	return BPF_CORE_READ(bio, bi_bdev, bd_disk, queue, mq_ops) != NULL;
+}
+
+static __always_inline struct bio *bio_of_queue_event(__u64 *ctx)
+{
+	struct bio *bio;
+
+	/* Before 5.11 block_bio_queue took (struct request_queue *, struct bio *); see
+	 * rq_of_queue_event(). */
+	if (bpf_core_type_exists(struct hd_struct)) {
+		bio = (struct bio *)ctx[1];
+		barrier_var(bio);
+	} else {
+		bio = (struct bio *)ctx[0];
+		barrier_var(bio);
+	}
+	return bio;
+}
+
+/* Adds `bytes` of operation `op` to `cgroup_id`'s counters. */
+static __always_inline void add_bytes(__u64 cgroup_id, int op, __u64 bytes)
+{
+	struct tally_disk_value *value = disk_value(cgroup_id);
+	if (!value)
+		return;
+	if (op == REQ_OP_READ)
+		value->read_bytes += bytes;
+	else
+		value->write_bytes += bytes;
+}
+
+static __always_inline int on_bio_queue(const struct bio *bio)
+{
+	__u32 op = BPF_CORE_READ(bio, bi_opf) & REQ_OP_MASK;
+
+	if (op != REQ_OP_READ && op != REQ_OP_WRITE)
+		return 0;
+	if (!bio_on_mq_disk(bio))
+		return 0;
+	add_bytes(bio_cgroup_id(bio), op, BPF_CORE_READ(bio, bi_iter.bi_size));
+	return 0;
 }
 
 static __always_inline struct request *rq_of_queue_event(__u64 *ctx)
@@ -242,40 +311,33 @@ static __always_inline int on_issue(const struct request *rq)
 	return 0;
 }
 
-/* Accounts `done` bytes of the tracked request `entry` (a completion may cover part of a
- * request: block/blk-mq.c, blk_update_request()). Returns 1 when it still has bytes to go. */
-static __always_inline int account(struct in_flight *entry, __u64 done, int error)
+/* Accounts the completion of `done` bytes of the tracked request `entry` (a completion may cover
+ * part of a request: block/blk-mq.c, blk_update_request()); the request counts once its last
+ * byte is done. Returns 1 when it still has bytes to go. Its bytes were counted per bio. */
+static __always_inline int account(struct in_flight *entry, __u64 done)
 {
 	__u64 now = bpf_ktime_get_ns();
 	__u64 cgroup_id = entry->cgroup_id;
 	__u64 start_ns = entry->start_ns;
 	__u32 op = entry->op;
-	int partial = done < entry->bytes;
 
-	if (partial)
+	if (done < entry->bytes) {
 		entry->bytes -= done;
+		return 1;
+	}
 	struct tally_disk_value *value = disk_value(cgroup_id);
 	if (!value)
-		return partial;
-	/* A failed transfer moved no data, but the request took its time. */
-	if (!error) {
-		if (op == REQ_OP_READ)
-			value->read_bytes += done;
-		else
-			value->write_bytes += done;
-	}
-	if (!partial) {
-		if (op == REQ_OP_READ)
-			value->reads += 1;
-		else
-			value->writes += 1;
-		value->latency_ns_total += now - start_ns;
-		value->latency_buckets[latency_bucket(now - start_ns)] += 1;
-	}
-	return partial;
+		return 0;
+	if (op == REQ_OP_READ)
+		value->reads += 1;
+	else
+		value->writes += 1;
+	value->latency_ns_total += now - start_ns;
+	value->latency_buckets[latency_bucket(now - start_ns)] += 1;
+	return 0;
 }
 
-static __always_inline int on_complete(const struct request *rq, int error, __u64 done)
+static __always_inline int on_complete(const struct request *rq, __u64 done)
 {
 	struct in_flight_key key = { .id = (__u64)rq };
 	struct in_flight *entry = bpf_map_lookup_elem(&DISK_IN_FLIGHT, &key);
@@ -287,12 +349,18 @@ static __always_inline int on_complete(const struct request *rq, int error, __u6
 		bpf_map_delete_elem(&DISK_IN_FLIGHT, &key);
 		return 0;
 	}
-	if (!account(entry, done, error))
+	if (!account(entry, done))
 		bpf_map_delete_elem(&DISK_IN_FLIGHT, &key);
 	return 0;
 }
 
 /* tp_btf: typed tracepoint arguments. */
+
+SEC("tp_btf/block_bio_queue")
+int disk_bio_btf(__u64 *ctx)
+{
+	return on_bio_queue(bio_of_queue_event(ctx));
+}
 
 SEC("tp_btf/block_rq_insert")
 int disk_insert_btf(__u64 *ctx)
@@ -309,10 +377,16 @@ int disk_issue_btf(__u64 *ctx)
 SEC("tp_btf/block_rq_complete")
 int BPF_PROG(disk_complete_btf, struct request *rq, int error, unsigned int nr_bytes)
 {
-	return on_complete(rq, error, nr_bytes);
+	return on_complete(rq, nr_bytes);
 }
 
 /* raw_tp: the same arguments, untyped; every read goes through bpf_probe_read_kernel. */
+
+SEC("raw_tp/block_bio_queue")
+int disk_bio_raw(__u64 *ctx)
+{
+	return on_bio_queue(bio_of_queue_event(ctx));
+}
 
 SEC("raw_tp/block_rq_insert")
 int disk_insert_raw(__u64 *ctx)
@@ -329,27 +403,43 @@ int disk_issue_raw(__u64 *ctx)
 SEC("raw_tp/block_rq_complete")
 int BPF_PROG(disk_complete_raw, struct request *rq, int error, unsigned int nr_bytes)
 {
-	return on_complete(rq, error, nr_bytes);
+	return on_complete(rq, nr_bytes);
+}
+
+/* blk_fill_rwbs() (block/blktrace.c): 'F' first for a preflush, then the operation. Takes the
+ * characters, not the record: the verifier refuses a context pointer moved by an offset. */
+static __always_inline int rwbs_op(char first, char second)
+{
+	char c = first == 'F' ? second : first;
+	if (c == 'R')
+		return REQ_OP_READ;
+	if (c == 'W')
+		return REQ_OP_WRITE;
+	return -1;
 }
 
 /* tracepoint: the formatted record (/sys/kernel/tracing/events/block/<name>/format), which
  * carries no request pointer. */
+
+/* block:block_bio_queue's record (the block_bio event class), in the submitter's context. It
+ * names only the device, so here the bios of stacked devices (dm, md) count on every layer. */
+SEC("tracepoint/block/block_bio_queue")
+int disk_bio_tp(struct trace_event_raw_block_bio *ctx)
+{
+	int op = rwbs_op(ctx->rwbs[0], ctx->rwbs[1]);
+	if (op < 0)
+		return 0;
+	add_bytes(bpf_get_current_cgroup_id(), op, (__u64)ctx->nr_sector << 9);
+	return 0;
+}
 
 /* block:block_rq_issue's record is vmlinux.h's trace_event_raw_block_rq (the block_rq event
  * class), read through CO-RE because `rwbs` moved when `ioprio` was added (6.x). */
 SEC("tracepoint/block/block_rq_issue")
 int disk_issue_tp(struct trace_event_raw_block_rq *ctx)
 {
-	/* blk_fill_rwbs() (block/blktrace.c): 'F' first for a preflush, then the operation. */
-	char c = ctx->rwbs[0];
-	if (c == 'F')
-		c = ctx->rwbs[1];
-	int op;
-	if (c == 'R')
-		op = REQ_OP_READ;
-	else if (c == 'W')
-		op = REQ_OP_WRITE;
-	else
+	int op = rwbs_op(ctx->rwbs[0], ctx->rwbs[1]);
+	if (op < 0)
 		return 0;
 	struct in_flight_key key = { .id = ctx->dev, .sector = ctx->sector };
 	__u64 bytes = bpf_core_field_exists(ctx->bytes) ? ctx->bytes : (__u64)ctx->nr_sector << 9;
@@ -393,7 +483,7 @@ int disk_complete_tp(struct block_rq_complete_record *ctx)
 
 	if (!entry)
 		return 0;
-	if (account(entry, done, ctx->error)) {
+	if (account(entry, done)) {
 		/* The rest of a partly completed request starts after what completed. */
 		struct in_flight rest = *entry;
 		struct in_flight_key next = { .id = key.id, .sector = key.sector + ctx->nr_sector };

@@ -2,8 +2,9 @@
 /* Map keys and values shared by the C programs and the loader.
  *
  * This header mirrors ebpf/common/src/lib.rs (TcpValue, DiskValue, DISK_LATENCY_BUCKETS,
- * LOST_SLOT): change both together. Every field is a fixed-width integer with no implicit padding;
- * the static asserts here and the size asserts in ebpf/common's tests keep the two sides in step.
+ * LOST_SLOT, ExitValue, EVENTS_LOST_SLOT, CgroupEvent and its constants): change both together.
+ * Every field is a fixed-width integer with no implicit padding; the static asserts here and the
+ * size asserts in ebpf/common's tests keep the two sides in step.
  * Per-cgroup maps are keyed by the cgroup v2 id, a __u64 (CgroupKey on the Rust side). */
 #ifndef TALLY_SHARED_H
 #define TALLY_SHARED_H
@@ -39,6 +40,36 @@ struct tally_disk_value {
 	__u64 latency_buckets[TALLY_DISK_LATENCY_BUCKETS];
 };
 
+/* LIFECYCLE_LOST's second slot: ring buffer records dropped. */
+#define TALLY_EVENTS_LOST_SLOT 1
+
+/* EXIT_CPU value (per CPU). */
+struct tally_exit_value {
+	/* CPU time of the tasks that ended in the cgroup (moved tasks: since they moved in), and of
+	 * moved tasks while they were in it. */
+	__u64 cpu_ns;
+	/* Tasks (threads) that ended in the cgroup. */
+	__u64 tasks;
+};
+
+/* tally_cgroup_event.kind */
+#define TALLY_CGROUP_MKDIR 1
+#define TALLY_CGROUP_RMDIR 2
+/* Bytes of a path, its NUL included; a longer path is cut there (path_len == the size). */
+#define TALLY_CGROUP_PATH_MAX 512
+
+/* A CGROUP_EVENTS record. */
+struct tally_cgroup_event {
+	__u64 cgroup_id;
+	__u32 kind;
+	/* What bpf_probe_read_kernel_str() copied, the NUL included; 0 when it failed. */
+	__u32 path_len;
+	char path[TALLY_CGROUP_PATH_MAX];
+};
+
+_Static_assert(sizeof(struct tally_exit_value) == 16, "ExitValue is 16 bytes");
+_Static_assert(sizeof(struct tally_cgroup_event) == 16 + TALLY_CGROUP_PATH_MAX,
+	       "CgroupEvent has no padding");
 _Static_assert(sizeof(struct tally_tcp_value) == 32, "TcpValue is 32 bytes");
 _Static_assert(sizeof(struct tally_disk_value) == 40 + 8 * TALLY_DISK_LATENCY_BUCKETS,
 	       "DiskValue has no padding");

@@ -1,17 +1,22 @@
 //! Block I/O per cgroup: bytes read and written, completed requests and a latency histogram,
 //! counted by `ebpf/c/disk.bpf.c` against the cgroup the I/O is charged to.
 //!
-//! Attach methods, best first: `tp_btf`, `raw_tracepoint` (`block_rq_insert`, `block_rq_issue`,
-//! `block_rq_complete`, with the request pointer) and `tracepoint` (`block:block_rq_issue`,
-//! `block:block_rq_complete`: no request pointer, so requests are matched by device and sector
-//! and charged to the task that issued them). There is no `fentry` method: the functions that fire
+//! Bytes are counted per bio at `block_bio_queue`, in the submitter's context, where io.stat
+//! counts them: exact, and never charged to another cgroup whose request a bio was merged into.
+//! Requests and their latency are counted at completion.
+//!
+//! Attach methods, best first: `tp_btf`, `raw_tracepoint` (`block_bio_queue`, `block_rq_insert`,
+//! `block_rq_issue`, `block_rq_complete`, with the bio and request pointers) and `tracepoint`
+//! (`block:block_bio_queue`, `block:block_rq_issue`, `block:block_rq_complete`: no request
+//! pointer, so requests are matched by device and sector and charged to the task that issued
+//! them, and the bios of stacked devices count on every layer). There is no `fentry` method: the functions that fire
 //! these tracepoints are internal to blk-mq, and `tp_btf` works on every kernel that has fentry.
 //!
-//! Attribution, and its limit on hybrid nodes: a request belongs to the cgroup v2 its bios are
-//! charged to (`bio->bi_blkg`), which holds even for writeback by a kernel flusher — when the io
-//! controller is enabled on cgroup v2. Where it is not (cgroup v1 `blkio`, or v2 without `io` in
-//! the parents' `subtree_control`), the request goes to the task that queued it, so direct I/O
-//! lands on the right cgroup and buffered writeback on the flusher's (the root).
+//! Attribution, and its limit on hybrid nodes: a bio belongs to the cgroup v2 it is charged to
+//! (`bio->bi_blkg`), which holds even for writeback by a kernel flusher — when the io controller
+//! is enabled on cgroup v2. Where it is not (cgroup v1 `blkio`, or v2 without `io` in the
+//! parents' `subtree_control`), it goes to the task that submitted it, so direct I/O lands on the
+//! right cgroup and buffered writeback on the flusher's (the root).
 
 use tally_ebpf_common::DiskValue;
 
@@ -21,8 +26,9 @@ use crate::{Error, ProbeStatus, ProgramStats, DISK_OBJECT};
 const STATS: &str = "DISK_STATS";
 const LOST: &str = "DISK_LOST";
 
-/// Programs attach in the order listed: completion first, so that every request the issue
-/// program sees has its end seen too and no entry outlives its request.
+/// Programs attach in the order listed: bytes (per bio, at `block_bio_queue`) first, then
+/// completion, so that every request the issue program sees has its end seen too and no entry
+/// outlives its request.
 static SOURCE: Source = Source {
     probe: "disk",
     object_name: "disk.bpf.o",
@@ -31,6 +37,7 @@ static SOURCE: Source = Source {
         Method {
             name: "tp_btf",
             programs: &[
+                ("disk_bio_btf", Hook::BtfTracePoint("block_bio_queue")),
                 (
                     "disk_complete_btf",
                     Hook::BtfTracePoint("block_rq_complete"),
@@ -42,6 +49,7 @@ static SOURCE: Source = Source {
         Method {
             name: "raw_tracepoint",
             programs: &[
+                ("disk_bio_raw", Hook::RawTracePoint("block_bio_queue")),
                 (
                     "disk_complete_raw",
                     Hook::RawTracePoint("block_rq_complete"),
@@ -53,6 +61,7 @@ static SOURCE: Source = Source {
         Method {
             name: "tracepoint",
             programs: &[
+                ("disk_bio_tp", Hook::TracePoint("block", "block_bio_queue")),
                 (
                     "disk_complete_tp",
                     Hook::TracePoint("block", "block_rq_complete"),

@@ -7,6 +7,7 @@
 //! of the agent keeps running.
 
 pub mod disk;
+pub mod lifecycle;
 pub mod net;
 mod source;
 pub mod stats;
@@ -17,7 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 pub use tally_ebpf_common::{direction, scope, CgroupKey, NetKey, NetValue, ALL_SCOPES};
-pub use tally_ebpf_common::{DiskValue, TcpValue, DISK_LATENCY_BUCKETS};
+pub use tally_ebpf_common::{DiskValue, ExitValue, TcpValue, DISK_LATENCY_BUCKETS};
 
 /// The Rust programs (`ebpf/programs`), built by `ebpf/build.sh`.
 pub static TALLY_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/tally.bpf.o");
@@ -27,6 +28,10 @@ pub static TCP_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/tcp.bpf.o");
 
 /// The C CO-RE block I/O programs (`ebpf/c/disk.bpf.c`), built by `ebpf/build.sh`.
 pub static DISK_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/disk.bpf.o");
+
+/// The C CO-RE cgroup and task lifecycle programs (`ebpf/c/lifecycle.bpf.c`), built by
+/// `ebpf/build.sh`.
+pub static LIFECYCLE_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/lifecycle.bpf.o");
 
 /// The attach methods a tracing source may use, best first (`ProbeStatus::method`, and the names
 /// `TcpConfig::disabled_methods` / `DiskConfig::disabled_methods` take). A source offers the ones

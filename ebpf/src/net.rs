@@ -114,7 +114,10 @@ impl Net {
         Ok(net)
     }
 
-    /// Replaces the scope tries' contents with `scopes` (on start and on reload).
+    /// Replaces the scope tries' contents with `scopes` (on start, on reload, when the node's
+    /// addresses change): the new ranges are written first (a prefix already there takes its new
+    /// scope in place), then the ranges no longer wanted are removed, so no packet meanwhile
+    /// finds a range missing that both the old and the new contents have.
     pub fn set_scopes(&mut self, scopes: &[ScopeCidr]) -> Result<(), Error> {
         let lpm = |action| {
             move |source| Error::Map {
@@ -123,31 +126,42 @@ impl Net {
                 source,
             }
         };
-        for old in std::mem::take(&mut self.installed) {
-            match old.addr {
-                IpAddr::V4(a) => self
-                    .v4
-                    .remove(&Key::new(u32::from(old.prefix_len), a.octets()))
-                    .map_err(lpm("removing a range"))?,
-                IpAddr::V6(a) => self
-                    .v6
-                    .remove(&Key::new(u32::from(old.prefix_len), a.octets()))
-                    .map_err(lpm("removing a range"))?,
-            }
-        }
+        let prefix = |c: &ScopeCidr| (c.addr, c.prefix_len);
         for cidr in scopes {
-            let prefix = u32::from(cidr.prefix_len);
+            let len = u32::from(cidr.prefix_len);
             match cidr.addr {
                 IpAddr::V4(a) => self
                     .v4
-                    .insert(&Key::new(prefix, a.octets()), cidr.scope, 0)
+                    .insert(&Key::new(len, a.octets()), cidr.scope, 0)
                     .map_err(lpm("inserting a range"))?,
                 IpAddr::V6(a) => self
                     .v6
-                    .insert(&Key::new(prefix, a.octets()), cidr.scope, 0)
+                    .insert(&Key::new(len, a.octets()), cidr.scope, 0)
                     .map_err(lpm("inserting a range"))?,
             }
-            self.installed.push(*cidr);
+            match self
+                .installed
+                .iter_mut()
+                .find(|c| prefix(c) == prefix(cidr))
+            {
+                Some(c) => *c = *cidr,
+                None => self.installed.push(*cidr),
+            }
+        }
+        let wanted: std::collections::HashSet<(IpAddr, u8)> = scopes.iter().map(prefix).collect();
+        let stale: Vec<ScopeCidr> = (self.installed.iter())
+            .filter(|c| !wanted.contains(&prefix(c)))
+            .copied()
+            .collect();
+        for old in stale {
+            let len = u32::from(old.prefix_len);
+            match old.addr {
+                IpAddr::V4(a) => self.v4.remove(&Key::new(len, a.octets())),
+                IpAddr::V6(a) => self.v6.remove(&Key::new(len, a.octets())),
+            }
+            // Still listed on failure: the next call tries again.
+            .map_err(lpm("removing a range"))?;
+            self.installed.retain(|c| prefix(c) != prefix(&old));
         }
         Ok(())
     }

@@ -127,6 +127,9 @@ impl Source {
     ) -> Result<Ebpf, Error> {
         let mut loader = EbpfLoader::new();
         loader.btf(Some(btf));
+        // Maps aya has no type for (the lifecycle programs' task storage) are still created;
+        // only the programs use them.
+        loader.allow_unsupported_maps();
         for (map, size) in max_entries {
             loader.map_max_entries(map, *size);
         }

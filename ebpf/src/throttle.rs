@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
 use tally_ebpf_common::{
     limit_bit, scope, CgroupKey, EgressLimit, EgressLimitKey, NetValue, ACTIVE_SLOT, ALL_SCOPES,
-    COST_SHIFT,
+    COST_SHIFT, LEVELS_SLOT, MAX_LIMIT_LEVEL,
 };
 
 use crate::Error;
@@ -29,6 +29,8 @@ const NS_PER_SEC: u128 = 1_000_000_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EgressLimitSetting {
     pub cgroup_id: u64,
+    /// The cgroup's level in the cgroup2 hierarchy (0: the root).
+    pub level: u32,
     /// The destination scope (one of `tally_ebpf_common::scope`'s values), or `None` for all
     /// of the cgroup's egress together.
     pub scope: Option<u32>,
@@ -43,10 +45,10 @@ pub struct EgressLimits {
     limits: HashMap<MapData, EgressLimitKey, EgressLimit>,
     active: Array<MapData, u32>,
     drops: PerCpuHashMap<MapData, CgroupKey, NetValue>,
-    /// (cgroup id, scope) → (rate, burst) of every limit in `limits`.
-    installed: BTreeMap<(u64, u32), (u64, u64)>,
-    /// The mask last written to `active`.
-    mask: u32,
+    /// (cgroup id, scope) → (rate, burst, level) of every limit in `limits`.
+    installed: BTreeMap<(u64, u32), (u64, u64, u32)>,
+    /// The masks last written to `active`: scopes, levels.
+    masks: (u32, u32),
 }
 
 impl EgressLimits {
@@ -60,13 +62,16 @@ impl EgressLimits {
             active,
             drops,
             installed: BTreeMap::new(),
-            mask: 0,
+            masks: (0, 0),
         }
     }
 
-    /// Limits the egress of `cgroup_id` towards `scope` (one of `tally_ebpf_common::scope`'s
+    /// Limits the egress of `cgroup_id`, and of every cgroup below it, towards `scope` (one of `tally_ebpf_common::scope`'s
     /// values; `None`: all its egress together) to `bytes_per_sec`, with bursts of up to
-    /// `burst_bytes`, counted from the IP header on. A packet passes only when every limit that
+    /// `burst_bytes`, counted from the IP header on. `level` is the cgroup's depth in the cgroup2
+    /// hierarchy (0: the root, 1: `/system.slice`), by which the program finds it among a
+    /// socket's ancestors; a socket's nearest limited ancestor's limits apply to it, and only
+    /// those. A packet passes only when every limit that
     /// applies to it (its scope's and the all-scopes one) has room, and is charged to each.
     /// Packets over a limit are dropped: TCP is told it was congestion and sends them again
     /// later; UDP counts them in `SndbufErrors`, and `send()` fails with ENOBUFS only on a socket
@@ -79,11 +84,13 @@ impl EgressLimits {
     /// paths, or low rates with 64 KiB segments) is sent again by the probe timer, after
     /// `TCP_RTO_MIN`, and a smaller bucket overflows meanwhile (measured on loopback at 10 MB/s:
     /// a 1 MB burst gives 4.7 MB/s, 2.5 MB gives 9.9-10.0 MB/s). Errors: a scope that does not
-    /// exist, a rate below [`MIN_EGRESS_BYTES_PER_SEC`], a zero burst, or [`Error::MapFull`]
-    /// beyond [`MAX_EGRESS_LIMITS`] limits.
+    /// exist, a level deeper than [`MAX_LIMIT_LEVEL`], a rate below
+    /// [`MIN_EGRESS_BYTES_PER_SEC`], a zero burst, or [`Error::MapFull`] beyond
+    /// [`MAX_EGRESS_LIMITS`] limits.
     pub fn set(
         &mut self,
         cgroup_id: u64,
+        level: u32,
         scope: Option<u32>,
         bytes_per_sec: u64,
         burst_bytes: u64,
@@ -94,6 +101,9 @@ impl EgressLimits {
             scope,
             reason,
         };
+        if level > MAX_LIMIT_LEVEL {
+            return Err(invalid("the cgroup lies deeper than level 31"));
+        }
         if bytes_per_sec < MIN_EGRESS_BYTES_PER_SEC {
             return Err(invalid("bytes_per_sec is below 64"));
         }
@@ -104,7 +114,11 @@ impl EgressLimits {
             .ok_or_else(|| invalid("burst_bytes lasts longer than 2^62 ns at this rate"))?;
         match self.installed.get(&(key.cgroup_id, key.scope)) {
             // Setting the same limit again (every tick, say) keeps the bucket as it is.
-            Some(&(rate, burst)) if rate == bytes_per_sec && burst == burst_bytes => return Ok(()),
+            Some(&(rate, burst, at))
+                if rate == bytes_per_sec && burst == burst_bytes && at == level =>
+            {
+                return Ok(())
+            }
             Some(_) => {
                 // A changed limit keeps the bucket's clock: a new rate does not refill it.
                 // Packets charged between this read and the write below are forgotten.
@@ -144,8 +158,10 @@ impl EgressLimits {
                     source,
                 },
             })?;
-        self.installed
-            .insert((key.cgroup_id, key.scope), (bytes_per_sec, burst_bytes));
+        self.installed.insert(
+            (key.cgroup_id, key.scope),
+            (bytes_per_sec, burst_bytes, level),
+        );
         self.sync_mask()
     }
 
@@ -173,8 +189,9 @@ impl EgressLimits {
         self.installed
             .iter()
             .map(
-                |(&(cgroup_id, scope), &(bytes_per_sec, burst_bytes))| EgressLimitSetting {
+                |(&(cgroup_id, scope), &(bytes_per_sec, burst_bytes, level))| EgressLimitSetting {
                     cgroup_id,
+                    level,
                     scope: (scope != ALL_SCOPES).then_some(scope),
                     bytes_per_sec,
                     burst_bytes,
@@ -183,8 +200,8 @@ impl EgressLimits {
             .collect()
     }
 
-    /// Packets and bytes dropped over a limit since load, per cgroup:
-    /// `(cgroup_id, packets, bytes)`, summed over CPUs.
+    /// Packets and bytes dropped over a limit since load, per limited cgroup (whose limit dropped
+    /// them, for sockets in it or below it): `(cgroup_id, packets, bytes)`, summed over CPUs.
     pub fn drops(&self) -> Result<Vec<(u64, u64, u64)>, Error> {
         let summed = crate::source::read_summed(&self.drops, DROPS, |sum, v| {
             sum.bytes = sum.bytes.wrapping_add(v.bytes);
@@ -206,24 +223,41 @@ impl EgressLimits {
         crate::source::remove_keys(&mut self.drops, DROPS, &keys)
     }
 
-    /// Writes the scopes that have limits to `EGRESS_LIMITS_ACTIVE`, when they changed. Set after
-    /// a limit is inserted and cleared after one is removed, so the program never skips a limit
-    /// that is in the map.
+    /// Writes the scopes and the levels that have limits to `EGRESS_LIMITS_ACTIVE`, when they
+    /// changed. Set after a limit is inserted and cleared after one is removed, so the program
+    /// never skips a limit that is in the map.
     fn sync_mask(&mut self) -> Result<(), Error> {
-        let mask = self
-            .installed
-            .keys()
-            .fold(0, |mask, &(_, scope)| mask | limit_bit(scope));
-        if mask != self.mask {
-            self.active
-                .set(ACTIVE_SLOT, mask, 0)
-                .map_err(|source| Error::Map {
-                    map: ACTIVE,
-                    action: "writing the active scopes",
-                    source,
-                })?;
-            self.mask = mask;
+        let masks = self.installed.iter().fold(
+            (0, 0),
+            |(scopes, levels), (&(_, scope), &(_, _, level))| {
+                (scopes | limit_bit(scope), levels | (1 << level))
+            },
+        );
+        for (slot, mask, old, action) in [
+            (
+                LEVELS_SLOT,
+                masks.1,
+                self.masks.1,
+                "writing the limited levels",
+            ),
+            (
+                ACTIVE_SLOT,
+                masks.0,
+                self.masks.0,
+                "writing the active scopes",
+            ),
+        ] {
+            if mask != old {
+                self.active
+                    .set(slot, mask, 0)
+                    .map_err(|source| Error::Map {
+                        map: ACTIVE,
+                        action,
+                        source,
+                    })?;
+            }
         }
+        self.masks = masks;
         Ok(())
     }
 }

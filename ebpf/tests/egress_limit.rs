@@ -328,7 +328,9 @@ fn egress_sender() {
 /// The acceptance test of issue #5 for UDP: a flood under a 10 MB/s limit on all of the cgroup's
 /// egress (and a looser one on the loopback's scope, which it must also pass) goes at 10 MB/s
 /// ± 5 %, what is dropped is counted as drops and not as egress, and once the limits are cleared
-/// the flood goes far faster. The burst covers 100 ms, so a sender the scheduler holds off for a
+/// the flood goes far faster. The sender runs in a child of the limited cgroup (as crun's
+/// `…/container` or a `Delegate=` unit's subtree would): the limit holds it all the same, and its
+/// drops are counted against the limited cgroup. The burst covers 100 ms, so a sender the scheduler holds off for a
 /// while on a busy machine makes up for it afterwards.
 #[test]
 fn udp_flood_is_held_to_the_limit() {
@@ -339,13 +341,22 @@ fn udp_flood_is_held_to_the_limit() {
     let mut net = load();
     let mut limits = net.take_egress_limits().unwrap();
     let cgroup = TestCgroup::create("egress-udp");
+    let child = cgroup.child("child");
     let burst = RATE / 10;
-    limits.set(cgroup.id(), None, RATE, burst).unwrap();
     limits
-        .set(cgroup.id(), Some(scope::NODE), 4 * RATE, burst)
+        .set(cgroup.id(), cgroup.level(), None, RATE, burst)
+        .unwrap();
+    limits
+        .set(
+            cgroup.id(),
+            cgroup.level(),
+            Some(scope::NODE),
+            4 * RATE,
+            burst,
+        )
         .unwrap();
     let started = Instant::now();
-    let limited = measure(&cgroup, Proto::Udp, WINDOW);
+    let limited = measure(&child, Proto::Udp, WINDOW);
     let ran = started.elapsed().as_secs_f64();
     assert_near_limit("udp, limit on all scopes", limited, burst);
 
@@ -354,7 +365,7 @@ fn udp_flood_is_held_to_the_limit() {
     assert!(packets > 0 && bytes >= packets * (DATAGRAM as u64 + UDP_HEADERS));
     // Only what passed is metered as egress: at most the burst and the rate for as long as the
     // sender ran (plus the handful a race lets through).
-    let egress = metered(&net, cgroup.id());
+    let egress = metered(&net, child.id());
     let most = burst as f64 + RATE as f64 * ran * 1.01;
     assert!(
         egress as f64 <= most,
@@ -366,7 +377,7 @@ fn udp_flood_is_held_to_the_limit() {
     assert!(limits.settings().is_empty());
     assert_unlimited(
         "udp, limit cleared",
-        measure(&cgroup, Proto::Udp, FREE_WINDOW),
+        measure(&child, Proto::Udp, FREE_WINDOW),
     );
 }
 
@@ -390,7 +401,7 @@ fn tcp_stream_is_held_to_the_limit() {
     let cgroup = TestCgroup::create("egress-tcp");
     let burst = RATE / 4;
     limits
-        .set(cgroup.id(), Some(scope::NODE), RATE, burst)
+        .set(cgroup.id(), cgroup.level(), Some(scope::NODE), RATE, burst)
         .unwrap();
     let limited = measure(&cgroup, Proto::Tcp, WINDOW);
     let (packets, bytes) = drops(&limits, cgroup.id());
@@ -401,7 +412,13 @@ fn tcp_stream_is_held_to_the_limit() {
     limits.clear(cgroup.id(), Some(scope::NODE)).unwrap();
     // A limit on another scope does not touch loopback traffic.
     limits
-        .set(cgroup.id(), Some(scope::INTERNET), RATE, burst)
+        .set(
+            cgroup.id(),
+            cgroup.level(),
+            Some(scope::INTERNET),
+            RATE,
+            burst,
+        )
         .unwrap();
     assert_unlimited(
         "tcp, node limit cleared, internet limit set",
@@ -417,9 +434,10 @@ fn limits_are_validated_listed_and_bounded() {
     let mut net = load();
     let mut limits = net.take_egress_limits().unwrap();
     let bad = [
-        limits.set(1, Some(scope::COUNT as u32), RATE, 1),
-        limits.set(1, None, 0, 1),
-        limits.set(1, None, RATE, 0),
+        limits.set(1, 1, Some(scope::COUNT as u32), RATE, 1),
+        limits.set(1, 32, None, RATE, 1),
+        limits.set(1, 1, None, 0, 1),
+        limits.set(1, 1, None, RATE, 0),
     ];
     for result in bad {
         assert!(
@@ -429,22 +447,24 @@ fn limits_are_validated_listed_and_bounded() {
     }
     assert!(limits.settings().is_empty());
 
-    limits.set(7, Some(scope::ZONE), RATE, 1000).unwrap();
-    limits.set(7, None, 2 * RATE, 2000).unwrap();
+    limits.set(7, 3, Some(scope::ZONE), RATE, 1000).unwrap();
+    limits.set(7, 3, None, 2 * RATE, 2000).unwrap();
     // The same limit again changes nothing; a new rate replaces the old.
-    limits.set(7, None, 2 * RATE, 2000).unwrap();
-    limits.set(7, Some(scope::ZONE), 3 * RATE, 1000).unwrap();
+    limits.set(7, 3, None, 2 * RATE, 2000).unwrap();
+    limits.set(7, 3, Some(scope::ZONE), 3 * RATE, 1000).unwrap();
     assert_eq!(
         limits.settings(),
         [
             EgressLimitSetting {
                 cgroup_id: 7,
+                level: 3,
                 scope: Some(scope::ZONE),
                 bytes_per_sec: 3 * RATE,
                 burst_bytes: 1000,
             },
             EgressLimitSetting {
                 cgroup_id: 7,
+                level: 3,
                 scope: None,
                 bytes_per_sec: 2 * RATE,
                 burst_bytes: 2000,
@@ -455,10 +475,10 @@ fn limits_are_validated_listed_and_bounded() {
     // Fill the map: the next new limit is refused with a clear error, an existing one can still
     // change, and clearing one makes room.
     for id in 100..u64::from(MAX_EGRESS_LIMITS) + 98 {
-        limits.set(id, None, RATE, 1000).unwrap();
+        limits.set(id, 2, None, RATE, 1000).unwrap();
     }
     assert_eq!(limits.settings().len(), MAX_EGRESS_LIMITS as usize);
-    let full = limits.set(1, None, RATE, 1000);
+    let full = limits.set(1, 1, None, RATE, 1000);
     assert!(
         matches!(
             full,
@@ -473,9 +493,9 @@ fn limits_are_validated_listed_and_bounded() {
         full.unwrap_err().to_string(),
         format!("map `EGRESS_LIMITS` is full ({MAX_EGRESS_LIMITS} entries)")
     );
-    limits.set(100, None, 2 * RATE, 1000).unwrap();
+    limits.set(100, 2, None, 2 * RATE, 1000).unwrap();
     limits.clear(100, None).unwrap();
-    limits.set(1, None, RATE, 1000).unwrap();
+    limits.set(1, 1, None, RATE, 1000).unwrap();
     // Clearing what is not set is not an error.
     limits.clear(100, None).unwrap();
     limits.clear(2, Some(scope::NODE)).unwrap();

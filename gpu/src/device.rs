@@ -3,7 +3,9 @@
 //! NVLink, ECC, retired pages, remapped rows). It holds each GPU's state between samples and
 //! hands the MIG and per-process parts to their own modules.
 
-use nvml_wrapper::enum_wrappers::device::{Clock, PcieUtilCounter, TemperatureSensor};
+use nvml_wrapper::enum_wrappers::device::{Clock, Sampling, TemperatureSensor};
+use nvml_wrapper::enums::device::SampleValue;
+use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, Nvml};
 use nvml_wrapper_sys::bindings::field_id;
 use tracing::{error, info};
@@ -13,7 +15,8 @@ use crate::error::error_code;
 use crate::mig::{self, MigState};
 use crate::process::{self, ProcessState};
 use crate::raw::{self, device_of, RawDevice, RawNvml};
-use crate::sample::DeviceSample;
+use crate::sample::{DeviceSample, SampledBusy};
+use crate::sampler;
 
 /// What the sampler remembers about one GPU between ticks.
 #[derive(Debug)]
@@ -28,6 +31,8 @@ pub(crate) struct DeviceState {
     was_lost: bool,
     mig: MigState,
     processes: ProcessState,
+    /// The newest device utilization sample delivered (µs); starts at the sampler's start.
+    utilization_last_seen_us: u64,
 }
 
 impl DeviceState {
@@ -40,16 +45,17 @@ impl DeviceState {
             was_lost: false,
             mig: MigState::default(),
             processes: ProcessState::new(started_us),
+            utilization_last_seen_us: started_us,
         }
     }
 }
 
-/// Samples one GPU. NVML calls per GPU per tick, steady state: 9 device readings (11 with the
-/// PCIe throughput fallback), 1 for the MIG mode (+1 per MIG instance; the layout is
+/// Samples one GPU. NVML calls per GPU per tick, steady state: 9 device readings, 2 for the
+/// device utilization samples (1 when nothing is new, none under MIG), 1 for the MIG mode (+1 per MIG instance; the layout is
 /// re-enumerated once a minute), 2 for the process list (1 when empty), 1 for MPS clients
 /// while the process list is not empty (2 in a round where more clients run than the last
 /// round's buffer held), 2 for utilization samples (1 when nothing is new), 1 for accounting
-/// when off (2 + at most 32 when on): 16 on a busy GPU without MIG and accounting. Calls known
+/// when off (2 + at most 32 when on): 18 on a busy GPU without MIG and accounting. Calls known
 /// unsupported are not repeated; a lost GPU costs 1.
 pub(crate) fn sample(
     calls: &mut Calls<'_>,
@@ -76,14 +82,33 @@ pub(crate) fn sample(
                 &mut dev.mig,
                 &mut out,
             );
+            let instances = mig::instances(&dev.mig);
+            // The process samples first, then the device's, cut where the process samples end:
+            // both then cover the same sampling passes. A pass the driver finished between the
+            // two queries is in the second only, and would be busy time with no process this
+            // tick and process time beyond the device's busy time (scaled away) the next.
+            let before_processes_us = sampler::now_us();
             process::sample(
                 calls,
-                &device,
+                nvml,
                 raw,
                 handle,
+                &instances,
                 &mut dev.gpu,
                 &mut dev.processes,
                 &mut out,
+            );
+            let newest_process_us = out.util_window_us.map_or(0, |(_, newest)| newest);
+            let horizon_us = before_processes_us
+                .saturating_sub(SAME_PASS_US)
+                .max(newest_process_us);
+            out.utilization_gpu_sampled = utilization_samples(
+                calls,
+                &device,
+                &mut dev.gpu,
+                &mut dev.utilization_last_seen_us,
+                horizon_us,
+                &mut dev.processes.device_period_us,
             );
         }
         Err(failure) => out.process_utilization = Err(failure.unavailable()),
@@ -177,23 +202,89 @@ fn readings(
     });
     out.throttle_reasons = calls.get(gpu, raw.clock_reasons_call(), || raw.clock_reasons(handle));
     fields(calls, raw, handle, gpu, out);
-    // Older drivers lack the PCIe byte counters; their throughput call is the fallback.
-    if gpu
-        .unsupported_fields
-        .contains(&field_id::NVML_FI_DEV_PCIE_COUNT_TX_BYTES)
-    {
-        let kbps = |counter| {
-            device
-                .pcie_throughput(counter)
-                .map(|kb| u64::from(kb) * 1024)
-        };
-        out.pcie_tx_bytes_per_second = calls.get(gpu, "nvmlDeviceGetPcieThroughput", || {
-            kbps(PcieUtilCounter::Send)
-        });
-        out.pcie_rx_bytes_per_second = calls.get(gpu, "nvmlDeviceGetPcieThroughput", || {
-            kbps(PcieUtilCounter::Receive)
-        });
+}
+
+const SAMPLES: &str = "nvmlDeviceGetSamples";
+
+/// How far apart the device's and the processes' timestamps of one sampling pass can be (the
+/// driver stamps each with the CPU time it was taken at, within a millisecond); passes are a
+/// sample period (1/6 s or more) apart. A device sample this close before the process query
+/// may belong to a pass whose process samples were not yet out: it waits for the next tick,
+/// unless a process sample as new was delivered.
+const SAME_PASS_US: u64 = 5_000;
+
+/// The busy time the device utilization samples newer than `last_seen` (which moves to the
+/// newest one delivered) and not newer than `horizon_us` cover; newer ones are delivered by a
+/// later call. Two calls (count, fetch), one when nothing is new, two more when a
+/// sample arrived between count and fetch. A one-shot
+/// utilization reading covers the driver's last sample period only, so a tick longer than that
+/// needs these. Their spacing is the driver's sample period (into `period`); each sample covers
+/// the time since the one before, at most one period.
+fn utilization_samples(
+    calls: &mut Calls<'_>,
+    device: &Device<'_>,
+    gpu: &mut GpuCalls,
+    last_seen: &mut u64,
+    horizon_us: u64,
+    period: &mut Option<u64>,
+) -> Option<SampledBusy> {
+    if calls.skip(gpu, SAMPLES).is_some() {
+        return None;
     }
+    let mut retried = false;
+    let result = loop {
+        match device.samples(Sampling::GpuUtilization, *last_seen) {
+            // Nothing newer than last_seen: not a failure, and no busy time yet (the next
+            // samples cover this time).
+            Err(NvmlError::NotFound) => {
+                calls.counted(1);
+                return Some(SampledBusy::default());
+            }
+            // A sample arrived between the count and the fetch: once more.
+            Err(NvmlError::InsufficientSize(_)) if !retried => {
+                calls.counted(2);
+                retried = true;
+            }
+            result => {
+                let count = match &result {
+                    Ok(samples) if samples.is_empty() => 1,
+                    Ok(_) | Err(NvmlError::InsufficientSize(_)) => 2,
+                    Err(_) => 1,
+                };
+                break calls.record(gpu, SAMPLES, count, result).ok()?;
+            }
+        }
+    };
+    // NVML's fetch leaves entries it did not fill zeroed (timestamp 0): filtered here.
+    let mut samples: Vec<(u64, f64)> = result
+        .iter()
+        .filter(|s| s.timestamp > *last_seen && s.timestamp <= horizon_us)
+        .map(|s| {
+            let value = match s.value {
+                SampleValue::U32(v) => f64::from(v),
+                SampleValue::U64(v) => v as f64,
+                SampleValue::I64(v) => v as f64,
+                SampleValue::F64(v) => v,
+            };
+            (s.timestamp, value.clamp(0.0, 100.0))
+        })
+        .collect();
+    samples.sort_by_key(|s| s.0);
+    let mut gaps: Vec<u64> = samples.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    gaps.sort_unstable();
+    if let Some(&gap) = gaps.get(gaps.len() / 2).filter(|g| **g > 0) {
+        *period = Some(gap);
+    }
+    let mut previous = *last_seen;
+    let mut busy = SampledBusy::default();
+    for (ts, percent) in &samples {
+        let span = period.map_or(ts - previous, |p| (ts - previous).min(p)) as f64 / 1e6;
+        busy.busy_seconds += percent / 100.0 * span;
+        busy.covered_seconds += span;
+        previous = *ts;
+    }
+    *last_seen = previous;
+    Some(busy)
 }
 
 /// NVML's "all links" scope for NVLink fields.

@@ -60,7 +60,7 @@ impl Drop for XidWatcher {
 }
 
 fn run(nvml: &Nvml, devices: &[(RawDevice, String)], xids: &Sender<XidEvent>, stop: &AtomicBool) {
-    let Some(set) = register(nvml, devices) else {
+    let Some(mut set) = register(nvml, devices) else {
         return;
     };
     let mut logged = HashSet::new();
@@ -88,6 +88,17 @@ fn run(nvml: &Nvml, devices: &[(RawDevice, String)], xids: &Sender<XidEvent>, st
                 }
             }
             Err(NvmlError::Timeout) => {}
+            // A registered GPU fell off the bus (its XID 79 came first): the set answers this
+            // from now on, which would hide every other GPU's XIDs. A new set without the GPUs
+            // that no longer answer (register skips them).
+            Err(NvmlError::GpuLost) => {
+                warn!("a GPU in the XID event set is lost; registering the others again");
+                drop(set);
+                match register(nvml, devices) {
+                    Some(again) => set = again,
+                    None => return,
+                }
+            }
             Err(e) => {
                 if logged.insert(error_code(&e)) {
                     warn!(error = %e, "waiting for NVML events failed; retrying");

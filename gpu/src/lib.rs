@@ -21,6 +21,7 @@ mod sampler;
 pub use error::{error_code, CallError, GpuError, Unavailable};
 pub use library::{probe_library, LibraryStatus, DEFAULT_LIBRARY};
 pub use sample::{
-    AccountingSample, DeviceSample, GpuSample, MigSample, ProcessSample, UtilSample, XidEvent,
+    AccountingSample, DeviceSample, GpuSample, MigProcesses, MigSample, ProcessSample, SampledBusy,
+    UtilSample, XidEvent,
 };
 pub use sampler::{GpuOptions, Sampler};

@@ -22,6 +22,8 @@ pub(crate) struct MigState {
     /// The mode seen last tick.
     enabled: Option<bool>,
     instances: Vec<MigInstance>,
+    /// The GPU's MIG slots: one per compute slice, as the smallest instance takes one.
+    slots: Option<u32>,
     refreshed: Option<Instant>,
     /// An instance call failed as if the layout changed: enumerate again next tick.
     stale: bool,
@@ -33,6 +35,8 @@ struct MigInstance {
     uuid: String,
     gpu_instance_id: u32,
     compute_instance_id: u32,
+    /// Its compute slices, where the driver said.
+    compute_slices: Option<u32>,
 }
 
 pub(crate) fn sample(
@@ -82,6 +86,8 @@ pub(crate) fn sample(
             uuid: instance.uuid.clone(),
             gpu_instance_id: instance.gpu_instance_id,
             compute_instance_id: instance.compute_instance_id,
+            compute_slices: instance.compute_slices,
+            gpu_slices: state.slots,
             ..MigSample::default()
         };
         let result = device_of(nvml, instance.handle).memory_info();
@@ -100,7 +106,16 @@ pub(crate) fn sample(
     out.mig = samples;
 }
 
-/// Enumerates the MIG devices: one call for the slot count, one per slot, three per instance.
+/// The MIG device handles with their GPU and compute instance ids, as last enumerated.
+pub(crate) fn instances(state: &MigState) -> Vec<(RawDevice, u32, u32)> {
+    state
+        .instances
+        .iter()
+        .map(|i| (i.handle, i.gpu_instance_id, i.compute_instance_id))
+        .collect()
+}
+
+/// Enumerates the MIG devices: one call for the slot count, one per slot, four per instance.
 fn refresh_layout(
     calls: &mut Calls<'_>,
     nvml: &Nvml,
@@ -144,13 +159,23 @@ fn refresh_layout(
         else {
             continue;
         };
+        // What share of the GPU one of its seconds is (prices). Optional: an instance whose
+        // driver does not say is still metered.
+        let attributes = device_of(nvml, mig).attributes();
+        let compute_slices = calls
+            .record_uncached(gpu, "nvmlDeviceGetAttributes_v2", 1, attributes)
+            .ok()
+            .map(|a| a.compute_instance_slice_count)
+            .filter(|n| *n > 0);
         instances.push(MigInstance {
             handle: mig,
             uuid,
             gpu_instance_id,
             compute_instance_id,
+            compute_slices,
         });
     }
+    state.slots = Some(slots).filter(|n| *n > 0);
     if instances.len() != state.instances.len() {
         info!(gpu = %gpu.uuid, instances = instances.len(), "MIG layout");
     }

@@ -1,17 +1,17 @@
 //! Per-process readings of one GPU: running compute processes, MPS clients, utilization samples
 //! chained by `lastSeenTimeStamp`, and accounting stats.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::struct_wrappers::device::ProcessInfo;
-use nvml_wrapper::Device;
+use nvml_wrapper::{Device, Nvml};
 
 use crate::calls::{Calls, Failure, GpuCalls};
 use crate::error::Unavailable;
-use crate::raw::{RawDevice, RawNvml};
-use crate::sample::{AccountingSample, DeviceSample, ProcessSample, UtilSample};
+use crate::raw::{device_of, RawDevice, RawNvml};
+use crate::sample::{AccountingSample, DeviceSample, MigProcesses, ProcessSample, UtilSample};
 
 /// Accounting stats queried per GPU per tick at most (one call each); the rest wait a tick.
 pub(crate) const ACCOUNTING_STATS_PER_TICK: usize = 32;
@@ -37,6 +37,10 @@ pub(crate) struct ProcessState {
     accounting_cursor: usize,
     /// The last estimate of the driver's sample period.
     period_us: Option<u64>,
+    /// Each pid's newest sample timestamp delivered (forgotten after [`REPORTED_FOR_US`]).
+    reported: HashMap<u32, u64>,
+    /// The driver's sample period as the spacing of its device utilization samples shows it.
+    pub(crate) device_period_us: Option<u64>,
     /// Entries the next MPS client query passes NVML.
     mps_capacity: u32,
 }
@@ -48,22 +52,44 @@ impl ProcessState {
             accounting_final: HashSet::new(),
             accounting_cursor: 0,
             period_us: None,
+            reported: HashMap::new(),
+            device_period_us: None,
             mps_capacity: MPS_CAPACITY,
         }
     }
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one GPU's handles and the state its per-process readings keep"
+)]
 pub(crate) fn sample(
     calls: &mut Calls<'_>,
-    device: &Device<'_>,
+    nvml: &Nvml,
     raw: &RawNvml,
     handle: RawDevice,
+    mig: &[(RawDevice, u32, u32)],
     gpu: &mut GpuCalls,
     state: &mut ProcessState,
     out: &mut DeviceSample,
 ) {
-    out.processes = running(calls, device, gpu);
-    out.mps_clients = mps_clients(calls, raw, handle, gpu, state, &out.processes);
+    let device = device_of(nvml, handle);
+    let device = &device;
+    let mig = if out.mig_enabled { mig } else { &[] };
+    let (processes, source) = running(calls, nvml, device, mig, gpu);
+    out.processes = processes;
+    out.mig_processes = source;
+    // MPS clients are asked on the GPU's handle; where that lists nothing under MIG (no
+    // monitor capability) it has nothing to say about them either.
+    out.mps_clients = if source == Some(MigProcesses::MigHandles) {
+        Vec::new()
+    } else {
+        mps_clients(calls, raw, handle, gpu, state, &out.processes)
+    };
+    // An MPS client can show in the compute list too (nvidia-smi's "M+C"): it is a client,
+    // and its memory is counted once.
+    let clients: HashSet<u32> = out.mps_clients.iter().map(|p| p.pid).collect();
+    out.processes.retain(|p| !clients.contains(&p.pid));
     let (utilization, window) = utilization(calls, device, gpu, state);
     out.process_utilization = utilization;
     out.util_window_us = window;
@@ -80,17 +106,68 @@ fn list_calls<T>(result: &Result<Vec<T>, NvmlError>) -> u64 {
     }
 }
 
-/// Two calls (count probe, fetch), one when none run.
-fn running(calls: &mut Calls<'_>, device: &Device<'_>, gpu: &mut GpuCalls) -> Vec<ProcessSample> {
+/// Two calls (count probe, fetch), one when none run. On a MIG-enabled GPU (`mig` holds its
+/// MIG device handles) the GPU's handle lists every instance's processes only for a caller with
+/// the MIG monitor capability; without it, it answers `NO_PERMISSION` or an empty list, and each
+/// MIG device handle is asked for its own (two calls each, one when none run).
+fn running(
+    calls: &mut Calls<'_>,
+    nvml: &Nvml,
+    device: &Device<'_>,
+    mig: &[(RawDevice, u32, u32)],
+    gpu: &mut GpuCalls,
+) -> (Vec<ProcessSample>, Option<MigProcesses>) {
     if calls.skip(gpu, RUNNING).is_some() {
-        return Vec::new();
+        return (Vec::new(), None);
     }
     let result = device.running_compute_processes();
+    if !mig.is_empty() {
+        match result {
+            Ok(processes) if !processes.is_empty() => {
+                calls.counted(2);
+                let listed = processes.into_iter().map(process_sample).collect();
+                return (listed, Some(MigProcesses::GpuHandle));
+            }
+            // Not a failure: how NVML answers a caller without the MIG monitor capability.
+            Ok(_) | Err(NvmlError::NoPermission) => {
+                calls.counted(1);
+                return (
+                    per_instance(calls, nvml, mig, gpu),
+                    Some(MigProcesses::MigHandles),
+                );
+            }
+            Err(_) => {}
+        }
+    }
     let count = list_calls(&result);
     let Ok(processes) = calls.record(gpu, RUNNING, count, result) else {
-        return Vec::new();
+        return (Vec::new(), None);
     };
-    processes.into_iter().map(process_sample).collect()
+    (processes.into_iter().map(process_sample).collect(), None)
+}
+
+/// Each MIG device handle's processes, with its instance ids.
+fn per_instance(
+    calls: &mut Calls<'_>,
+    nvml: &Nvml,
+    mig: &[(RawDevice, u32, u32)],
+    gpu: &mut GpuCalls,
+) -> Vec<ProcessSample> {
+    let mut listed = Vec::new();
+    for &(handle, gpu_instance_id, compute_instance_id) in mig {
+        let result = device_of(nvml, handle).running_compute_processes();
+        let count = list_calls(&result);
+        // Uncached: a MIG device's answer must not silence the GPU's own call.
+        let Ok(processes) = calls.record_uncached(gpu, RUNNING, count, result) else {
+            continue;
+        };
+        listed.extend(processes.into_iter().map(|p| ProcessSample {
+            gpu_instance_id: Some(gpu_instance_id),
+            compute_instance_id: Some(compute_instance_id),
+            ..process_sample(p)
+        }));
+    }
+    listed
 }
 
 fn process_sample(p: ProcessInfo) -> ProcessSample {
@@ -188,13 +265,16 @@ fn utilization(
         Err(failure) => return (Err(failure.unavailable()), None),
     };
     // NVML filters by lastSeenTimeStamp itself; filtering again guarantees no sample is
-    // delivered twice whatever a driver returns (zeroed entries included).
-    let fresh: Vec<UtilSample> = samples
+    // delivered twice whatever a driver returns. Real drivers answer the count probe with a
+    // fixed count and leave the entries they do not fill zeroed (pid 0, timestamp 0); pid 0
+    // is never a process of ours either way.
+    let mut fresh: Vec<UtilSample> = samples
         .into_iter()
-        .filter(|s| s.timestamp > last_seen)
+        .filter(|s| s.timestamp > last_seen && s.pid != 0)
         .map(|s| UtilSample {
             pid: s.pid,
             timestamp_us: s.timestamp,
+            span_us: 0,
             sm_percent: s.sm_util,
             memory_percent: s.mem_util,
         })
@@ -206,12 +286,57 @@ fn utilization(
     if let Some(period) = sample_period(&fresh) {
         state.period_us = Some(period);
     }
+    spans(&mut fresh, last_seen, state);
     (Ok(fresh), Some((last_seen, newest)))
+}
+
+/// How long a pid's last sample timestamp is remembered.
+const REPORTED_FOR_US: u64 = 600_000_000;
+
+/// What each sample stands for. A pid's entries in time order: each covers the time since the
+/// one before. The first one, where the driver gives one entry per process holding its mean
+/// over its samples since `lastSeenTimeStamp`, covers those samples: from the start of the
+/// pid's sample period in which `lastSeenTimeStamp` falls (on the grid of its previous entry
+/// and the driver's period, which the device samples' spacing shows), or from its previous
+/// entry when the period is not known, or from `lastSeenTimeStamp` for a pid not seen before.
+/// Where the driver gives one entry per sample period (the period is then known from a pid's
+/// consecutive entries), an entry covers at most one period: an idle process has no entries,
+/// and a gap is time it did not run.
+fn spans(samples: &mut [UtilSample], last_seen: u64, state: &mut ProcessState) {
+    samples.sort_by_key(|s| (s.pid, s.timestamp_us));
+    let grid = state
+        .period_us
+        .or(state.device_period_us)
+        .filter(|p| *p > 0);
+    let mut previous: Option<(u32, u64)> = None;
+    for s in samples.iter_mut() {
+        let start = match (previous, state.reported.get(&s.pid)) {
+            (Some((pid, ts)), _) if pid == s.pid => ts,
+            (_, Some(&before)) if before < last_seen => {
+                grid.map_or(before, |p| before + (last_seen - before) / p * p)
+            }
+            (_, Some(&before)) => before,
+            (_, None) => last_seen,
+        }
+        .min(s.timestamp_us);
+        let span = s.timestamp_us - start;
+        s.span_us = state.period_us.map_or(span, |period| span.min(period));
+        previous = Some((s.pid, s.timestamp_us));
+    }
+    for s in samples.iter() {
+        state.reported.insert(s.pid, s.timestamp_us);
+    }
+    if let Some(newest) = samples.iter().map(|s| s.timestamp_us).max() {
+        state
+            .reported
+            .retain(|_, ts| newest.saturating_sub(*ts) < REPORTED_FOR_US);
+    }
 }
 
 /// The median spacing of consecutive samples of the same process. Per process, because
 /// different processes' samples need not share timestamps; the median, because a sample
-/// missing (a process idle for a period has none) only doubles one gap.
+/// missing (a process idle for a period has none) only doubles one gap. `None` where every
+/// process has one entry (real drivers: one per process, its mean since `lastSeenTimeStamp`).
 fn sample_period(samples: &[UtilSample]) -> Option<u64> {
     let mut by_pid: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     for s in samples {

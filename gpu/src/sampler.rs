@@ -163,7 +163,7 @@ fn start_device(nvml: &Nvml, index: u32, started_us: u64) -> DeviceState {
     dev
 }
 
-fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))

@@ -40,6 +40,7 @@ fn an_exclusive_gpu_reports_every_device_reading_and_its_one_process() {
     let pid = children.pid(0);
     let fake = FakeNvml::new(&json!({
         "driver_version": "550.54.15",
+        "sample_shape": "per_period",
         "devices": [{
             "uuid": "GPU-11111111-2222-3333-4444-555555555555",
             "name": "NVIDIA H100 80GB HBM3",
@@ -101,7 +102,6 @@ fn an_exclusive_gpu_reports_every_device_reading_and_its_one_process() {
     assert_eq!(d.remapped_rows, Some(3));
     assert!(d.pcie_tx_bytes_total.is_some_and(|b| b >= 300_000_000));
     assert!(d.pcie_rx_bytes_total.is_some_and(|b| b >= 600_000_000));
-    assert_eq!(d.pcie_tx_bytes_per_second, None, "counters win");
     assert!(d.nvlink_tx_bytes_total.is_some_and(|b| b >= 3_000_000_000));
     assert!(d.nvlink_rx_bytes_total.is_some());
     assert!(!d.mig_enabled);
@@ -126,9 +126,7 @@ fn an_exclusive_gpu_reports_every_device_reading_and_its_one_process() {
     );
 
     let old = &first.devices[1];
-    assert_eq!(old.pcie_tx_bytes_total, None);
-    assert_eq!(old.pcie_tx_bytes_per_second, Some(1024000));
-    assert_eq!(old.pcie_rx_bytes_per_second, Some(2048000));
+    assert_eq!(old.pcie_tx_bytes_total, None, "no counters, no PCIe bytes");
     assert_eq!(old.nvlink_tx_bytes_total, None, "no NVLink");
     assert_eq!(old.process_utilization, Ok(vec![]), "no processes");
 
@@ -153,6 +151,7 @@ fn a_time_sliced_gpu_attributes_each_sample_to_its_own_process() {
     let children = Children::spawn(3);
     let shares = [10u32, 25, 50];
     let fake = FakeNvml::new(&json!({
+        "sample_shape": "per_period",
         "devices": [{
             "uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000000",
             "processes": (0..3).map(|i| json!({
@@ -369,6 +368,7 @@ fn a_process_exiting_mid_window_has_its_last_samples_delivered_once() {
     let children = Children::spawn(2);
     let (stays, exits) = (children.pid(0), children.pid(1));
     let fake = FakeNvml::new(&json!({
+        "sample_shape": "per_period",
         "devices": [{
             "uuid": "GPU-cccccccc-0000-0000-0000-000000000000",
             "processes": [
@@ -425,6 +425,7 @@ fn a_process_exiting_mid_window_has_its_last_samples_delivered_once() {
 fn chained_samples_never_repeat_and_cover_every_generated_sample() {
     let children = Children::spawn(2);
     let fake = FakeNvml::new(&json!({
+        "sample_shape": "per_period",
         "devices": [{
             "uuid": "GPU-dddddddd-0000-0000-0000-000000000000",
             "processes": [
@@ -521,5 +522,56 @@ fn injected_xids_reach_take_xids() {
     assert!(
         dropped.elapsed() < Duration::from_secs(3),
         "dropping the sampler stops the XID thread promptly"
+    );
+}
+
+/// A sampling pass the driver finishes between the device query and the process query (slow
+/// calls between the two, one on either side of the process query, make one likely every tick) is delivered to both in the same sample, never to one
+/// this tick and the other the next: each sample's process time is the device's busy time.
+#[test]
+fn the_device_and_its_processes_are_cut_at_the_same_pass() {
+    let children = Children::spawn(1);
+    let pid = children.pid(0);
+    let fake = FakeNvml::new(&json!({
+        "sample_shape": "per_period",
+        "slow_calls": [
+            { "call": "nvmlDeviceGetComputeRunningProcesses_v3", "ms": 60 },
+            { "call": "nvmlDeviceGetAccountingPids", "ms": 120 }
+        ],
+        "devices": [{
+            "uuid": "GPU-cccccccc-1111-0000-0000-000000000000",
+            "processes": [{ "pid": pid, "used_memory_bytes": GIB, "sm_percent": 60 }]
+        }]
+    }));
+    let mut sampler = fake.start();
+    let (mut device_total, mut process_total) = (0.0, 0.0);
+    for round in 0..8 {
+        std::thread::sleep(Duration::from_millis(130));
+        let sample = sampler.sample();
+        assert_eq!(sample.errors, vec![]);
+        let d = &sample.devices[0];
+        let busy = d
+            .utilization_gpu_sampled
+            .expect("device samples")
+            .busy_seconds;
+        let processes: f64 = utilization(d)
+            .iter()
+            .map(|s| f64::from(s.sm_percent) / 100.0 * s.span_us as f64 / 1e6)
+            .sum();
+        // The first sample's spans start at the sampler's start, where the period is not
+        // known yet to either stream.
+        if round > 0 {
+            assert!(
+                (busy - processes).abs() <= 1e-9,
+                "sample {round}: device busy {busy} s, its process {processes} s"
+            );
+            device_total += busy;
+            process_total += processes;
+        }
+    }
+    // Seven samples of about 0.25 s each at 60 %.
+    assert!(
+        device_total >= 0.6 && (device_total - process_total).abs() <= 1e-9,
+        "device {device_total} s, process {process_total} s"
     );
 }

@@ -40,7 +40,8 @@ fn a_library_without_process_utilization_still_samples_the_rest() {
         }),
     );
     let mut sampler = fake.start();
-    std::thread::sleep(Duration::from_millis(150));
+    // Past the driver's first complete sample period (167 ms), which the reading covers.
+    sleep_until_scenario_ms(&fake, 400);
     for _ in 0..2 {
         let sample = sampler.sample();
         let d = &sample.devices[0];
@@ -271,7 +272,13 @@ fn calls_last_sample_matches_the_calls_the_library_answered() {
 #[test]
 fn mps_costs_one_call_on_a_busy_gpu_and_none_once_not_supported() {
     let children = Children::spawn(1);
-    let scenario = |errors: serde_json::Value| {
+    // Device utilization samples arrive every 167 ms, so rounds 50 ms apart would make one or
+    // two calls: not supported here (asked in round 0 only), so the rounds compare exactly.
+    let no_samples = json!({ "call": "nvmlDeviceGetSamples", "code": "NOT_SUPPORTED" });
+    let scenario = |mut errors: serde_json::Value| {
+        if let Some(list) = errors.as_array_mut() {
+            list.push(no_samples.clone());
+        }
         json!({
             "devices": [
                 // No utilization samples (all zero): a steady one NOT_FOUND call each round.
@@ -312,8 +319,48 @@ fn mps_costs_one_call_on_a_busy_gpu_and_none_once_not_supported() {
     );
     // The busy GPU: the idle one's calls plus the fetch of its process list and the MPS query.
     let idle_only = rounds(
-        &json!({ "devices": [{ "uuid": "GPU-32323232-0000-0000-0000-000000000000" }] }),
+        &json!({
+            "devices": [{ "uuid": "GPU-32323232-0000-0000-0000-000000000000" }],
+            "errors": [no_samples]
+        }),
         0,
     );
     assert_eq!(plain[2], 2 * idle_only[2] + 2, "{plain:?} vs {idle_only:?}");
+}
+
+/// A GPU falls off the bus: its XID 79 arrives, then every wait on the event set answers
+/// `GPU_IS_LOST`. The other GPU's later XIDs must still arrive.
+#[test]
+fn a_lost_gpu_does_not_hide_the_xids_of_the_others() {
+    let fake = FakeNvml::new(&json!({
+        "devices": [
+            { "uuid": "GPU-0c0c0c0c-0000-0000-0000-000000000000" },
+            { "uuid": "GPU-0d0d0d0d-0000-0000-0000-000000000000", "lost_at_ms": 300 }
+        ],
+        "xids": [
+            { "at_ms": 300, "device": 1, "xid": 79 },
+            { "at_ms": 1500, "device": 0, "xid": 48 },
+            { "at_ms": 2000, "device": 0, "xid": 31 }
+        ]
+    }));
+    let sampler = fake.start();
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    while got.len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        got.extend(
+            sampler
+                .take_xids()
+                .into_iter()
+                .map(|x| (x.device_uuid, x.xid)),
+        );
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("GPU-0d0d0d0d-0000-0000-0000-000000000000".to_owned(), 79),
+            ("GPU-0c0c0c0c-0000-0000-0000-000000000000".to_owned(), 48),
+            ("GPU-0c0c0c0c-0000-0000-0000-000000000000".to_owned(), 31),
+        ]
+    );
 }

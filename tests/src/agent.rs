@@ -63,19 +63,29 @@ impl Agent {
 
     /// Starts it without waiting.
     pub fn spawn(config: &str) -> Agent {
-        Self::spawn_in(config, Vec::new())
+        Self::spawn_in(config, Vec::new(), None)
+    }
+
+    /// Starts it with an open-file limit of `nofile`, soft and hard (set between fork and
+    /// exec, as `LimitNOFILE=` does), holding `inherited` descriptors from the start (copies of
+    /// `/dev/null` at the top of its table, as from a parent that leaks them), and waits until
+    /// ready.
+    pub fn start_with_open_file_limit(config: &str, nofile: u64, inherited: u32) -> Agent {
+        let agent = Self::spawn_in(config, Vec::new(), Some((nofile, inherited)));
+        agent.wait_ready(Duration::from_secs(20));
+        agent
     }
 
     /// Starts it inside the cgroup `procs` files name (each a `cgroup.procs`, written between
     /// fork and exec) and in a cgroup namespace of its own rooted there, as a DaemonSet pod is on
     /// cgroup v2; waits until ready.
     pub fn start_in_cgroup_namespace(config: &str, procs: Vec<PathBuf>) -> Agent {
-        let agent = Self::spawn_in(config, procs);
+        let agent = Self::spawn_in(config, procs, None);
         agent.wait_ready(Duration::from_secs(20));
         agent
     }
 
-    fn spawn_in(config: &str, procs: Vec<PathBuf>) -> Agent {
+    fn spawn_in(config: &str, procs: Vec<PathBuf>, nofile: Option<(u64, u32)>) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let config_path = dir.path().join("tally.toml");
@@ -95,18 +105,46 @@ impl Agent {
         command
             .args(["agent", "--config"])
             .arg(&config_path)
-            .env("RUST_LOG", "info")
+            // `TALLY_TEST_LOG` raises the agent's log level while debugging a test.
+            .env(
+                "RUST_LOG",
+                std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .env_remove("TALLY_LISTEN")
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
-        if !procs.is_empty() {
+        // Copied into the agent's table below when it is to inherit descriptors.
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        if !procs.is_empty() || nofile.is_some() {
             use std::os::unix::process::CommandExt;
+            let null_fd = std::os::fd::AsRawFd::as_raw_fd(&null);
             // SAFETY: between fork and exec the closure only writes files whose paths were
-            // built beforehand and calls unshare(2).
+            // built beforehand and calls unshare(2), setrlimit(2) and dup2(2) on plain values;
+            // `null` outlives the spawn.
             unsafe {
                 command.pre_exec(move || {
+                    if let Some((n, inherited)) = nofile {
+                        let limit = libc::rlimit {
+                            rlim_cur: n,
+                            rlim_max: n,
+                        };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        // Far above the descriptors exec and the agent's start use; dup2 clears
+                        // close-on-exec on the copy.
+                        for i in 0..u64::from(inherited) {
+                            let fd = (n - 1 - i) as i32;
+                            if libc::dup2(null_fd, fd) != fd {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                        }
+                    }
+                    if procs.is_empty() {
+                        return Ok(());
+                    }
                     for p in &procs {
                         std::fs::write(p, b"0")?;
                     }
@@ -118,6 +156,7 @@ impl Agent {
             }
         }
         let child = command.spawn().expect("spawn tally");
+        drop(null);
         Agent {
             child,
             port,
@@ -181,6 +220,29 @@ impl Agent {
             "{what}: not seen within {timeout:?}; last scrape:\n{last}\nlog:\n{}",
             self.log()
         );
+    }
+
+    /// The rate of a counter the agent updates once a tick, over about `over`: measured from one
+    /// change of `value` to another, so the span holds whole ticks. Dividing a tick-stepped
+    /// counter by wall time between two arbitrary scrapes is off by up to a tick's worth (10 %
+    /// over 10 s at a 1 s tick).
+    pub fn tick_rate(&self, over: Duration, value: impl Fn(&str) -> f64) -> f64 {
+        let step = |from: f64| -> (f64, Instant) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let v = value(&self.scrape());
+                if v != from {
+                    return (v, Instant::now());
+                }
+                assert!(Instant::now() < deadline, "the counter stopped at {from}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let first = value(&self.scrape());
+        let (v0, t0) = step(first);
+        std::thread::sleep(over.saturating_sub(Duration::from_millis(500)));
+        let (v1, t1) = step(value(&self.scrape()));
+        (v1 - v0) / (t1 - t0).as_secs_f64()
     }
 
     pub fn signal(&self, sig: i32) {

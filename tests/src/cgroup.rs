@@ -44,6 +44,32 @@ impl TestCgroup {
         pid
     }
 
+    /// Starts `program args…` inside this cgroup from its first instruction (moved between fork
+    /// and exec, so everything it charges from exec on is the cgroup's) and leaves it running.
+    pub fn start(&mut self, program: &str, args: &[&str]) -> u32 {
+        use std::os::unix::process::CommandExt;
+        let procs: Vec<PathBuf> = self.dirs.iter().map(|d| d.join("cgroup.procs")).collect();
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: as in `run`: the closure only writes files whose paths were built beforehand.
+        unsafe {
+            command.pre_exec(move || {
+                for p in &procs {
+                    std::fs::write(p, b"0")?;
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("start in cgroup");
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
     /// Runs `program args…` inside this cgroup from its first instruction: the child moves itself
     /// (writes `0` to `cgroup.procs`) between fork and exec, so even the sockets it opens at once
     /// belong to the cgroup. Waits for it and returns its output.
@@ -63,6 +89,48 @@ impl TestCgroup {
             });
         }
         command.output().expect("run in cgroup")
+    }
+
+    /// Runs `program args…` inside this cgroup placed the way container runtimes place their
+    /// first process: a shell waits, asleep, for the move, and only then execs the program. A
+    /// process that moves itself while running (as `run` does) has the CPU time it used since the
+    /// kernel last accounted it charged to the new cgroup or the old one depending on when the
+    /// scheduler next looks, which nothing outside the kernel can see; a sleeping one has none.
+    /// Waits for the program and returns its output.
+    pub fn run_placed(&self, program: &str, args: &[&str]) -> std::process::Output {
+        use std::io::Write;
+        let mut child = Command::new("sh")
+            .args(["-c", "read _ready; exec \"$0\" \"$@\"", program])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let pid = child.id();
+        // Asleep: state `S` in /proc/<pid>/stat (after the command name, in parens).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            // In read(2), syscall 0 on x86-64, where the kernel says which syscall it sleeps in.
+            let syscall =
+                std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+            let in_read = !cfg!(target_arch = "x86_64") || syscall.starts_with("0 ");
+            if state == Some("S") && in_read {
+                break;
+            }
+            assert!(Instant::now() < deadline, "sh {pid} never waited: {stat}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.add(pid);
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin.write_all(b"\n").expect("release the shell");
+        drop(stdin);
+        child.wait_with_output().expect("wait")
     }
 
     /// The cgroup id of the first directory (the cgroup v2 one, when created there first).
@@ -103,6 +171,29 @@ impl TestCgroup {
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         self.remove();
+    }
+}
+
+/// A systemd-unit workload, `/system.slice/<prefix>-<tag>-<random>.service`, with one
+/// long-sleeping process (whose pid goes in fake-device scenarios).
+#[derive(Debug)]
+pub struct Unit {
+    pub name: String,
+    pub pid: u32,
+    _cgroup: TestCgroup,
+}
+
+impl Unit {
+    pub fn sleeping(unified: &Path, prefix: &str, tag: &str) -> Unit {
+        let name = format!("{prefix}-{tag}-{}.service", random_hex(6));
+        let mut cgroup =
+            TestCgroup::create(&[unified.to_path_buf()], &format!("/system.slice/{name}"));
+        let pid = cgroup.spawn("exec sleep 600");
+        Unit {
+            name,
+            pid,
+            _cgroup: cgroup,
+        }
     }
 }
 

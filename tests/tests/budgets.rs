@@ -5,18 +5,16 @@
 //!
 //! These tests measure shares of a CPU; `.config/nextest.toml` runs them alone.
 #![expect(
-    clippy::unwrap_used,
     clippy::expect_used,
     reason = "test helpers: a cgroup file that cannot be read is a failed test"
 )]
 
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tally_tests::agent::{sample, tally_bin, Agent};
 use tally_tests::cgroup::{random_hex, TestCgroup};
+use tally_tests::receiver::Receiver;
 use tally_tests::require;
 
 /// A cgroup named like a systemd service in the unified hierarchy and the v1 `cpu`, `cpuacct`
@@ -166,8 +164,14 @@ fn cpu_budgets_of_30_and_70_percent_hold_at_once() {
 
     let shares = share_over(&[&a, &b], 6.0);
     eprintln!("achieved shares: {shares:?} (targets 0.30, 0.70)");
-    assert!((shares[0] - 0.30).abs() <= 0.03, "{shares:?}");
-    assert!((shares[1] - 0.70).abs() <= 0.03, "{shares:?}");
+    // Never above its quota; below it only by what the suite's own parallel load on two cores
+    // took from the burner (a quota that was too tight fails the exact quota checks above).
+    for (share, target) in shares.iter().zip([0.30, 0.70]) {
+        assert!(
+            (target - 0.08..=target + 0.03).contains(share),
+            "{shares:?}"
+        );
+    }
 
     // A graceful stop releases both.
     agent.signal(libc::SIGTERM);
@@ -312,45 +316,6 @@ fn a_restart_keeps_the_windows_consumption() {
     eprintln!("usage {before:.2} before the restart, {after:.2} after ({used:.2} s used since)");
 }
 
-/// Bytes a loopback receiver got, sampled over time.
-struct Receiver {
-    port: u16,
-    total: Arc<Mutex<u64>>,
-}
-
-impl Receiver {
-    fn start() -> Receiver {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let total = Arc::new(Mutex::new(0u64));
-        let counter = total.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { return };
-                let counter = counter.clone();
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 1 << 16];
-                    while let Ok(n) = stream.read(&mut buf) {
-                        if n == 0 {
-                            return;
-                        }
-                        *counter.lock().unwrap() += n as u64;
-                    }
-                });
-            }
-        });
-        Receiver { port, total }
-    }
-
-    fn rate_over(&self, secs: f64) -> f64 {
-        let before = *self.total.lock().unwrap();
-        let t0 = Instant::now();
-        std::thread::sleep(Duration::from_secs_f64(secs));
-        let after = *self.total.lock().unwrap();
-        (after - before) as f64 / t0.elapsed().as_secs_f64()
-    }
-}
-
 #[test]
 fn an_egress_budget_of_10_mb_per_s_holds_and_sighup_raising_it_releases() {
     const TEST: &str = "an_egress_budget_of_10_mb_per_s_holds_and_sighup_raising_it_releases";
@@ -365,7 +330,13 @@ fn an_egress_budget_of_10_mb_per_s_holds_and_sighup_raising_it_releases() {
     };
     let state = tempfile::tempdir().unwrap();
     let name = format!("tally-budget-net-{}.service", random_hex(8));
-    let mut cgroup = TestCgroup::create(&[unified], &format!("/system.slice/{name}"));
+    // The sender runs in a child of the unit's cgroup (as in a `Delegate=` unit, or crun's
+    // `…/container`): metered as the unit's, and held by the limit on the unit's cgroup.
+    let _unit = TestCgroup::create(
+        std::slice::from_ref(&unified),
+        &format!("/system.slice/{name}"),
+    );
+    let mut cgroup = TestCgroup::create(&[unified], &format!("/system.slice/{name}/child"));
     let budget = |limit: f64| {
         format!(
             "{}[[budget]]\nname = \"egress\"\nresource = \"network_egress_bytes\"\nlimit = {limit}\nwindow = \"5s\"\naction = \"network\"\nselect.unit = \"{name}\"\n",
@@ -603,17 +574,47 @@ fn a_disk_budget_sets_per_device_throttle_rules_and_releases_them() {
     if let Some(dev) = device {
         assert!(written.contains(&format!("{dev} 2000000")), "{written}");
     }
-    // Held near the throttle (direct writes, 1 MiB each).
-    let usage = |t: &str| sample(t, "tally_workload_disk_write_bytes_total", &[&name]);
+    // Held near the throttle (direct writes, 1 MiB each, never idle), as the kernel counts what
+    // passed blk-throttle for this cgroup: at most the rate and a request's worth over it, and
+    // not starved below half of it.
+    let stats = rules.with_file_name("blkio.throttle.io_service_bytes");
+    let written = || -> f64 {
+        let text = std::fs::read_to_string(&stats).unwrap();
+        // `MAJ:MIN Write BYTES`, per device.
+        let writes = text.lines().filter_map(|l| {
+            let mut fields = l.split_whitespace().skip(1);
+            match (fields.next(), fields.next()) {
+                (Some("Write"), Some(n)) => n.parse::<f64>().ok(),
+                _ => None,
+            }
+        });
+        writes.sum()
+    };
+    // What /metrics shows for the unit is the figure the budget charges: it moves with the
+    // kernel's count, not with the kworker that dispatches the delayed writes.
+    let shown = |t: &str| sample(t, "tally_workload_disk_write_bytes_total", &[&name]);
     std::thread::sleep(Duration::from_secs(1));
-    let (b0, t0) = (usage(&agent.scrape()).unwrap_or(0.0), Instant::now());
+    let (b0, s0, t0) = (written(), shown(&agent.scrape()), Instant::now());
     std::thread::sleep(Duration::from_secs(4));
-    let rate = (usage(&agent.scrape()).unwrap_or(0.0) - b0) / t0.elapsed().as_secs_f64();
+    let (b1, s1) = (written(), shown(&agent.scrape()));
+    let rate = (b1 - b0) / t0.elapsed().as_secs_f64();
+    let shown_rate = (s1.expect("the unit's disk series") - s0.expect("the unit's disk series"))
+        / t0.elapsed().as_secs_f64();
     eprintln!(
-        "direct writes under a 2 MB/s disk throttle: {:.2} MB/s",
-        rate / 1e6
+        "direct writes under a 2 MB/s disk throttle: {:.2} MB/s (the agent shows {:.2} MB/s)",
+        rate / 1e6,
+        shown_rate / 1e6
     );
-    assert!(rate < 3e6, "{rate}; log:\n{}", agent.log());
+    assert!(
+        (1e6..=2e6 + 1048576.0 / 4.0).contains(&rate),
+        "{rate}; log:\n{}",
+        agent.log()
+    );
+    // Up to a tick and a request apart.
+    assert!(
+        (shown_rate - rate).abs() <= 0.5e6,
+        "shown {shown_rate} against the kernel's {rate}"
+    );
 
     agent.signal(libc::SIGTERM);
     agent.wait_exit(Duration::from_secs(6));

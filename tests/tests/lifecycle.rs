@@ -159,14 +159,33 @@ fn sd_notify_ready_and_stopping_reach_the_notify_socket() {
     assert!(child.wait().unwrap().success());
 }
 
+/// `/readyz` is 503 until the first tick has published, however long that takes, and 200 once it
+/// has; TALLY_LISTEN wins over the file's `agent.listen`. The first tick is held up by real input:
+/// under a cgroup root the test owns, a workload's `cpu.stat` is a FIFO nobody writes to yet, so
+/// reading it blocks until the test writes.
 #[test]
 fn readiness_is_503_until_the_first_tick_and_the_port_is_configurable_by_env() {
-    // A tick interval is not a delay before the first tick, so readiness comes at once; what this
-    // checks is that TALLY_LISTEN wins over the file and that the endpoint answers there.
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
     let port = tally_tests::agent::free_port();
     let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cgroup");
+    let unit = root.join("system.slice/held.service");
+    std::fs::create_dir_all(&unit).unwrap();
+    std::fs::write(root.join("cgroup.controllers"), "").unwrap();
+    let fifo = unit.join("cpu.stat");
+    let path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
     let config = dir.path().join("t.toml");
-    std::fs::write(&config, "[agent]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nlisten = \"127.0.0.1:1\"\n[paths]\ncgroup_root = \"{}\"\n[ebpf]\nenabled = false\n[rdma]\nenabled = false\n[cri]\nendpoints = []\n",
+            root.display()
+        ),
+    )
+    .unwrap();
     let mut child = std::process::Command::new(tally_tests::agent::tally_bin())
         .args(["agent", "--config"])
         .arg(&config)
@@ -175,16 +194,35 @@ fn readiness_is_503_until_the_first_tick_and_the_port_is_configurable_by_env() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match http_get(port, "/readyz", &[]) {
-            Ok(r) if r.status == 200 => break,
-            Ok(r) => assert_eq!(r.status, 503),
-            Err(_) => {}
+    let poll = |what: &str, want: u16| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(r) = http_get(port, "/readyz", &[]) {
+                return r.status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: nothing answers on the TALLY_LISTEN port (wanted {want})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
+    };
+    // Up, with the first tick held: 503, and still 503 a second later.
+    assert_eq!(poll("serving", 503), 503);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(poll("still held", 503), 503);
+    // Let the tick read its file: ready.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .unwrap()
+        .write_all(b"usage_usec 1000000\n")
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while poll("released", 200) != 200 {
         assert!(
             std::time::Instant::now() < deadline,
-            "not ready on TALLY_LISTEN port"
+            "not ready after the first tick could complete"
         );
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -276,6 +276,91 @@ fn traffic_into_configured_cidrs_lands_in_their_scopes() {
     assert_eq!(net(&text, "transmit_bytes", &unit, "internet"), None);
 }
 
+/// An address the node gains while the agent runs is `node` from the next tick: the agent follows
+/// address changes (rtnetlink), not only what it read at start. `lo` gets a TEST-NET-2 address
+/// after the agent is ready; datagrams to it are `node` once the agent has caught up, and from
+/// then on every one is.
+#[test]
+fn an_address_added_while_running_is_scope_node() {
+    const TEST: &str = "an_address_added_while_running_is_scope_node";
+    let Some(unified) = setup(TEST) else { return };
+    require::binary(TEST, "ip");
+    let agent = Agent::start("[agent]\ntick_interval_ms = 200\n[cri]\nendpoints = []\n");
+    let unit = format!("tally-addr-{}.service", random_hex(6));
+    let cg = TestCgroup::create(
+        std::slice::from_ref(&unified),
+        &format!("/system.slice/{unit}"),
+    );
+    let link = Dummy::create();
+    let send = |count: &str| {
+        let out = cg.run("python3", &["-c", SENDER, &link.addr, "9", count, "100"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Until the agent has read the new address, datagrams to it are `internet`.
+    let sent = std::cell::Cell::new(0.0);
+    agent.scrape_until(Duration::from_secs(15), "the new address as node", |t| {
+        if net(t, "transmit_packets", &unit, "node").is_some() {
+            return true;
+        }
+        send("1");
+        sent.set(sent.get() + 1.0);
+        false
+    });
+    let counted = |t: &str, scope| net(t, "transmit_packets", &unit, scope).unwrap_or(0.0);
+    let caught_up = agent.scrape_until(Duration::from_secs(5), "every datagram counted", |t| {
+        counted(t, "node") + counted(t, "internet") == sent.get()
+    });
+    let node = counted(&caught_up, "node");
+    let internet = counted(&caught_up, "internet");
+    send("5");
+    let text = agent.scrape_until(Duration::from_secs(5), "five more as node", |t| {
+        net(t, "transmit_packets", &unit, "node") == Some(node + 5.0)
+    });
+    assert_eq!(
+        counted(&text, "internet"),
+        internet,
+        "none of the five after catching up is internet"
+    );
+    assert_eq!(
+        net(&text, "transmit_bytes", &unit, "node"),
+        Some((node + 5.0) * 128.0)
+    );
+}
+
+/// A TEST-NET-2 address on `lo` (as a service VIP is often held), removed on drop.
+struct Dummy {
+    addr: String,
+}
+
+impl Dummy {
+    #[expect(clippy::unwrap_used, reason = "test helper")]
+    fn create() -> Dummy {
+        let addr = format!("198.51.100.{}", 1 + std::process::id() % 250);
+        let out = Command::new("ip")
+            .args(["addr", "add", &format!("{addr}/32"), "dev", "lo"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip addr add {addr}/32 dev lo: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Dummy { addr }
+    }
+}
+
+impl Drop for Dummy {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["addr", "del", &format!("{}/32", self.addr), "dev", "lo"])
+            .output();
+    }
+}
+
 /// Whether any NET_STATS map on the machine holds a key of `cgroup_id` (bpftool's JSON dump).
 #[expect(clippy::unwrap_used, reason = "test helper")]
 fn map_holds(cgroup_id: u64) -> bool {

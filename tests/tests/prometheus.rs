@@ -105,12 +105,14 @@ fn promtool_accepts_the_exposition() {
     std::fs::write(pod.join("cpu.stat"), "usage_usec broken\n").unwrap();
 
     let agent = Agent::start(&format!(
-        "[agent]\ntick_interval_ms = 100\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n[ebpf]\nenabled = false\n",
+        "[agent]\ntick_interval_ms = 100\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n[ebpf]\nenabled = false\n\
+         [prices]\ncpu_core_second = 0.01\ndisk_gb = 0.02\nmemory_gb_hour = 0.03\n",
         r.display()
     ));
     let text = agent.scrape_until(Duration::from_secs(5), "all families", |t| {
         t.contains("tally_collector_errors_total{")
             && t.contains("tally_workload_disk_write_bytes_total{")
+            && t.contains("resource=\"memory\"} ")
     });
     promtool_accepts(&promtool, &text);
     // The tick times every registered source, in registry order.

@@ -13,26 +13,13 @@ use std::time::{Duration, Instant};
 use tally_rdma::netlink::consts::{mask, mode};
 use tally_rdma::netlink::nldev::{CounterMode, DeviceInfo, Qp};
 use tally_tests::agent::{sample, tally_bin, Agent};
-use tally_tests::cgroup::{random_hex, TestCgroup};
+use tally_tests::cgroup::Unit;
 use tally_tests::fake_rdma::{FakeSysfs, Responder, Script, ScriptCounter};
 use tally_tests::require;
 
 /// A systemd-unit workload with one long-sleeping process.
-struct Unit {
-    name: String,
-    pid: u32,
-    _cgroup: TestCgroup,
-}
-
 fn unit(unified: &Path, tag: &str) -> Unit {
-    let name = format!("tally-rdma-{tag}-{}.service", random_hex(6));
-    let mut cgroup = TestCgroup::create(&[unified.to_path_buf()], &format!("/system.slice/{name}"));
-    let pid = cgroup.spawn("exec sleep 600");
-    Unit {
-        name,
-        pid,
-        _cgroup: cgroup,
-    }
+    Unit::sleeping(unified, "tally-rdma", tag)
 }
 
 fn setup(test: &str) -> Option<PathBuf> {

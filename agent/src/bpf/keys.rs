@@ -19,6 +19,8 @@ pub(super) struct Keys {
     pub reads: Key,
     pub writes: Key,
     pub latency: Key,
+    /// CPU time, the same series the cgroupfs collector reads (no `method`: one truth).
+    pub cpu: Key,
     /// By direction (receive, transmit), then bytes or packets, then scope.
     net: Vec<Key>,
 }
@@ -54,6 +56,7 @@ impl Keys {
             reads: with(&workload::DISK_OPERATIONS, "op", "read"),
             writes: with(&workload::DISK_OPERATIONS, "op", "write"),
             latency: bare(&workload::DISK_IO_LATENCY_SECONDS),
+            cpu: bare(&workload::CPU_SECONDS),
             net,
         }
     }

@@ -2,17 +2,19 @@
 //! per-cgroup-id cumulative counters into per-workload increments in the ledger, and deletes map
 //! entries of cgroups that are gone once their final values are in.
 
+mod churn;
 mod keys;
 mod sampler;
 mod scopes;
 mod source;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tally_ebpf::disk::{Disk, DiskConfig};
+use tally_ebpf::lifecycle::{Lifecycle, LifecycleConfig};
 use tally_ebpf::net::{Net, NetConfig};
 use tally_ebpf::tcp::{Tcp, TcpConfig};
 use tally_ebpf::throttle::EgressLimits;
@@ -27,7 +29,7 @@ use crate::config::Config;
 use crate::errors::ErrorCounts;
 use crate::host::layout::Layout;
 use crate::host::Discovery;
-use crate::identity::Workload;
+use crate::identity::{Identity, Workload};
 use crate::ledger::{Ledger, Observed};
 
 const COLLECTOR: &str = "ebpf";
@@ -39,6 +41,11 @@ pub struct BpfSources {
     net: Option<Net>,
     tcp: Option<Tcp>,
     disk: Option<Disk>,
+    /// Cgroups and tasks as they come and go.
+    churn: Option<churn::Churn>,
+    /// Workloads of cgroups gone since the last tick or two: made and removed between walks
+    /// (see `churn`), or listed by an earlier walk.
+    churned: churn::Gone,
     stats: StatsSampler,
     statuses: Vec<ProbeStatus>,
     /// Last cumulative value of each map entry.
@@ -46,16 +53,31 @@ pub struct BpfSources {
     last_tcp: HashMap<u64, TcpValue>,
     last_disk: HashMap<u64, DiskValue>,
     /// Cgroup id → workload as of the previous tick, for ids whose cgroup vanished since.
-    owners: HashMap<u64, Arc<Workload>>,
+    owners: HashMap<u64, Owner>,
     /// Counter updates the programs dropped on full maps, by map, as of the last tick.
     lost: Vec<(&'static str, u64)>,
+    /// The scope tries' contents, following the node's addresses.
+    scopes: scopes::NodeScopes,
+}
+
+/// The workload a cgroup id belongs to, and which cgroup of it: the id of the workload's own
+/// directory (a unit restarted, or a pod's container recreated, is the same workload in a new
+/// cgroup), 0 where that is not known.
+#[derive(Debug, Clone)]
+struct Owner {
+    workload: Arc<Workload>,
+    cgroup: u64,
 }
 
 /// Who a cgroup id belongs to this tick.
 struct Owners<'a> {
-    now: &'a HashMap<u64, Arc<Workload>>,
-    before: &'a HashMap<u64, Arc<Workload>>,
+    now: &'a HashMap<u64, Owner>,
+    before: &'a HashMap<u64, Owner>,
     live: &'a HashMap<u64, Option<usize>>,
+    churned: &'a churn::Gone,
+    /// Cgroups made since the last walk and not removed yet: their counts wait for the walk
+    /// that lists them, or the record of their removal.
+    pending: &'a HashSet<u64>,
     host: &'a Arc<Workload>,
     host_used: bool,
 }
@@ -65,18 +87,29 @@ impl Owners<'_> {
     /// the cgroup still exists.
     fn of(&mut self, cgroup_id: u64) -> (Arc<Workload>, bool) {
         let live = self.live.contains_key(&cgroup_id);
-        let workload = match self
-            .now
-            .get(&cgroup_id)
-            .or_else(|| self.before.get(&cgroup_id))
-        {
-            Some(w) => w.clone(),
+        let workload = match self.known(cgroup_id) {
+            Some(owner) => owner.workload,
             None => {
                 self.host_used = true;
                 self.host.clone()
             }
         };
         (workload, live)
+    }
+
+    /// Whether `cgroup_id` is a cgroup made since the last walk, whose owner is not known yet.
+    fn pending(&self, cgroup_id: u64) -> bool {
+        self.pending.contains(&cgroup_id)
+    }
+
+    /// The workload of `cgroup_id`, listed this tick or the last, or gone between walks; `None`
+    /// for the host.
+    fn known(&self, cgroup_id: u64) -> Option<Owner> {
+        self.now
+            .get(&cgroup_id)
+            .or_else(|| self.before.get(&cgroup_id))
+            .or_else(|| self.churned.get(&cgroup_id).map(|(owner, _)| owner))
+            .cloned()
     }
 }
 
@@ -110,6 +143,7 @@ impl BpfSources {
             Duration::from_secs(config.ebpf.program_stats_every_secs),
         );
         sources.stats.tick(Instant::now());
+        sources.scopes = scopes::NodeScopes::new(config);
         let disabled = &config.ebpf.disabled_methods;
         let net = match (&layout.unified, disabled.iter().any(|m| m == "cgroup_skb")) {
             (_, true) => Err("disabled by `ebpf.disabled_methods`".to_owned()),
@@ -117,7 +151,7 @@ impl BpfSources {
             (Some(root), false) => Net::load(&NetConfig {
                 cgroup2_root: root.clone(),
                 max_entries: config.ebpf.max_net_entries,
-                scopes: scopes::scope_ranges(config),
+                scopes: sources.scopes.ranges(),
             })
             .map_err(|e| chain(&e)),
         };
@@ -139,6 +173,13 @@ impl BpfSources {
             disabled_methods: disabled.clone(),
         });
         sources.disk = disk;
+        sources.statuses.push(status);
+        let (lifecycle, status) = Lifecycle::load(&LifecycleConfig {
+            max_entries: config.ebpf.max_cgroup_entries,
+            disabled_methods: disabled.clone(),
+        });
+        let unified = layout.unified.as_deref();
+        sources.churn = lifecycle.map(|l| churn::Churn::new(l, unified));
         sources.statuses.push(status);
         for status in &sources.statuses {
             match (&status.error, status.up) {
@@ -172,7 +213,24 @@ impl BpfSources {
             );
         }
         if let Some(net) = &mut self.net {
-            if let Err(e) = net.set_scopes(&scopes::scope_ranges(config)) {
+            self.scopes.reconfigure(config);
+            if let Err(e) = net.set_scopes(&self.scopes.ranges()) {
+                errors.record(COLLECTOR, "map", || chain(&e));
+            }
+        }
+    }
+
+    /// Updates scope `node` when the node's addresses changed.
+    fn follow_addresses(&mut self, errors: &mut ErrorCounts) {
+        let Some(net) = &mut self.net else {
+            return;
+        };
+        let now = Instant::now();
+        if !self.scopes.due(now) {
+            return;
+        }
+        if let Some(ranges) = self.scopes.update(now, scopes::node_addresses()) {
+            if let Err(e) = net.set_scopes(&ranges) {
                 errors.record(COLLECTOR, "map", || chain(&e));
             }
         }
@@ -190,11 +248,13 @@ impl BpfSources {
             .unwrap_or_default();
         stats.extend(self.tcp.iter().flat_map(Tcp::program_stats));
         stats.extend(self.disk.iter().flat_map(Disk::program_stats));
+        let churn = self.churn.iter().flat_map(|c| c.source().program_stats());
+        stats.extend(churn);
         stats
     }
 
     /// Updates lost to full maps, by map.
-    fn read_lost(&self, errors: &mut ErrorCounts) -> Vec<(&'static str, u64)> {
+    fn read_lost(&mut self, errors: &mut ErrorCounts) -> Vec<(&'static str, u64)> {
         let mut lost = Vec::new();
         let mut push = |map, result: Result<u64, tally_ebpf::Error>| match result {
             Ok(n) => lost.push((map, n)),
@@ -209,29 +269,51 @@ impl BpfSources {
         if let Some(disk) = &self.disk {
             push("DISK_STATS", disk.lost());
         }
+        if let Some(churn) = &mut self.churn {
+            lost.push(("EXIT_CPU", churn.read_lost(errors)));
+        }
         lost
     }
 
     /// Reads the maps and adds what grew since the last tick to the owning workloads.
     /// `workloads[i]` is the workload of `discovery.found[i]`; ids of cgroups that are not
-    /// workloads go to `host`.
+    /// workloads go to `host`. Cgroups made and removed since the last walk are learnt of first,
+    /// so what was counted under their ids is theirs.
     fn collect_maps(
         &mut self,
         discovery: &Discovery,
         workloads: &[Arc<Workload>],
         host: &Arc<Workload>,
+        identity: &mut Identity,
         ledger: &mut Ledger,
         errors: &mut ErrorCounts,
     ) {
-        let now: HashMap<u64, Arc<Workload>> = discovery
+        self.churned.retain(|_, (_, age)| {
+            *age += 1;
+            *age <= churn::LATE_TICKS
+        });
+        if let Some(churn) = &mut self.churn {
+            churn.learn(&mut self.churned, discovery, identity, ledger, errors);
+        }
+        let now: HashMap<u64, Owner> = discovery
             .v2_ids
             .iter()
-            .filter_map(|(id, owner)| Some((*id, workloads.get((*owner)?)?.clone())))
+            .filter_map(|(id, index)| {
+                let index = (*index)?;
+                let owner = Owner {
+                    workload: workloads.get(index)?.clone(),
+                    cgroup: discovery.found.get(index)?.cgroup_id,
+                };
+                Some((*id, owner))
+            })
             .collect();
+        let pending = self.churn.as_ref().map(|c| c.pending()).unwrap_or_default();
         let mut owners = Owners {
             now: &now,
             before: &self.owners,
             live: &discovery.v2_ids,
+            churned: &self.churned,
+            pending: &pending,
             host,
             host_used: false,
         };
@@ -300,6 +382,11 @@ impl BpfSources {
                 errors.record(COLLECTOR, "map", || chain(&e));
             }
         }
+        if let Some(churn) = &mut self.churn {
+            let live: HashSet<&crate::host::path::PathIdentity> =
+                workloads.iter().map(|w| &w.identity).collect();
+            churn.bill_exits(discovery, &live, &mut owners, ledger, errors);
+        }
         if owners.host_used {
             ledger.touch(host);
         }
@@ -317,6 +404,13 @@ impl BpfSources {
                 let mut row = ledger.row(w);
                 row.add(&KEYS.disk_read, 0.0);
                 row.add(&KEYS.disk_write, 0.0);
+            }
+        }
+        // Ids listed last tick and not now stay known a while: a task is counted when it is
+        // freed, which can come after the tick that found its cgroup gone.
+        for (id, owner) in self.owners.drain() {
+            if !now.contains_key(&id) {
+                self.churned.insert(id, (owner, 0));
             }
         }
         self.owners = now;
@@ -355,6 +449,9 @@ fn per_cgroup<V: Copy + Default>(
     };
     let mut gone = Vec::new();
     for (id, value) in entries {
+        if owners.pending(id) {
+            continue;
+        }
         let (workload, live) = owners.of(id);
         let before = swap(last, id, value);
         add(&workload, &value, &before);
@@ -382,6 +479,9 @@ fn collect_net(
     };
     let mut gone = Vec::new();
     for (key, value) in entries {
+        if owners.pending(key.cgroup_id) {
+            continue;
+        }
         let (workload, live) = owners.of(key.cgroup_id);
         let before = swap(last, key, value);
         let packets = delta(value.packets, before.packets);

@@ -20,7 +20,15 @@ impl Source for BpfSources {
     }
 
     fn collect(&mut self, ctx: &mut TickCtx<'_>, ledger: &mut Ledger) {
-        self.collect_maps(ctx.discovery, ctx.workloads, ctx.host, ledger, ctx.errors);
+        self.follow_addresses(ctx.errors);
+        self.collect_maps(
+            ctx.discovery,
+            ctx.workloads,
+            ctx.host,
+            ctx.identity,
+            ledger,
+            ctx.errors,
+        );
         self.lost = self.read_lost(ctx.errors);
         self.stats.tick(Instant::now());
     }
@@ -50,7 +58,15 @@ impl Source for BpfSources {
         for (map, n) in &self.lost {
             lost.push_labeled(vec![("map", Arc::from(*map))], *n as f64);
         }
-        vec![run_seconds, runs, stats_held, lost]
+        let missed = self.churn.as_ref().map(|c| c.missed());
+        [run_seconds, runs, stats_held, lost]
+            .into_iter()
+            .chain(missed)
+            .collect()
+    }
+
+    fn cgroup_changes(&self) -> Option<u64> {
+        self.churn.as_ref()?.source().changes().ok()
     }
 
     fn reconfigure(&mut self, config: &Config, _layout: &Layout, errors: &mut ErrorCounts) {

@@ -39,40 +39,18 @@ pub fn salvage(dir: &Path, now: u64) -> std::io::Result<Salvaged> {
     let text = std::fs::read(&path)?;
     let mut restored = 0;
     let mut errors = Vec::new();
-    let mut undo = |file: &str, value: &str| {
-        let file = Path::new(file);
-        let known = file
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| CONTROL_FILES.contains(&n));
-        if !known {
+    for undo in undos(&text) {
+        let file = Path::new(&undo.file);
+        if !undo.control_file {
             errors.push(format!(
                 "{}: not a cgroup control file; left alone",
                 file.display()
             ));
-            return;
+            continue;
         }
-        match write_existing(file, value) {
+        match write_existing(file, &undo.value) {
             Ok(()) => restored += 1,
             Err(e) => errors.push(format!("{}: {e}", file.display())),
-        }
-    };
-    let parsed: Option<Value> = serde_json::from_slice(&text).ok();
-    let throttles = parsed
-        .as_ref()
-        .and_then(|v| v.get("throttles"))
-        .and_then(Value::as_array);
-    for t in throttles.into_iter().flatten() {
-        if let Some(freeze) = t.get("freeze").and_then(Value::as_str) {
-            undo(freeze, thawed_value(Path::new(freeze)));
-        }
-        let writes = t.get("writes").and_then(Value::as_array);
-        for w in writes.into_iter().flatten().rev() {
-            let file = w.get("path").and_then(Value::as_str);
-            let original = w.get("original").and_then(Value::as_str);
-            if let (Some(file), Some(original)) = (file, original) {
-                undo(file, original);
-            }
         }
     }
     let kept_as = dir.join(format!("{FILE_NAME}.unreadable-{now}"));
@@ -82,6 +60,52 @@ pub fn salvage(dir: &Path, now: u64) -> std::io::Result<Salvaged> {
         restored,
         errors,
     })
+}
+
+/// One write that undoes a throttle recorded in an unreadable state file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undo {
+    pub file: String,
+    pub value: String,
+    /// Whether `file` is a cgroup control file a throttle writes; only those are written.
+    pub control_file: bool,
+}
+
+/// What the unreadable state file `text` still says of its throttles, in the order to undo it:
+/// per throttle, its freeze file thawed, then its writes restored last first. Reads anything
+/// that parses as JSON, however far from the current format; nothing otherwise.
+pub fn undos(text: &[u8]) -> Vec<Undo> {
+    let mut out = Vec::new();
+    let mut push = |file: &str, value: &str| {
+        let control_file = Path::new(file)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| CONTROL_FILES.contains(&n));
+        out.push(Undo {
+            file: file.to_owned(),
+            value: value.to_owned(),
+            control_file,
+        });
+    };
+    let parsed: Option<Value> = serde_json::from_slice(text).ok();
+    let throttles = parsed
+        .as_ref()
+        .and_then(|v| v.get("throttles"))
+        .and_then(Value::as_array);
+    for t in throttles.into_iter().flatten() {
+        if let Some(freeze) = t.get("freeze").and_then(Value::as_str) {
+            push(freeze, thawed_value(Path::new(freeze)));
+        }
+        let writes = t.get("writes").and_then(Value::as_array);
+        for w in writes.into_iter().flatten().rev() {
+            let file = w.get("path").and_then(Value::as_str);
+            let original = w.get("original").and_then(Value::as_str);
+            if let (Some(file), Some(original)) = (file, original) {
+                push(file, original);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -58,6 +58,10 @@ pub struct FileWrite {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Egress {
     pub cgroup_id: u64,
+    /// The cgroup's level in the cgroup2 hierarchy, by which the egress program finds it among a
+    /// socket's ancestors; `None` in records written before levels were kept.
+    #[serde(default)]
+    pub level: Option<u32>,
     pub scope: Option<u32>,
 }
 
@@ -111,13 +115,18 @@ impl State {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
             Err(source) => return Err(StateError::Read { path, source }),
         };
-        let state: State = serde_json::from_str(&text).map_err(|source| StateError::Parse {
-            path: path.clone(),
+        Self::parse(&text, &path)
+    }
+
+    /// Parses the text of the state file at `path` (named in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<State, StateError> {
+        let state: State = serde_json::from_str(text).map_err(|source| StateError::Parse {
+            path: path.to_path_buf(),
             source,
         })?;
         if state.version != VERSION {
             return Err(StateError::Version {
-                path,
+                path: path.to_path_buf(),
                 found: state.version,
             });
         }

@@ -123,7 +123,8 @@ impl Window {
                 buckets
                     .iter()
                     .map(|(start, amount)| {
-                        let (s, e) = (*start as f64, (*start + *bucket) as f64);
+                        // In f64: a restored bucket's start can be anything, even near u64::MAX.
+                        let (s, e) = (*start as f64, *start as f64 + *bucket as f64);
                         // The part of the bucket inside the window, assuming even use within it.
                         let inside = ((e - from) / (e - s)).clamp(0.0, 1.0);
                         amount * inside
@@ -174,6 +175,17 @@ mod tests {
         assert!(restored(1).fits(&b));
         assert!(!restored(0).fits(&b));
         assert!(!restored(2).fits(&b));
+    }
+
+    #[test]
+    fn a_restored_bucket_dated_at_the_end_of_time_does_not_overflow() {
+        let mut w = Window::Sliding {
+            length: 60,
+            bucket: 1,
+            buckets: VecDeque::from([(u64::MAX, 2.0), (100, 1.0)]),
+        };
+        // The bucket from the future counts whole; the one at 100 s has left the window.
+        assert_eq!(w.usage(1_000.0), 2.0);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The agent's own families: build, ticks, probes, errors, eBPF program cost, OTLP and alert delivery.
+//! The agent's own families: build, ticks, probes, errors, kept-open cgroup files, eBPF program cost,
+//! OTLP and alert delivery.
 
 use tally_exporters::{Kind, Metric};
 
@@ -27,6 +28,42 @@ pub static COLLECTOR_ERRORS: Metric = Metric {
     unit: "",
     per_workload: false,
     labels: &["collector", "reason"],
+};
+
+pub static CGROUPFS_OPEN_FILES: Metric = Metric {
+    name: "tally_cgroupfs_open_files",
+    help: "Cgroup files the cgroupfs collector keeps open, each read with one pread a tick.",
+    kind: Kind::Gauge,
+    unit: "",
+    per_workload: false,
+    labels: &[],
+};
+
+pub static CGROUPFS_OPEN_FILES_LIMIT: Metric = Metric {
+    name: "tally_cgroupfs_open_files_limit",
+    help: "How many cgroup files the cgroupfs collector may keep open: the open-file limit less a reserve for the rest of the agent (an eighth, at least 256), lowered by a reserve each tick the limit is met anyway.",
+    kind: Kind::Gauge,
+    unit: "",
+    per_workload: false,
+    labels: &[],
+};
+
+pub static CGROUPFS_PATH_READS: Metric = Metric {
+    name: "tally_cgroupfs_path_reads_total",
+    help: "Cgroup file reads that opened the file by path and closed it again, for files beyond tally_cgroupfs_open_files_limit.",
+    kind: Kind::Counter,
+    unit: "",
+    per_workload: false,
+    labels: &[],
+};
+
+pub static CGROUPFS_READ_INTERVAL: Metric = Metric {
+    name: "tally_cgroupfs_read_interval_seconds",
+    help: "How often the cgroup files of a workload that no budget selects are read (cgroupfs.read_interval_ms, at least one tick); budgeted and new workloads are read every tick.",
+    kind: Kind::Gauge,
+    unit: "seconds",
+    per_workload: false,
+    labels: &[],
 };
 
 pub static PROBE_UP: Metric = Metric {
@@ -99,6 +136,24 @@ pub static EBPF_MAP_UPDATES_LOST: Metric = Metric {
     unit: "",
     per_workload: false,
     labels: &["map"],
+};
+
+pub static CGROUP_WALKS: Metric = Metric {
+    name: "tally_cgroup_walks_total",
+    help: "Ticks by how they found the workloads: walked the cgroup hierarchies, or reused the last walk because no cgroup was made or removed since (the lifecycle probe says so; a walk at least every 60 ticks regardless).",
+    kind: Kind::Counter,
+    unit: "",
+    per_workload: false,
+    labels: &["result"],
+};
+
+pub static WORKLOADS_MISSED: Metric = Metric {
+    name: "tally_workloads_missed_total",
+    help: "Cgroups that may have lived and died between two walks without a row: their creation record was dropped (reason event_lost) or their path could not be read (path_unreadable). Their usage stayed with the host row or the workload above them.",
+    kind: Kind::Counter,
+    unit: "",
+    per_workload: false,
+    labels: &["reason"],
 };
 
 pub static OTLP_BATCHES: Metric = Metric {

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod budget;
+pub mod cost;
 pub mod gpu;
 pub mod rdma;
 pub mod workload;
@@ -79,6 +80,8 @@ pub static ALL: &[&Metric] = &[
     &rdma::PORT_HW_COUNTERS,
     &rdma::PORT_PER_PROCESS,
     &rdma::QP_COUNTERS,
+    &cost::WORKLOAD_COST,
+    &cost::PRICE,
     &workload::INFO,
     &budget::USAGE_RATIO,
     &budget::USAGE,
@@ -92,6 +95,10 @@ pub static ALL: &[&Metric] = &[
     &agent::BUILD_INFO,
     &agent::WORKLOADS,
     &agent::COLLECTOR_ERRORS,
+    &agent::CGROUPFS_OPEN_FILES,
+    &agent::CGROUPFS_OPEN_FILES_LIMIT,
+    &agent::CGROUPFS_PATH_READS,
+    &agent::CGROUPFS_READ_INTERVAL,
     &agent::PROBE_UP,
     &agent::TICKS,
     &agent::TICK_DURATION_SECONDS,
@@ -100,6 +107,8 @@ pub static ALL: &[&Metric] = &[
     &agent::EBPF_PROGRAM_RUNS,
     &agent::EBPF_PROGRAM_STATS_SECONDS,
     &agent::EBPF_MAP_UPDATES_LOST,
+    &agent::CGROUP_WALKS,
+    &agent::WORKLOADS_MISSED,
     &agent::OTLP_BATCHES,
     &agent::OTLP_EXPORT_FAILURES,
     &agent::OTLP_QUEUE_BATCHES,

@@ -1,10 +1,11 @@
-//! One workload's cgroup files, chosen once and kept open.
+//! One workload's cgroup files, chosen once and kept open while the fd budget allows.
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
+use super::fds::{is_fd_limit, pread_all, Fds};
+use super::stacks::Stacks;
 use super::{parse, Reading, COLLECTOR};
 use crate::errors::ErrorCounts;
 use crate::host::layout::Layout;
@@ -19,7 +20,7 @@ enum Format {
     Blkio,
 }
 
-/// A cgroup file, open when the fd limit allowed it, else read by path each time.
+/// A cgroup file, kept open when the fd budget had room, else opened by path for each read.
 #[derive(Debug)]
 struct CgroupFile {
     path: PathBuf,
@@ -43,19 +44,20 @@ pub(super) struct WorkloadFiles {
 }
 
 impl WorkloadFiles {
-    /// Picks each measurement's file (see the module doc) and opens it.
-    pub(super) fn resolve(layout: &Layout, rel: &str, errors: &mut ErrorCounts) -> WorkloadFiles {
+    /// Picks each measurement's file (see the module doc); the first read opens it.
+    pub(super) fn resolve(layout: &Layout, rel: &str) -> WorkloadFiles {
         let rel = rel.trim_start_matches('/');
         let v2 = layout.unified.as_deref().map(|r| r.join(rel));
         let v1 = |root: &Option<PathBuf>| root.as_deref().map(|r| r.join(rel));
-        let mut first = |candidates: [(Option<PathBuf>, &str, Format); 2]| {
-            candidates
-                .into_iter()
-                .find_map(|(dir, name, format)| {
-                    let path = dir?.join(name);
-                    path.exists().then_some((path, format))
+        let first = |candidates: [(Option<PathBuf>, &str, Format); 2]| {
+            candidates.into_iter().find_map(|(dir, name, format)| {
+                let path = dir?.join(name);
+                path.exists().then_some(CgroupFile {
+                    path,
+                    file: None,
+                    format,
                 })
-                .map(|(path, format)| CgroupFile::open(path, format, errors))
+            })
         };
         WorkloadFiles {
             cpu: first([
@@ -82,13 +84,58 @@ impl WorkloadFiles {
         self.cpu.is_none() || self.memory.is_none() || self.io.is_none()
     }
 
-    pub(super) fn read(&mut self, buf: &mut Vec<u8>, errors: &mut ErrorCounts) -> Reading {
+    /// Looks again for the measurements that have no file, keeping the files it has (and their
+    /// descriptors) as they are.
+    pub(super) fn fill_missing(&mut self, layout: &Layout, rel: &str) {
+        let found = WorkloadFiles::resolve(layout, rel);
+        for (slot, file) in [
+            (&mut self.cpu, found.cpu),
+            (&mut self.memory, found.memory),
+            (&mut self.io, found.io),
+        ] {
+            if slot.is_none() {
+                *slot = file;
+            }
+        }
+    }
+
+    /// How many of its files are kept open.
+    pub(super) fn open_count(&self) -> usize {
+        self.files().filter(|f| f.file.is_some()).count()
+    }
+
+    /// Closes up to `n` of its kept-open files (they are read by path from then on); returns how
+    /// many it closed.
+    pub(super) fn close_kept(&mut self, n: usize) -> usize {
+        let mut closed = 0;
+        for file in [&mut self.cpu, &mut self.memory, &mut self.io]
+            .into_iter()
+            .flatten()
+        {
+            if closed < n && file.file.take().is_some() {
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    fn files(&self) -> impl Iterator<Item = &CgroupFile> {
+        [&self.cpu, &self.memory, &self.io].into_iter().flatten()
+    }
+
+    pub(super) fn read(
+        &mut self,
+        buf: &mut Vec<u8>,
+        stacks: &mut Stacks,
+        fds: &mut Fds,
+        errors: &mut ErrorCounts,
+    ) -> Reading {
         let mut reading = Reading::default();
         for file in [&mut self.cpu, &mut self.memory, &mut self.io]
             .into_iter()
             .flatten()
         {
-            match file.read(buf, errors) {
+            match file.read(buf, stacks, fds, errors) {
                 Read::Cpu(s) => reading.cpu_seconds = Some(s),
                 Read::Bytes(b) => reading.memory_bytes = Some(b as f64),
                 Read::Io(r, w) => {
@@ -103,36 +150,25 @@ impl WorkloadFiles {
 }
 
 impl CgroupFile {
-    fn open(path: PathBuf, format: Format, errors: &mut ErrorCounts) -> CgroupFile {
-        let file = match File::open(&path) {
-            Ok(f) => Some(f),
-            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
-                errors.record(COLLECTOR, "fd_limit", || {
-                    format!(
-                        "opening {}: {e}; reading by path instead (raise LimitNOFILE)",
-                        path.display()
-                    )
-                });
-                None
-            }
-            // Gone or unreadable: the read below reports it.
-            Err(_) => None,
-        };
-        CgroupFile { path, file, format }
-    }
-
-    fn read(&mut self, buf: &mut Vec<u8>, errors: &mut ErrorCounts) -> Read {
+    fn read(
+        &mut self,
+        buf: &mut Vec<u8>,
+        stacks: &mut Stacks,
+        fds: &mut Fds,
+        errors: &mut ErrorCounts,
+    ) -> Read {
         let len = match &self.file {
             Some(file) => pread_all(file, buf),
-            None => std::fs::read(&self.path).map(|bytes| {
-                let n = bytes.len();
-                *buf = bytes;
-                n
+            None => fds.read(&self.path, buf, errors).map(|read| {
+                self.file = read.keep;
+                read.len
             }),
         };
         let len = match len {
             Ok(len) => len,
             Err(e) if is_gone(&e) => return Read::Nothing,
+            // Counted where it was met (`reason="fd_limit"`).
+            Err(e) if is_fd_limit(&e) => return Read::Nothing,
             Err(e) => {
                 let path = &self.path;
                 errors.record(COLLECTOR, "read", || {
@@ -146,8 +182,11 @@ impl CgroupFile {
             Format::CpuStat => parse::cpu_stat_seconds(&text).map(Read::Cpu),
             Format::CpuacctUsage => parse::cpuacct_usage_seconds(&text).map(Read::Cpu),
             Format::Single => parse::single(&text).map(Read::Bytes),
-            Format::IoStat => parse::io_stat_bytes(&text).map(|(r, w)| Read::Io(r, w)),
-            Format::Blkio => parse::blkio_bytes(&text).map(|(r, w)| Read::Io(r, w)),
+            Format::IoStat => parse::io_stat_bytes(&text, |dev| stacks.is_stacked(dev))
+                .map(|(r, w)| Read::Io(r, w)),
+            Format::Blkio => {
+                parse::blkio_bytes(&text, |dev| stacks.is_stacked(dev)).map(|(r, w)| Read::Io(r, w))
+            }
         };
         parsed.unwrap_or_else(|| {
             let path = &self.path;
@@ -159,20 +198,56 @@ impl CgroupFile {
     }
 }
 
-/// Reads the whole file from offset 0 into `buf`, growing it when the file does not fit.
-fn pread_all(file: &File, buf: &mut Vec<u8>) -> io::Result<usize> {
-    loop {
-        let n = file.read_at(buf, 0)?;
-        if n < buf.len() {
-            return Ok(n);
-        }
-        // A seq_file returns at most what fits; read again with room to spare.
-        let grown = buf.len() * 2;
-        buf.resize(grown, 0);
-    }
-}
-
 /// ENOENT, or ENODEV which cgroupfs returns for a file of a cgroup being removed.
 fn is_gone(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::layout::Mode;
+
+    /// A workload that wrote through dm-0 (253:0, on 8:0) and read 8:16 directly: its bytes
+    /// from io.stat, the dm layer and the disk below it counted once.
+    #[test]
+    fn io_stat_counts_a_stack_once_from_the_fixture_sysfs() {
+        let root = tempfile::tempdir().unwrap();
+        let cgroup = root.path().join("cgroup/w");
+        std::fs::create_dir_all(&cgroup).unwrap();
+        std::fs::write(
+            cgroup.join("io.stat"),
+            "253:0 rbytes=0 wbytes=2097152 rios=0 wios=2 dbytes=0 dios=0\n\
+             8:0 rbytes=0 wbytes=2097152 rios=0 wios=2 dbytes=0 dios=0\n\
+             8:16 rbytes=12288 wbytes=0 rios=3 wios=0 dbytes=0 dios=0\n",
+        )
+        .unwrap();
+        let sys = root.path().join("sys");
+        for dev in ["8:0", "8:16", "253:0"] {
+            std::fs::create_dir_all(sys.join("dev/block").join(dev).join("slaves")).unwrap();
+        }
+        std::fs::create_dir(sys.join("dev/block/253:0/slaves/sda")).unwrap();
+        let layout = Layout {
+            mode: Mode::V2,
+            unified: Some(root.path().join("cgroup")),
+            cpuacct: None,
+            memory: None,
+            blkio: None,
+            cpu: None,
+            freezer: None,
+        };
+        let mut errors = ErrorCounts::default();
+        let mut files = WorkloadFiles::resolve(&layout, "/w");
+        let mut fds = Fds::for_limit(1024, Box::new(super::super::fds::Kernel));
+        let reading = files.read(
+            &mut vec![0; 64],
+            &mut Stacks::new(&sys),
+            &mut fds,
+            &mut errors,
+        );
+        assert_eq!(
+            (reading.disk_read_bytes, reading.disk_write_bytes),
+            (Some(12288.0), Some(2097152.0))
+        );
+    }
 }

@@ -5,7 +5,7 @@ use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use tally_gpu::LibraryStatus;
+use tally_gpu::{LibraryStatus, MigProcesses};
 
 use super::{Item, Status};
 use crate::host::layout::{Layout, Mode};
@@ -148,7 +148,39 @@ pub(super) fn cgroup_mode_item(cgroup_root: &Path) -> Item {
     }
 }
 
-pub(super) fn nvml_item(status: LibraryStatus) -> Item {
+/// How one sampling round listed the processes of each MIG-enabled GPU.
+pub(super) fn mig_process_lists(library: Option<&std::path::Path>) -> Vec<(String, MigProcesses)> {
+    let options = tally_gpu::GpuOptions {
+        library: library.map(std::path::Path::to_path_buf),
+    };
+    let Ok(mut sampler) = tally_gpu::Sampler::start(&options) else {
+        return Vec::new();
+    };
+    sampler
+        .sample()
+        .devices
+        .into_iter()
+        .filter_map(|d| Some((d.uuid, d.mig_processes?)))
+        .collect()
+}
+
+/// The NVML item; `mig` says, per MIG-enabled GPU, which way its processes were listed.
+pub(super) fn nvml_item(status: LibraryStatus, mig: &[(String, MigProcesses)]) -> Item {
+    let mut item = nvml_status_item(status);
+    for (uuid, way) in mig {
+        item.detail.push_str(&format!("; {uuid}: "));
+        item.detail.push_str(match way {
+            MigProcesses::GpuHandle => "MIG processes listed by the GPU handle",
+            MigProcesses::MigHandles => {
+                "MIG processes listed per MIG device (the GPU handle lists none: \
+                 no MIG monitor capability, NVIDIA_MIG_MONITOR_DEVICES=all grants it)"
+            }
+        });
+    }
+    item
+}
+
+fn nvml_status_item(status: LibraryStatus) -> Item {
     const NAME: &str = "nvml";
     match status {
         LibraryStatus::Ready {

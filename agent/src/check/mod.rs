@@ -203,7 +203,17 @@ pub fn gather(config: &Config) -> Report {
             "tracepoint programs cannot find their event ids \
              (mount -t tracefs nodev /sys/kernel/tracing)",
         ),
-        nvml_item(tally_gpu::probe_library(config.gpu.nvml_library.as_deref())),
+        {
+            let library = config.gpu.nvml_library.as_deref();
+            let status = tally_gpu::probe_library(library);
+            let mig = match status {
+                tally_gpu::LibraryStatus::Ready { devices, .. } if devices > 0 => {
+                    mig_process_lists(library)
+                }
+                _ => Vec::new(),
+            };
+            nvml_item(status, &mig)
+        },
         rdma::rdma_item(config),
         privileges_item(&paths.proc_root, release.as_deref()),
         process_cgroups_item(&paths.proc_root),

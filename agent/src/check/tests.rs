@@ -5,7 +5,7 @@ use super::host::*;
 use super::mounts::*;
 use super::privileges::*;
 use super::*;
-use tally_gpu::LibraryStatus;
+use tally_gpu::{LibraryStatus, MigProcesses};
 
 /// A fixture node: `proc/`, `sys/`, `cgroup/` under one temp dir.
 struct Node {
@@ -307,17 +307,42 @@ fn nvml_status_maps_to_item_status() {
         devices,
         driver_version: "550.54.15".into(),
     };
-    assert_eq!(nvml_item(ready(8)).status, Status::Ok);
-    assert_eq!(nvml_item(ready(8)).detail, "8 GPU(s), driver 550.54.15");
-    assert_eq!(nvml_item(ready(0)).status, Status::Absent);
+    assert_eq!(nvml_item(ready(8), &[]).status, Status::Ok);
+    assert_eq!(
+        nvml_item(ready(8), &[]).detail,
+        "8 GPU(s), driver 550.54.15"
+    );
+    assert_eq!(nvml_item(ready(0), &[]).status, Status::Absent);
     let not_found = LibraryStatus::NotFound {
         detail: "libnvidia-ml.so.1: cannot open".into(),
     };
-    assert_eq!(nvml_item(not_found).status, Status::Absent);
+    assert_eq!(nvml_item(not_found, &[]).status, Status::Absent);
     let failed = LibraryStatus::Failed {
         detail: "driver/library version mismatch".into(),
     };
-    assert_eq!(nvml_item(failed).status, Status::Degraded);
+    assert_eq!(nvml_item(failed, &[]).status, Status::Degraded);
+}
+
+#[test]
+fn the_nvml_item_says_how_mig_processes_are_listed() {
+    let ready = LibraryStatus::Ready {
+        devices: 2,
+        driver_version: "550.54.15".into(),
+    };
+    let item = nvml_item(
+        ready,
+        &[
+            ("GPU-a".into(), MigProcesses::GpuHandle),
+            ("GPU-b".into(), MigProcesses::MigHandles),
+        ],
+    );
+    assert_eq!(item.status, Status::Ok);
+    assert_eq!(
+        item.detail,
+        "2 GPU(s), driver 550.54.15; GPU-a: MIG processes listed by the GPU handle; \
+         GPU-b: MIG processes listed per MIG device (the GPU handle lists none: no MIG \
+         monitor capability, NVIDIA_MIG_MONITOR_DEVICES=all grants it)"
+    );
 }
 
 #[test]

@@ -29,6 +29,8 @@ pub struct Config {
     pub paths: PathsConfig,
     /// How long the ledger keeps what exited workloads used.
     pub ledger: LedgerConfig,
+    /// How often workloads' cgroup files are read.
+    pub cgroupfs: CgroupfsConfig,
     /// The container runtime's CRI socket, for pod and container names.
     pub cri: CriConfig,
     /// NVML.
@@ -304,6 +306,17 @@ pub struct LedgerConfig {
     pub grace_period_secs: u64,
 }
 
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CgroupfsConfig {
+    /// How often the cgroup files (CPU, memory, disk) of a workload that no budget selects are
+    /// read, in milliseconds (0..=300000); 0 reads them every tick. Workloads a budget selects,
+    /// and new ones, are read every tick. Between reads such a workload's series keep their last
+    /// values; CPU time of its tasks that end is still billed exactly at exit (the lifecycle
+    /// probe), but its cgroup disk bytes since its last read are not.
+    pub read_interval_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CriConfig {
@@ -450,6 +463,11 @@ impl Config {
         Self::parse(&text)?.with_policy_file()
     }
 
+    /// Parses and validates the text of the policy file `file` (named in errors).
+    pub fn parse_policy(text: &str, file: &Path) -> Result<policy::PolicyFile, ConfigErrors> {
+        validate::parse_policy(text, file)
+    }
+
     /// Reads `enforcement.policy_file`, when set, into `budget` and `prices`.
     pub fn with_policy_file(mut self) -> Result<Config, ConfigErrors> {
         let Some(path) = self.enforcement.policy_file.clone() else {
@@ -463,7 +481,7 @@ impl Config {
                 message: format!("cannot read {}: {e}", path.display()),
             }])
         })?;
-        let policy = validate::parse_policy(&text, &path)?;
+        let policy = Self::parse_policy(&text, &path)?;
         self.budget = policy.budget;
         if let Some(prices) = policy.prices {
             self.prices = prices;

@@ -15,11 +15,13 @@ pub struct PolicyFile {
     pub budget: Vec<Budget>,
 }
 
-/// What each resource costs, for `resource = "cost"` budgets. Amounts are in one currency,
-/// whatever the operator bills in.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+/// What each resource costs: `tally_workload_cost_total` and `resource = "cost"` budgets. Amounts
+/// are in `currency`, whatever the operator bills in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Prices {
+    /// The currency of every price, as a label on `tally_price` (e.g. an ISO 4217 code).
+    pub currency: String,
     /// Per core-second of CPU.
     pub cpu_core_second: f64,
     /// Per GPU-second of attributed busy time, by GPU model name as NVML reports it
@@ -32,6 +34,42 @@ pub struct Prices {
     pub network_egress_gb: BTreeMap<String, f64>,
     /// Per GB (10^9 bytes) read or written to block devices.
     pub disk_gb: f64,
+    /// Per GB-hour (10^9 bytes held for an hour) of memory charged to the workload's cgroup.
+    pub memory_gb_hour: f64,
+}
+
+fn default_currency() -> String {
+    "USD".to_owned()
+}
+
+impl Default for Prices {
+    fn default() -> Self {
+        Self {
+            currency: default_currency(),
+            cpu_core_second: 0.0,
+            gpu_second: BTreeMap::new(),
+            gpu_energy_kwh: 0.0,
+            network_egress_gb: BTreeMap::new(),
+            disk_gb: 0.0,
+            memory_gb_hour: 0.0,
+        }
+    }
+}
+
+impl Prices {
+    /// Whether nothing has a price: every amount zero, whatever the currency.
+    pub fn is_free(&self) -> bool {
+        [
+            self.cpu_core_second,
+            self.gpu_energy_kwh,
+            self.disk_gb,
+            self.memory_gb_hour,
+        ]
+        .into_iter()
+        .chain(self.gpu_second.values().copied())
+        .chain(self.network_egress_gb.values().copied())
+        .all(|p| p == 0.0)
+    }
 }
 
 /// One budget.
@@ -410,10 +448,10 @@ pub fn check(budgets: &[(usize, Budget)], prices: &Prices) -> Vec<(String, Strin
                 ));
             }
         }
-        if b.resource == Resource::Cost && *prices == Prices::default() {
+        if b.resource == Resource::Cost && prices.is_free() {
             errors.push((
                 at("resource"),
-                "a `cost` budget needs a `[prices]` table".to_owned(),
+                "a `cost` budget needs a `[prices]` table with a price above zero".to_owned(),
             ));
         }
         for (field, value) in [
@@ -447,6 +485,7 @@ pub fn check(budgets: &[(usize, Budget)], prices: &Prices) -> Vec<(String, Strin
         ("prices.cpu_core_second", prices.cpu_core_second),
         ("prices.gpu_energy_kwh", prices.gpu_energy_kwh),
         ("prices.disk_gb", prices.disk_gb),
+        ("prices.memory_gb_hour", prices.memory_gb_hour),
     ] {
         if !(value.is_finite() && value >= 0.0) {
             errors.push((
@@ -454,6 +493,15 @@ pub fn check(budgets: &[(usize, Budget)], prices: &Prices) -> Vec<(String, Strin
                 format!("{value} must be zero or positive"),
             ));
         }
+    }
+    if prices.currency.trim().is_empty() || prices.currency.chars().any(char::is_control) {
+        errors.push((
+            "prices.currency".to_owned(),
+            format!(
+                "`{}`: a currency is a non-empty name, e.g. \"USD\"",
+                prices.currency
+            ),
+        ));
     }
     for (model, value) in &prices.gpu_second {
         if !(value.is_finite() && *value >= 0.0) {
@@ -683,5 +731,44 @@ mod tests {
             "{errors:#?}"
         );
         assert!(errors[3].1.contains("`a` and `b`"), "{}", errors[3].1);
+    }
+
+    #[test]
+    fn prices_are_checked_and_a_currency_alone_prices_nothing() {
+        let cost = budget("name='spend'\nresource='cost'\nlimit=10.0\nperiod='day'");
+        let errors = |prices: Prices| -> Vec<String> {
+            check(&[(0, cost.clone())], &prices)
+                .into_iter()
+                .map(|(path, message)| format!("{path}: {message}"))
+                .collect()
+        };
+        let eur = Prices {
+            currency: "EUR".to_owned(),
+            ..Prices::default()
+        };
+        assert!(eur.is_free());
+        assert_eq!(
+            errors(eur),
+            ["budget.0.resource: a `cost` budget needs a `[prices]` table with a price above zero"]
+        );
+        let memory = Prices {
+            memory_gb_hour: 0.01,
+            ..Prices::default()
+        };
+        assert!(!memory.is_free());
+        assert_eq!(errors(memory), Vec::<String>::new());
+        let bad = Prices {
+            currency: " ".to_owned(),
+            memory_gb_hour: -1.0,
+            cpu_core_second: 1.0,
+            ..Prices::default()
+        };
+        assert_eq!(
+            errors(bad),
+            [
+                "prices.memory_gb_hour: -1 must be zero or positive",
+                "prices.currency: ` `: a currency is a non-empty name, e.g. \"USD\""
+            ]
+        );
     }
 }

@@ -299,6 +299,15 @@ fn semantic_errors(config: &Config) -> Vec<(&'static str, String)> {
             ),
         ));
     }
+    if config.cgroupfs.read_interval_ms > 300_000 {
+        errors.push((
+            "cgroupfs.read_interval_ms",
+            format!(
+                "{} is out of range 0..=300000",
+                config.cgroupfs.read_interval_ms
+            ),
+        ));
+    }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.agent.log_level) {
         errors.push(("agent.log_level", format!("invalid log filter: {e}")));
     }

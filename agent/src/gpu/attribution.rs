@@ -1,9 +1,12 @@
 //! Splitting what a GPU did among the workloads holding it. Pure arithmetic over one sampling
 //! window per device, generic over the workload key so it is tested without NVML or cgroups.
 //!
-//! - Per-process utilization samples available: each sample's SM share of its sample period is
-//!   that process's busy time (`method="process_utilization"`). dcgm-exporter's error on shared
-//!   GPUs — every pod gets the device total — cannot happen: a pod only gets its own samples.
+//! - Per-process utilization samples available: each sample's SM share (at most 100 %) of the
+//!   time it stands for (one sample period, or since the process's previous sample where the
+//!   driver gives one mean per process, as real drivers do) is that process's busy time
+//!   (`method="process_utilization"`), and no workload gets more than the window's length.
+//!   dcgm-exporter's error on shared GPUs — every pod gets the device total — cannot happen:
+//!   a pod only gets its own samples.
 //! - Not available (MIG, NOT_SUPPORTED, missing symbol): a device with one holding workload gives
 //!   it all busy time (`exclusive`); several share it by GPU memory held (`memory_share`).
 //! - MIG instances: without per-instance utilization (DCGM profiling), an instance's holder is
@@ -136,6 +139,11 @@ pub fn attribute<W: Clone + Ord>(window: &DeviceWindow<W>) -> Outcome<W> {
             let mut per: BTreeMap<W, f64> = BTreeMap::new();
             for (w, s) in sampled {
                 *per.entry(w.clone()).or_default() += s.max(0.0);
+            }
+            // No workload is busier than the window is long, whatever the samples say (a
+            // sample's span can reach back before the window).
+            for s in per.values_mut() {
+                *s = s.min(window.seconds.max(0.0));
             }
             let total: f64 = per.values().sum();
             let scale = match device_busy {

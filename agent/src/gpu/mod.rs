@@ -24,7 +24,7 @@ use crate::errors::ErrorCounts;
 use crate::identity::podresources::Assignments;
 use crate::identity::{Identity, PathIdentity, Workload};
 use crate::ledger::{Key, Ledger};
-use crate::source::{Source, TickCtx};
+use crate::source::{PricedGpu, Source, TickCtx};
 use attribution::{attribute, DeviceWindow, Holder};
 
 /// One sampler round, stamped when it was taken.
@@ -116,17 +116,25 @@ impl GpuSource {
         source
     }
 
-    /// GPU (and MIG instance) UUID → model name, for per-model prices.
-    fn models(&self) -> HashMap<Arc<str>, Arc<str>> {
-        let mut models = HashMap::new();
+    /// GPU (and MIG instance) UUID → what it is priced as.
+    fn priced(&self) -> HashMap<Arc<str>, PricedGpu> {
+        let mut gpus = HashMap::new();
         for device in self.devices.values().filter_map(|d| d.last.as_ref()) {
-            let name: Arc<str> = Arc::from(device.name.as_str());
-            models.insert(Arc::from(device.uuid.as_str()), name.clone());
+            let model: Arc<str> = Arc::from(device.name.as_str());
+            let whole = PricedGpu {
+                model: model.clone(),
+                share: 1.0,
+            };
+            gpus.insert(Arc::from(device.uuid.as_str()), whole);
             for mig in &device.mig {
-                models.insert(Arc::from(mig.uuid.as_str()), name.clone());
+                let instance = PricedGpu {
+                    model: model.clone(),
+                    share: mig_share(mig, device.memory_total_bytes),
+                };
+                gpus.insert(Arc::from(mig.uuid.as_str()), instance);
             }
         }
-        models
+        gpus
     }
 
     /// GPU memory each workload holds now, over all its devices.
@@ -239,16 +247,16 @@ impl GpuSource {
                 mps_client,
             })
             .collect();
-        let period_us = device.util_sample_period_us;
+        // Each sample's SM share of the time it stands for; a junk share above 100 % (zombie
+        // pids) counts as 100 %.
         let mut sampled: Option<Vec<(usize, f64)>> = match &device.process_utilization {
             Ok(samples) => Some(
                 samples
                     .iter()
                     .map(|s| {
-                        let period = period_us.unwrap_or(0) as f64 / 1e6;
                         (
                             index(resolve(s.pid)),
-                            f64::from(s.sm_percent) / 100.0 * period,
+                            f64::from(s.sm_percent.min(100)) / 100.0 * s.span_us as f64 / 1e6,
                         )
                     })
                     .collect(),
@@ -298,16 +306,25 @@ impl GpuSource {
         }
         if let (Some(last_at), Some(last)) = (state.last_at, &state.last) {
             let seconds = at.saturating_duration_since(last_at).as_secs_f64();
-            let busy_seconds = device
-                .utilization_gpu_percent
-                .map(|u| f64::from(u.min(100)) / 100.0 * seconds);
+            // The driver's samples where it has them: they cover the time the process samples
+            // cover (the same sampling passes), which a tick need not line up with. Its one-shot
+            // reading covers only its last sample period; the fallback.
+            let (busy_seconds, covered) = match device.utilization_gpu_sampled {
+                Some(s) => (Some(s.busy_seconds), s.covered_seconds),
+                None => (
+                    device
+                        .utilization_gpu_percent
+                        .map(|u| f64::from(u.min(100)) / 100.0 * seconds),
+                    seconds,
+                ),
+            };
             let energy_joules = match (device.energy_joules_total, last.energy_joules_total) {
                 (Some(now), Some(before)) if now >= before => Some(now - before),
                 _ => None,
             };
             let window = DeviceWindow {
                 uuid: device.uuid.clone(),
-                seconds,
+                seconds: seconds.max(covered),
                 busy_seconds,
                 energy_joules,
                 holders,
@@ -353,7 +370,7 @@ impl Source for GpuSource {
 
     fn collect(&mut self, ctx: &mut TickCtx<'_>, ledger: &mut Ledger) {
         self.attribute_arrived(ctx.identity, ctx.host, ledger, ctx.assignments, ctx.errors);
-        ctx.facts.gpu_models = self.models();
+        ctx.facts.gpus = self.priced();
         ctx.facts.gpu_memory = self.memory_held();
     }
 
@@ -399,6 +416,24 @@ fn sample_loop(
                     .min(Duration::from_millis(50)),
             );
         }
+    }
+}
+
+/// The fraction of its GPU a MIG instance is, for prices: its compute slices over the GPU's;
+/// where the driver did not say, its memory over the GPU's; else the whole GPU. An instance's
+/// GPU seconds are the wall time its holder held it (`mig_allocation`), a whole instance's and
+/// not already a fraction of the GPU, so it is this share that makes one of them cost what a
+/// slice of the GPU does.
+fn mig_share(mig: &tally_gpu::MigSample, gpu_memory: Option<u64>) -> f64 {
+    match (
+        mig.compute_slices,
+        mig.gpu_slices,
+        mig.memory_total_bytes,
+        gpu_memory,
+    ) {
+        (Some(slices), Some(of), _, _) if of > 0 => (f64::from(slices) / f64::from(of)).min(1.0),
+        (_, _, Some(memory), Some(of)) if of > 0 => (memory as f64 / of as f64).min(1.0),
+        _ => 1.0,
     }
 }
 
@@ -470,5 +505,29 @@ fn reassign(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mig_instance_is_priced_as_its_slices_of_the_gpu() {
+        let mig = |compute_slices, gpu_slices, memory| tally_gpu::MigSample {
+            compute_slices,
+            gpu_slices,
+            memory_total_bytes: memory,
+            ..tally_gpu::MigSample::default()
+        };
+        let gpu_memory = Some(80_000_000_000);
+        // 3g of a 7-slice GPU, whatever its memory.
+        let share = mig_share(&mig(Some(3), Some(7), Some(40_000_000_000)), gpu_memory);
+        assert_eq!(share, 3.0 / 7.0);
+        // The driver did not say: its memory's share.
+        let share = mig_share(&mig(None, Some(7), Some(20_000_000_000)), gpu_memory);
+        assert_eq!(share, 0.25);
+        // Nothing to go by: the whole GPU.
+        assert_eq!(mig_share(&mig(None, None, None), gpu_memory), 1.0);
     }
 }

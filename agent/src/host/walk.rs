@@ -1,5 +1,5 @@
-//! Finding workload cgroups: a walk of each hierarchy that stops classifying at the first
-//! directory naming a workload, merged across hierarchies by relative path. In the cgroup v2
+//! Finding workload cgroups: a walk of each hierarchy that, below a directory naming a workload,
+//! looks only for containers nested in it, merged across hierarchies by relative path. In the cgroup v2
 //! hierarchy it also records every directory's id, and which workload each id below a workload
 //! belongs to, so per-cgroup-id sources (BPF) can be joined and their removed cgroups recognised.
 
@@ -69,7 +69,7 @@ pub fn discover(layout: &Layout, errors: &mut ErrorCounts) -> Discovery {
             },
             errors,
         };
-        walker.walk(root, Below::Classify(&Context::default()), None);
+        walker.walk(root, &Context::default(), None);
         for (rel, identity, id) in walker.out {
             by_rel.entry(rel).or_insert((identity, id));
         }
@@ -110,17 +110,9 @@ enum Seen<'a> {
     Skip(&'a HashMap<String, u64>),
 }
 
-/// How a walk treats the directories below the one being listed.
-enum Below<'c> {
-    /// Classify each name in this context.
-    Classify(&'c Context),
-    /// Inside a container: every directory belongs to it; record ids only.
-    IdsOnly,
-}
-
 impl Walker<'_> {
     /// `owner` is the relative path of the workload `dir` belongs to, if any.
-    fn walk(&mut self, dir: &Path, below: Below<'_>, owner: Option<&str>) {
+    fn walk(&mut self, dir: &Path, ctx: &Context, owner: Option<&str>) {
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
             // Removed between listing its parent and reading it.
@@ -162,16 +154,6 @@ impl Walker<'_> {
                     }
                 }
             }
-            let ctx = match below {
-                Below::IdsOnly => {
-                    self.record_id(id, owner);
-                    if has_subdirs {
-                        self.walk(&child, Below::IdsOnly, owner);
-                    }
-                    continue;
-                }
-                Below::Classify(ctx) => ctx,
-            };
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             match path::classify(ctx, name) {
@@ -180,7 +162,7 @@ impl Walker<'_> {
                 Step::Descend(next) => {
                     self.record_id(id, owner);
                     if has_subdirs {
-                        self.walk(&child, Below::Classify(&next), owner);
+                        self.walk(&child, &next, owner);
                     }
                 }
             }
@@ -192,17 +174,11 @@ impl Walker<'_> {
             return;
         };
         self.record_id(id, Some(&rel));
-        let unit = matches!(identity, PathIdentity::Unit(_));
         self.out.push((rel.clone(), identity, id));
-        if !has_subdirs {
-            return;
-        }
-        if unit {
-            // Runtimes nested in a unit (kind nodes) put containers below it; the unit owns the
-            // rest.
-            self.walk(dir, Below::Classify(&path::below_unit()), Some(&rel));
-        } else if self.ids.is_some() {
-            self.walk(dir, Below::IdsOnly, Some(&rel));
+        if has_subdirs {
+            // Runtimes nested in a unit, and Kubernetes nodes that are themselves containers
+            // (kind, minikube), put containers below it; the workload owns the rest.
+            self.walk(dir, &path::below_workload(), Some(&rel));
         }
     }
 
@@ -216,4 +192,83 @@ impl Walker<'_> {
 fn relative(root: &Path, dir: &Path) -> Option<String> {
     let rel = dir.strip_prefix(root).ok()?.to_str()?;
     Some(format!("/{rel}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::layout::Mode;
+    use crate::host::path::{ContainerRef, QosClass, Runtime};
+
+    const NODE: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+    const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const UID: &str = "8d1f7c2e-4b5a-4c3d-9e8f-0a1b2c3d4e5f";
+
+    /// A kind node (a Docker container) with a pod inside: the walk finds the node and the
+    /// pod's container, and each cgroup id belongs to the innermost workload above it.
+    #[test]
+    fn a_pod_inside_a_node_container_is_its_own_workload() {
+        let root = tempfile::tempdir().unwrap();
+        let node = format!("system.slice/docker-{NODE}.scope");
+        let pod = format!("{node}/kubepods/besteffort/pod{UID}/{ID}");
+        for dir in [
+            format!("{node}/system.slice/containerd.service"),
+            format!("{pod}/sub"),
+        ] {
+            std::fs::create_dir_all(root.path().join(dir)).unwrap();
+        }
+        let layout = Layout {
+            mode: Mode::V2,
+            unified: Some(root.path().to_path_buf()),
+            cpuacct: None,
+            memory: None,
+            blkio: None,
+            cpu: None,
+            freezer: None,
+        };
+        let discovery = discover(&layout, &mut ErrorCounts::default());
+        let found: Vec<(&str, &PathIdentity)> = discovery
+            .found
+            .iter()
+            .map(|f| (f.rel.as_str(), &f.identity))
+            .collect();
+        let container = |pod_uid: Option<&str>, id: &str, runtime, qos| {
+            PathIdentity::Container(ContainerRef {
+                pod_uid: pod_uid.map(str::to_owned),
+                container_id: id.to_owned(),
+                runtime,
+                qos,
+            })
+        };
+        let node_rel = format!("/{node}");
+        let pod_rel = format!("/{pod}");
+        assert_eq!(
+            found,
+            vec![
+                (
+                    node_rel.as_str(),
+                    &container(None, NODE, Runtime::Docker, None)
+                ),
+                (
+                    pod_rel.as_str(),
+                    &container(Some(UID), ID, Runtime::Unknown, Some(QosClass::BestEffort))
+                ),
+            ]
+        );
+        let owner = |rel: &str| {
+            let ino = std::os::unix::fs::MetadataExt::ino(
+                &std::fs::metadata(root.path().join(rel)).unwrap(),
+            );
+            discovery.v2_ids[&ino]
+        };
+        assert_eq!(owner(&format!("{pod}/sub")), Some(1));
+        assert_eq!(owner(&pod), Some(1));
+        assert_eq!(
+            owner(&format!("{node}/system.slice/containerd.service")),
+            Some(0)
+        );
+        assert_eq!(owner(&format!("{node}/kubepods/besteffort")), Some(0));
+        assert_eq!(owner(&node), Some(0));
+        assert_eq!(owner("system.slice"), None);
+    }
 }

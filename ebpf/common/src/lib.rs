@@ -108,6 +108,14 @@ pub const COST_SHIFT: u32 = 16;
 /// pays one array lookup while no limit is set, and only looks up the keys that can exist.
 pub const ACTIVE_SLOT: u32 = 0;
 
+/// The slot of `EGRESS_LIMITS_ACTIVE` that holds a bit per cgroup2 hierarchy level (0: the root)
+/// at which some limited cgroup lies: the program looks up the socket cgroup's ancestors at those
+/// levels only.
+pub const LEVELS_SLOT: u32 = 1;
+
+/// The deepest level a limited cgroup may lie at: the levels' mask is one `u32`.
+pub const MAX_LIMIT_LEVEL: u32 = 31;
+
 /// The bit of `EGRESS_LIMITS_ACTIVE` that says limits on `scope` (or [`ALL_SCOPES`]) exist.
 #[inline(always)]
 pub const fn limit_bit(scope: u32) -> u32 {
@@ -207,8 +215,48 @@ impl Default for DiskValue {
     }
 }
 
+/// Value of `EXIT_CPU` (per CPU; `ebpf/c/lifecycle.bpf.c`), keyed by cgroup v2 id. Mirrored by
+/// `struct tally_exit_value` in `ebpf/c/tally_shared.h`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExitValue {
+    /// CPU time of the tasks that ended in the cgroup (a task moved there: since it moved), and
+    /// of moved tasks while they were in it, in nanoseconds.
+    pub cpu_ns: u64,
+    /// Tasks (threads) that ended in the cgroup.
+    pub tasks: u64,
+}
+
+/// Slot of `LIFECYCLE_LOST` counting `CGROUP_EVENTS` records dropped on a full ring buffer (slot
+/// [`LOST_SLOT`] counts `EXIT_CPU` charges dropped on a full map).
+pub const EVENTS_LOST_SLOT: u32 = 1;
+
+/// [`CgroupEvent::kind`] of a cgroup made.
+pub const CGROUP_MKDIR: u32 = 1;
+/// [`CgroupEvent::kind`] of a cgroup removed.
+pub const CGROUP_RMDIR: u32 = 2;
+/// Bytes of [`CgroupEvent::path`], its NUL included.
+pub const CGROUP_PATH_MAX: usize = 512;
+
+/// A record of `CGROUP_EVENTS` (`ebpf/c/lifecycle.bpf.c`): a cgroup v2 directory made or
+/// removed. Mirrored by `struct tally_cgroup_event` in `ebpf/c/tally_shared.h`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupEvent {
+    pub cgroup_id: u64,
+    /// [`CGROUP_MKDIR`] or [`CGROUP_RMDIR`].
+    pub kind: u32,
+    /// Bytes of `path` the kernel copied, the NUL included; 0 when the copy failed, and
+    /// [`CGROUP_PATH_MAX`] when the path was cut there.
+    pub path_len: u32,
+    /// The path from the hierarchy's root, as the kernel's `cgroup_path()` writes it.
+    pub path: [u8; CGROUP_PATH_MAX],
+}
+
 #[cfg(feature = "user")]
 mod pod_c {
+    // SAFETY: as below.
+    unsafe impl aya::Pod for super::ExitValue {}
     // SAFETY: plain `#[repr(C)]` integers with no padding (asserted in the tests below), valid for
     // every bit pattern.
     unsafe impl aya::Pod for super::TcpValue {}
@@ -227,5 +275,7 @@ mod c_tests {
         assert_eq!(size_of::<TcpValue>(), 4 * 8);
         assert_eq!(size_of::<DiskValue>(), (5 + DISK_LATENCY_BUCKETS) * 8);
         assert_eq!(align_of::<DiskValue>(), 8);
+        assert_eq!(size_of::<ExitValue>(), 16);
+        assert_eq!(size_of::<CgroupEvent>(), 16 + CGROUP_PATH_MAX);
     }
 }

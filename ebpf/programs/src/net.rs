@@ -44,7 +44,7 @@ pub fn net_egress(ctx: SkBuffContext) -> i32 {
     // SAFETY: the helper only reads the skb the kernel handed us.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
     let scope = remote_scope(&ctx, direction::EGRESS);
-    let verdict = throttle::egress(&ctx, cgroup_id, scope);
+    let verdict = throttle::egress(&ctx, scope);
     if verdict & PASS != 0 {
         account(&ctx, cgroup_id, direction::EGRESS, scope);
     }

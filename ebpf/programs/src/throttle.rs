@@ -1,7 +1,15 @@
 //! Egress rate limits: a token bucket per cgroup, and per destination scope where one is set,
 //! checked by `net_egress` before it counts a packet. The loader writes the limits
-//! (`EGRESS_LIMITS`) and the bitmask of the scopes that have any (`EGRESS_LIMITS_ACTIVE`); while
-//! that mask is 0 a packet costs one inlined array lookup and nothing else.
+//! (`EGRESS_LIMITS`), the bitmask of the scopes that have any and the bitmask of the hierarchy
+//! levels of the cgroups that have any (`EGRESS_LIMITS_ACTIVE`); while the scope mask is 0 a
+//! packet costs one inlined array lookup and nothing else.
+//!
+//! A limit covers the cgroup's descendants too: a socket in `<unit>/child` (crun's
+//! `…/container`, systemd inside a container, a `Delegate=` unit's subtree) is held by the limit
+//! on `<unit>`. The program walks the socket cgroup's ancestors at the limited levels only,
+//! deepest first (`bpf_skb_ancestor_cgroup_id`, whose level 0 is the root and which answers 0
+//! past the socket's own level), and the nearest limited cgroup's limits apply, alone: a limit on
+//! a cgroup nested inside another limited one replaces the outer one for its sockets.
 //!
 //! A packet over a limit is dropped with congestion notification: the program returns 2, which
 //! the kernel turns into `NET_XMIT_DROP` (kernel/bpf/cgroup.c, `__cgroup_bpf_run_filter_skb()`;
@@ -28,14 +36,14 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id},
     macros::map,
     maps::{Array, HashMap, PerCpuHashMap},
     programs::SkBuffContext,
 };
 use tally_ebpf_common::{
     limit_bit, CgroupKey, EgressLimit, EgressLimitKey, NetValue, ACTIVE_SLOT, ALL_SCOPES,
-    COST_SHIFT,
+    COST_SHIFT, LEVELS_SLOT, MAX_LIMIT_LEVEL,
 };
 
 use tally_ebpf_programs::{
@@ -47,16 +55,17 @@ use tally_ebpf_programs::{
 static EGRESS_LIMITS: HashMap<EgressLimitKey, EgressLimit> = HashMap::with_max_entries(4096, 0);
 
 #[map]
-static EGRESS_LIMITS_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+static EGRESS_LIMITS_ACTIVE: Array<u32> = Array::with_max_entries(2, 0);
 
-/// Packets and bytes dropped over a limit, per cgroup. Twice the limits' size: a cgroup's
+/// Packets and bytes dropped over a limit, per limited cgroup (the one whose limit dropped them,
+/// which may be an ancestor of the socket's). Twice the limits' size: a cgroup's
 /// counters outlive its limit until the agent has read them and removes them.
 #[map]
 static EGRESS_DROPS: PerCpuHashMap<CgroupKey, NetValue> = PerCpuHashMap::with_max_entries(8192, 0);
 
-/// The verdict on an egress packet of `cgroup_id` towards `scope`.
+/// The verdict on an egress packet towards `scope` of the socket whose cgroup `ctx` carries.
 #[inline(always)]
-pub(crate) fn egress(ctx: &SkBuffContext, cgroup_id: u64, scope: u32) -> i32 {
+pub(crate) fn egress(ctx: &SkBuffContext, scope: u32) -> i32 {
     let active = match EGRESS_LIMITS_ACTIVE.get(ACTIVE_SLOT) {
         Some(mask) => *mask,
         None => 0,
@@ -64,9 +73,34 @@ pub(crate) fn egress(ctx: &SkBuffContext, cgroup_id: u64, scope: u32) -> i32 {
     if active == 0 {
         return PASS;
     }
-    limited(ctx, cgroup_id, scope, active)
+    let levels = match EGRESS_LIMITS_ACTIVE.get(LEVELS_SLOT) {
+        Some(mask) => *mask,
+        None => 0,
+    };
+    let mut level = MAX_LIMIT_LEVEL + 1;
+    while level > 0 {
+        level -= 1;
+        if levels & (1 << level) == 0 {
+            continue;
+        }
+        // SAFETY: the helper only reads the skb the kernel handed us.
+        let cgroup_id = unsafe { bpf_skb_ancestor_cgroup_id(ctx.skb.skb, level as i32) };
+        // 0: deeper than the socket's own cgroup. Only whether a limit exists is asked here;
+        // `limited` looks them up again, so no value pointer is carried out of the loop (the
+        // compiler may then compute field addresses before the null check, which the verifier
+        // refuses).
+        if cgroup_id != 0
+            && ((active & limit_bit(scope) != 0 && lookup(cgroup_id, scope).is_some())
+                || (active & limit_bit(ALL_SCOPES) != 0 && lookup(cgroup_id, ALL_SCOPES).is_some()))
+        {
+            return limited(ctx, cgroup_id, scope, active);
+        }
+    }
+    PASS
 }
 
+/// The verdict under the limits of `cgroup_id`, the nearest limited ancestor of the socket's
+/// cgroup (or that cgroup itself).
 #[inline(always)]
 fn limited(ctx: &SkBuffContext, cgroup_id: u64, scope: u32, active: u32) -> i32 {
     let scoped = if active & limit_bit(scope) != 0 {
@@ -80,6 +114,7 @@ fn limited(ctx: &SkBuffContext, cgroup_id: u64, scope: u32, active: u32) -> i32 
         None
     };
     if scoped.is_none() && all.is_none() {
+        // Cleared since the loop found it.
         return PASS;
     }
     // SAFETY: the helper has no arguments and no preconditions.

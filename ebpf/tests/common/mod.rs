@@ -85,6 +85,7 @@ pub fn own_cgroup_id() -> u64 {
 #[derive(Debug)]
 pub struct TestCgroup {
     dir: PathBuf,
+    level: u32,
     children: Vec<Child>,
 }
 
@@ -97,8 +98,27 @@ impl TestCgroup {
         std::fs::create_dir(&dir).unwrap();
         TestCgroup {
             dir,
+            level: 1,
             children: Vec::new(),
         }
+    }
+
+    /// A cgroup `name` inside this one, removed (before this one) when dropped.
+    #[expect(clippy::unwrap_used, reason = "test helper")]
+    pub fn child(&self, name: &str) -> TestCgroup {
+        let dir = self.dir.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        TestCgroup {
+            dir,
+            level: self.level + 1,
+            children: Vec::new(),
+        }
+    }
+
+    /// The depth in the cgroup2 hierarchy: 1 for [`TestCgroup::create`]'s, one more per
+    /// [`TestCgroup::child`].
+    pub fn level(&self) -> u32 {
+        self.level
     }
 
     /// The cgroup id: the directory's inode.

@@ -66,6 +66,10 @@ pub const EVENT_TYPE_SINGLE_BIT_ECC: c_ulonglong = 1;
 pub const EVENT_TYPE_DOUBLE_BIT_ECC: c_ulonglong = 2;
 pub const EVENT_TYPE_XID_CRITICAL_ERROR: c_ulonglong = 8;
 
+/// `NVML_GPU_UTILIZATION_SAMPLES` (`nvmlSamplingType_t`).
+pub const GPU_UTILIZATION_SAMPLES: c_uint = 1;
+/// `NVML_VALUE_TYPE_UNSIGNED_INT`.
+pub const VALUE_TYPE_UNSIGNED_INT: c_uint = 1;
 /// `NVML_VALUE_TYPE_UNSIGNED_LONG_LONG`.
 pub const VALUE_TYPE_UNSIGNED_LONG_LONG: c_uint = 3;
 /// `gpuInstanceId` / `computeInstanceId` when MIG is off.
@@ -104,6 +108,21 @@ pub struct MemoryV2 {
 }
 
 pub const MEMORY_V2_VERSION: c_uint = (std::mem::size_of::<MemoryV2>() as c_uint) | (2 << 24);
+
+/// `nvmlDeviceAttributes_t`, as `nvmlDeviceGetAttributes_v2` fills it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceAttributes {
+    pub multiprocessor_count: c_uint,
+    pub shared_copy_engine_count: c_uint,
+    pub shared_decoder_count: c_uint,
+    pub shared_encoder_count: c_uint,
+    pub shared_jpeg_count: c_uint,
+    pub shared_ofa_count: c_uint,
+    pub gpu_instance_slice_count: c_uint,
+    pub compute_instance_slice_count: c_uint,
+    pub memory_size_mb: c_ulonglong,
+}
 
 /// `nvmlProcessInfo_t` as `nvmlDeviceGetComputeRunningProcesses_v3` and
 /// `nvmlDeviceGetMPSComputeRunningProcesses_v3` fill it.
@@ -151,6 +170,14 @@ pub union Value {
     pub us_val: std::os::raw::c_ushort,
 }
 
+/// `nvmlSample_t`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Sample {
+    pub time_stamp: c_ulonglong,
+    pub value: Value,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FieldValue {
@@ -195,6 +222,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<ProcessUtilizationSample>(), 32);
         assert_eq!(std::mem::size_of::<AccountingStats>(), 56);
         assert_eq!(std::mem::size_of::<FieldValue>(), 40);
+        assert_eq!(std::mem::size_of::<Sample>(), 16);
         assert_eq!(std::mem::size_of::<EventData>(), 32);
     }
 }

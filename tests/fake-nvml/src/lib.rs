@@ -5,6 +5,11 @@
 //! `nvmlDeviceGetProcessUtilization` answers `NOT_FOUND` when nothing is newer than
 //! `lastSeenTimeStamp`, accounting calls answer `NOT_SUPPORTED` with accounting off, event waits
 //! block up to their timeout and answer `TIMEOUT`, a lost GPU answers `GPU_IS_LOST`.
+//! Utilization samples take the real driver's shape by default (one entry per process holding
+//! its mean since `lastSeenTimeStamp`, a fixed count probe with zeroed entries, a 72-sample
+//! buffer, device readings over the last sample period; see `scenario::SampleShape`), or one
+//! entry per process per period with `"sample_shape": "per_period"`. `nvmlDeviceGetSamples`
+//! answers GPU utilization samples.
 //! Under MPS (scenario processes marked `"mps": "client"` / `"server"`), the clients are listed
 //! by `nvmlDeviceGetMPSComputeRunningProcesses_v3` only, the compute list shows the MPS server,
 //! and utilization samples are the server's.
@@ -28,5 +33,6 @@ mod exports {
     pub mod system;
 }
 mod ffi;
+mod samples;
 mod scenario;
 mod state;

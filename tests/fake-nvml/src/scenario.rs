@@ -12,12 +12,16 @@ pub struct Scenario {
     /// What `nvmlSystemGetDriverVersion` reports.
     #[serde(default = "default_driver_version")]
     pub driver_version: String,
-    /// Period of the per-process utilization samples the "driver" takes.
-    #[serde(default = "default_sample_period_ms")]
-    pub sample_period_ms: u64,
-    /// How many sample periods the driver's utilization buffer holds (older samples are gone).
-    #[serde(default = "default_sample_buffer_periods")]
-    pub sample_buffer_periods: u64,
+    /// How utilization samples answer: as the real driver (the default) or one entry per
+    /// process per period (`per_period`, the fake's first shape, kept for tests about it).
+    #[serde(default)]
+    pub sample_shape: SampleShape,
+    /// Period of the utilization samples the "driver" takes; 167 ms (1/6 s, the fastest real
+    /// drivers sample) with the driver shape, 100 ms per period, when absent.
+    pub sample_period_ms: Option<u64>,
+    /// How many sample periods the driver's utilization buffers hold (older samples are gone);
+    /// 72 with the driver shape, 600 per period, when absent.
+    pub sample_buffer_periods: Option<u64>,
     pub devices: Vec<Device>,
     /// XID errors to deliver through event sets.
     #[serde(default)]
@@ -25,6 +29,52 @@ pub struct Scenario {
     /// Calls made to fail.
     #[serde(default)]
     pub errors: Vec<InjectedError>,
+    /// Calls made slow: each waits this long before it reads the clock and answers, as a
+    /// driver call can while it holds a lock the sampling thread wants.
+    #[serde(default)]
+    pub slow_calls: Vec<SlowCall>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlowCall {
+    /// The NVML function name, e.g. `nvmlDeviceGetSamples`.
+    pub call: String,
+    pub ms: u64,
+}
+
+/// The shape of utilization samples.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleShape {
+    /// As real drivers answer (nvtop #110, go-nvml #11 and #51): `nvmlDeviceGetProcessUtilization`
+    /// gives one entry per process that ran since `lastSeenTimeStamp`, its mean over the
+    /// samples since then, stamped with its own newest sample's time (not the period's: each
+    /// process's is its own, within a millisecond of the sampling pass); the NULL-buffer probe answers a fixed 100 entries
+    /// whatever the load, and the fetch leaves the unused entries zeroed (pid 0) in the count;
+    /// `nvmlDeviceGetUtilizationRates` is the mean over the last complete sample period.
+    #[default]
+    Driver,
+    /// One entry per process per period, timestamps aligned on the period, the probe count
+    /// exact; `nvmlDeviceGetUtilizationRates` the value at the moment of the call.
+    PerPeriod,
+}
+
+impl Scenario {
+    pub fn period_ms(&self) -> u64 {
+        self.sample_period_ms.unwrap_or(match self.sample_shape {
+            SampleShape::Driver => 167,
+            SampleShape::PerPeriod => 100,
+        })
+    }
+
+    pub fn buffer_periods(&self) -> u64 {
+        self.sample_buffer_periods
+            .unwrap_or(match self.sample_shape {
+                SampleShape::Driver => 72,
+                SampleShape::PerPeriod => 600,
+            })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +133,12 @@ pub struct Device {
     pub remapped_rows_uncorrectable: Timeline,
     /// MIG mode on, with these instances.
     pub mig: Option<Mig>,
+    /// What the process lists on this GPU's own handle answer with MIG on: every instance's
+    /// processes (`aggregated`, a caller with the MIG monitor capability), `no_permission` or
+    /// `empty` (a caller without it, as real drivers answer); MIG device handles always list
+    /// their own.
+    #[serde(default)]
+    pub mig_parent_processes: MigParentProcesses,
     /// Accounting mode; off makes the accounting calls `NOT_SUPPORTED`, as NVML does.
     #[serde(default)]
     pub accounting: bool,
@@ -90,6 +146,15 @@ pub struct Device {
     pub lost_at_ms: Option<u64>,
     #[serde(default)]
     pub processes: Vec<Process>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigParentProcesses {
+    #[default]
+    Aggregated,
+    NoPermission,
+    Empty,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,6 +169,10 @@ pub struct MigInstance {
     pub uuid: String,
     pub gpu_instance_id: u32,
     pub compute_instance_id: u32,
+    /// Compute slices of the instance (out of the GPU's 7), as `nvmlDeviceGetAttributes_v2`
+    /// reports them; 1 when absent.
+    #[serde(default = "one_slice")]
+    pub compute_slices: u32,
     pub memory_total_bytes: u64,
     /// The sum of the memory of processes in this GPU instance when absent.
     pub memory_used_bytes: Option<Timeline>,
@@ -132,12 +201,19 @@ pub struct Process {
     /// by the compute list and carries the utilization samples of every client, as NVML
     /// reports them under MPS.
     pub mps: Option<MpsRole>,
+    /// Listed by no process query, yet in the utilization samples with its SM and memory
+    /// values as written (not capped at 100): the junk real drivers report for zombie pids
+    /// (pid 0 included).
+    #[serde(default)]
+    pub zombie: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MpsRole {
     Client,
+    /// A client that the compute list shows too (nvidia-smi's "M+C" type).
+    ComputeClient,
     Server,
 }
 
@@ -147,7 +223,7 @@ impl Process {
     }
 
     pub fn is_mps_client(&self) -> bool {
-        self.mps == Some(MpsRole::Client)
+        matches!(self.mps, Some(MpsRole::Client | MpsRole::ComputeClient))
     }
 }
 
@@ -286,12 +362,6 @@ impl Timeline {
 fn default_driver_version() -> String {
     "550.54.15".to_owned()
 }
-fn default_sample_period_ms() -> u64 {
-    100
-}
-fn default_sample_buffer_periods() -> u64 {
-    600
-}
 fn default_name() -> String {
     "NVIDIA H100 80GB HBM3".to_owned()
 }
@@ -309,6 +379,9 @@ fn default_memory_clock() -> Timeline {
 }
 fn default_true() -> bool {
     true
+}
+fn one_slice() -> u32 {
+    1
 }
 
 #[cfg(test)]

@@ -45,8 +45,8 @@ impl State {
             eprintln!("fake-nvml: bad scenario {}: {e}", path.display());
             ffi::ERROR_UNKNOWN
         })?;
-        if scenario.sample_period_ms == 0 {
-            eprintln!("fake-nvml: sample_period_ms must be positive");
+        if scenario.period_ms() == 0 || scenario.buffer_periods() == 0 {
+            eprintln!("fake-nvml: sample_period_ms and sample_buffer_periods must be positive");
             return Err(ffi::ERROR_UNKNOWN);
         }
         scenario.xids.sort_by_key(|x| x.at_ms);
@@ -238,7 +238,7 @@ impl Call {
     }
 
     /// Processes alive now on this handle (all of the GPU's for a GPU handle; the instance's
-    /// for a MIG handle).
+    /// for a MIG handle); zombies are not.
     pub fn live_processes(&self) -> impl Iterator<Item = &scenario::Process> {
         let instance = self
             .mig_instance()
@@ -246,6 +246,7 @@ impl Call {
         let now = self.now_ms;
         self.device().processes.iter().filter(move |p| {
             p.alive_at(now)
+                && !p.zombie
                 && instance.is_none_or(|(gi, ci)| {
                     p.gpu_instance_id == Some(gi) && p.compute_instance_id == Some(ci)
                 })
@@ -283,6 +284,9 @@ pub fn device_call(
     let Some(handle) = state.resolve(device) else {
         return ffi::ERROR_INVALID_ARGUMENT;
     };
+    if let Some(slow) = state.scenario.slow_calls.iter().find(|s| s.call == name) {
+        std::thread::sleep(std::time::Duration::from_millis(slow.ms));
+    }
     let now_ms = state.now_ms();
     if let Some(code) = state.failure(name, handle.gpu, now_ms) {
         return code;

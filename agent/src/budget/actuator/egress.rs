@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use tally_ebpf::throttle::EgressLimits;
+use tally_ebpf_common::MAX_LIMIT_LEVEL;
 
 use super::{Actuator, ActuatorError, Plan, Site};
 use crate::budget::state::{Egress, Throttle};
@@ -20,6 +21,7 @@ pub trait EgressMap: std::fmt::Debug + Send {
     fn set(
         &mut self,
         cgroup_id: u64,
+        level: u32,
         scope: Option<u32>,
         bytes_per_sec: u64,
         burst_bytes: u64,
@@ -33,11 +35,12 @@ impl EgressMap for EgressLimits {
     fn set(
         &mut self,
         cgroup_id: u64,
+        level: u32,
         scope: Option<u32>,
         bytes_per_sec: u64,
         burst_bytes: u64,
     ) -> Result<(), tally_ebpf::Error> {
-        EgressLimits::set(self, cgroup_id, scope, bytes_per_sec, burst_bytes)
+        EgressLimits::set(self, cgroup_id, level, scope, bytes_per_sec, burst_bytes)
     }
 
     fn clear(&mut self, cgroup_id: u64, scope: Option<u32>) -> Result<(), tally_ebpf::Error> {
@@ -76,9 +79,18 @@ impl Actuator for EgressLimit {
         if self.map.is_none() {
             return Err(ActuatorError::NoNetworkPrograms);
         }
+        // The cgroup2 hierarchy's level: the root is 0, `/system.slice` 1. Paths are below the
+        // hierarchy's root as mounted at `paths.cgroup_root`, which must be the host's root (as
+        // it is for a DaemonSet mounting the host's /sys/fs/cgroup) for the level to be the
+        // kernel's.
+        let level = site.rel.split('/').filter(|c| !c.is_empty()).count();
+        if level > MAX_LIMIT_LEVEL as usize {
+            return Err(ActuatorError::TooDeep(level));
+        }
         Ok(Plan {
             egress: Some(Egress {
                 cgroup_id,
+                level: Some(level as u32),
                 scope: site.scope,
             }),
             ..Plan::default()
@@ -94,9 +106,10 @@ impl Actuator for EgressLimit {
         let (Some(e), Some(map)) = (t.egress, &mut self.map) else {
             return Err(ActuatorError::NoNetworkPrograms);
         };
+        let level = e.level.ok_or(ActuatorError::NoCgroupLevel)?;
         let rate = setting.max(1.0);
         let burst = (rate * BURST_SECS).max(MIN_BURST);
-        map.set(e.cgroup_id, e.scope, rate as u64, burst as u64)?;
+        map.set(e.cgroup_id, level, e.scope, rate as u64, burst as u64)?;
         self.in_map.insert((e.cgroup_id, e.scope));
         Ok(())
     }
@@ -139,8 +152,9 @@ mod tests {
     use crate::budget::actuator::CgroupDirs;
     use crate::config::policy::Action;
 
-    /// Limits set, by (cgroup id, scope), shared with the test after the actuator took the map.
-    type Limits = Arc<Mutex<BTreeMap<(u64, Option<u32>), (u64, u64)>>>;
+    /// Limits set, by (cgroup id, scope): (level, rate, burst), shared with the test after the
+    /// actuator took the map.
+    type Limits = Arc<Mutex<BTreeMap<(u64, Option<u32>), (u32, u64, u64)>>>;
 
     #[derive(Debug, Default)]
     struct FakeMap {
@@ -152,6 +166,7 @@ mod tests {
         fn set(
             &mut self,
             id: u64,
+            level: u32,
             scope: Option<u32>,
             rate: u64,
             burst: u64,
@@ -159,7 +174,7 @@ mod tests {
             self.limits
                 .lock()
                 .unwrap()
-                .insert((id, scope), (rate, burst));
+                .insert((id, scope), (level, rate, burst));
             Ok(())
         }
 
@@ -196,6 +211,7 @@ mod tests {
         };
         let site = |v2_id| Site {
             dirs: &dirs,
+            rel: "/kubepods.slice/kubepods-pod1.slice/cri-containerd-1.scope",
             v2_id,
             scope: Some(2),
         };
@@ -218,11 +234,11 @@ mod tests {
         assert!(!egress.needs_reapply(&t, 1e7));
         assert_eq!(
             *limits.lock().unwrap(),
-            BTreeMap::from([((7, Some(2)), (10_000_000, 2_500_000))])
+            BTreeMap::from([((7, Some(2)), (3, 10_000_000, 2_500_000))])
         );
         // A slow limit still gets a bucket of a few full-size packets.
         egress.apply(&t, 1000.0, None).unwrap();
-        assert_eq!(limits.lock().unwrap()[&(7, Some(2))], (1000, 65_536));
+        assert_eq!(limits.lock().unwrap()[&(7, Some(2))], (3, 1000, 65_536));
 
         assert_eq!(egress.held_back(&t), None, "nothing read before a refresh");
         egress.refresh();
@@ -230,5 +246,37 @@ mod tests {
         egress.release(&t).unwrap();
         assert!(limits.lock().unwrap().is_empty());
         assert!(egress.needs_reapply(&t, 1e7));
+
+        // A record from before levels were kept is released but never applied at a guessed
+        // level; a cgroup below level 31 cannot be found by the program.
+        let mut old = t.clone();
+        old.egress = Some(Egress {
+            level: None,
+            ..t.egress.unwrap()
+        });
+        let err = egress.apply(&old, 1e7, None).unwrap_err();
+        assert!(matches!(err, ActuatorError::NoCgroupLevel), "{err}");
+        assert!(limits.lock().unwrap().is_empty());
+        let deep = "/a".repeat(32);
+        let err = egress
+            .plan(
+                Site {
+                    rel: &deep,
+                    ..site(Some(7))
+                },
+                1e7,
+            )
+            .unwrap_err();
+        assert!(matches!(err, ActuatorError::TooDeep(32)), "{err}");
+        let top = egress
+            .plan(
+                Site {
+                    rel: "/",
+                    ..site(Some(1))
+                },
+                1e7,
+            )
+            .unwrap();
+        assert_eq!(top.egress.unwrap().level, Some(0));
     }
 }

@@ -1,9 +1,18 @@
 //! Block I/O rate: `io.max` on cgroup2 where the io controller is enabled, else v1 blkio
-//! throttle rules, on every whole disk of the node.
+//! throttle rules, on every whole disk of the node that holds data of its own.
+//!
+//! Which block devices get a rule is decided from sysfs (`<sys>/block/<name>/`): not loop, ram
+//! or zram devices (memory, or a file whose disk is throttled itself), not optical drives
+//! (`sr*`), not devices of size 0 (an nbd device with no server, a drive with no medium: the
+//! kernel refuses rules on them), and not stacked devices, those with entries in `slaves/` (dm,
+//! md). The kernel allows io.max on a dm device, but a bio throttled there is throttled again on
+//! the disk below, charged to the same cgroup (block/bio.c, bio_clone_blkg_association()), so a
+//! stack would be throttled twice and a rule on the stack alone would miss direct I/O to the
+//! disks; the disks at the bottom of every stack carry the rule instead.
 
 use std::path::{Path, PathBuf};
 
-use super::{read, write_all, Actuator, ActuatorError, CgroupDirs, CgroupError, Plan, Site};
+use super::{read, write_each, Actuator, ActuatorError, CgroupDirs, CgroupError, Plan, Site};
 use crate::budget::state::{FileWrite, Throttle};
 
 #[derive(Debug)]
@@ -30,8 +39,17 @@ impl Actuator for Io {
         })
     }
 
+    /// Writes every device's rule, each on its own: one device refusing its rule leaves the
+    /// others limited, and the refusals are returned together.
     fn apply(&mut self, t: &Throttle, _: f64, _: Option<Site<'_>>) -> Result<(), ActuatorError> {
-        Ok(write_all(&t.writes)?)
+        let failed = write_each(&t.writes);
+        if failed.is_empty() {
+            return Ok(());
+        }
+        Err(ActuatorError::Devices {
+            failed,
+            of: t.writes.len(),
+        })
     }
 }
 
@@ -118,26 +136,136 @@ fn tighter(line: Option<&str>, key: &str, bps: u64) -> u64 {
         .map_or(bps, |n| n.min(bps))
 }
 
-/// `major:minor` of every whole disk that is a real device (not loop, ram or zram: they have
-/// no `device` link), falling back to every disk when none has one (virtual machines).
-fn whole_disks(sys_root: &Path) -> Result<Vec<String>, CgroupError> {
+/// `major:minor` of every whole disk that can carry a rule of its own (see the module comment),
+/// sorted.
+pub(crate) fn whole_disks(sys_root: &Path) -> Result<Vec<String>, CgroupError> {
     let block = sys_root.join("block");
     let entries = std::fs::read_dir(&block).map_err(|source| CgroupError::List {
         dir: block.clone(),
         source,
     })?;
-    let mut real = Vec::new();
+    let mut disks = Vec::new();
     for entry in entries.flatten() {
-        let path = entry.path();
+        let dir = entry.path();
         let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if ["loop", "ram", "zram"].iter().any(|p| name.starts_with(p)) {
+        if let Some(why) = skipped(&dir, &name.to_string_lossy()) {
+            tracing::debug!(device = %name.to_string_lossy(), why, "no disk throttle on this device");
             continue;
         }
-        if let Ok(dev) = std::fs::read_to_string(path.join("dev")) {
-            real.push(dev.trim().to_owned());
+        if let Ok(dev) = std::fs::read_to_string(dir.join("dev")) {
+            disks.push(dev.trim().to_owned());
         }
     }
-    real.sort();
-    Ok(real)
+    disks.sort();
+    Ok(disks)
+}
+
+/// Why the block device `name` (its sysfs directory `dir`) gets no rule, or `None` when it does.
+fn skipped(dir: &Path, name: &str) -> Option<&'static str> {
+    if ["loop", "ram", "zram"].iter().any(|p| name.starts_with(p)) {
+        return Some("virtual");
+    }
+    if name.starts_with("sr") {
+        return Some("optical");
+    }
+    // 512-byte sectors; a device whose size cannot be read is left out too.
+    let size = std::fs::read_to_string(dir.join("size")).ok();
+    if size.and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0) == 0 {
+        return Some("empty");
+    }
+    let stacked = std::fs::read_dir(dir.join("slaves")).is_ok_and(|mut d| d.next().is_some());
+    if stacked {
+        return Some("stacked");
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::state::FileWrite;
+    use crate::config::policy::Action;
+
+    /// `<sys>/block/<name>` with `dev`, `size` (sectors) and `slaves/` holding `slaves`.
+    fn device(sys: &Path, name: &str, dev: &str, size: u64, slaves: &[&str]) {
+        let dir = sys.join("block").join(name);
+        std::fs::create_dir_all(dir.join("slaves")).unwrap();
+        std::fs::write(dir.join("dev"), format!("{dev}\n")).unwrap();
+        std::fs::write(dir.join("size"), format!("{size}\n")).unwrap();
+        for s in slaves {
+            std::fs::create_dir_all(dir.join("slaves").join(s)).unwrap();
+        }
+    }
+
+    #[test]
+    fn rules_go_on_the_disks_that_hold_data_at_the_bottom_of_each_stack() {
+        let root = tempfile::tempdir().unwrap();
+        let sys = root.path();
+        device(sys, "vda", "254:0", 2048, &[]);
+        device(sys, "nvme0n1", "259:0", 2048, &[]);
+        device(sys, "nbd1", "43:32", 2048, &[]);
+        device(sys, "loop0", "7:0", 2048, &[]);
+        device(sys, "zram0", "253:0", 2048, &[]);
+        device(sys, "ram0", "1:0", 2048, &[]);
+        device(sys, "sr0", "11:0", 2048, &[]);
+        device(sys, "nbd0", "43:0", 0, &[]);
+        device(sys, "dm-0", "252:0", 2048, &["vda"]);
+        device(sys, "md0", "9:0", 2048, &["nvme0n1", "nbd1"]);
+        assert_eq!(whole_disks(sys).unwrap(), ["254:0", "259:0", "43:32"]);
+        assert_eq!(skipped(&sys.join("block/dm-0"), "dm-0"), Some("stacked"));
+        assert_eq!(skipped(&sys.join("block/nbd0"), "nbd0"), Some("empty"));
+        assert_eq!(skipped(&sys.join("block/sr0"), "sr0"), Some("optical"));
+        assert_eq!(skipped(&sys.join("block/loop0"), "loop0"), Some("virtual"));
+        // Unreadable size: left out, not guessed.
+        std::fs::remove_file(sys.join("block/nvme0n1/size")).unwrap();
+        assert_eq!(whole_disks(sys).unwrap(), ["254:0", "43:32"]);
+    }
+
+    #[test]
+    fn one_device_refusing_its_rule_leaves_the_others_limited() {
+        let root = tempfile::tempdir().unwrap();
+        let file = |name: &str| root.path().join(name);
+        // A directory cannot be written: that device's rule fails.
+        std::fs::create_dir(file("refuses")).unwrap();
+        let write = |name: &str, applied: &str| FileWrite {
+            path: file(name),
+            original: String::new(),
+            applied: applied.to_owned(),
+        };
+        let t = Throttle {
+            budget: "b".to_owned(),
+            subject: "w".to_owned(),
+            action: Action::Disk,
+            setting: 1e6,
+            writes: vec![
+                write("first", "254:0 rbps=1000000 wbps=1000000"),
+                write("refuses", "252:0 rbps=1000000 wbps=1000000"),
+                write("last", "259:0 rbps=1000000 wbps=1000000"),
+            ],
+            freeze: None,
+            egress: None,
+            applied_at: 0.0,
+        };
+        let e = Io::new(root.path().to_owned())
+            .apply(&t, 1e6, None)
+            .unwrap_err();
+        let ActuatorError::Devices { failed, of } = &e else {
+            panic!("{e:?}");
+        };
+        assert_eq!((failed.len(), *of), (1, 3));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "1 of 3 block device rules not written: writing `252:0 rbps=1000000 \
+                 wbps=1000000` to {}: Is a directory (os error 21)",
+                file("refuses").display()
+            )
+        );
+        for (name, applied) in [
+            ("first", "254:0 rbps=1000000 wbps=1000000"),
+            ("last", "259:0 rbps=1000000 wbps=1000000"),
+        ] {
+            assert_eq!(std::fs::read_to_string(file(name)).unwrap(), applied);
+        }
+    }
 }

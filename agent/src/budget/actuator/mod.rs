@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use egress::EgressMap;
+pub(crate) use io::whole_disks;
 
 use super::freeze::CycleError;
 use super::state::{Egress, FileWrite, Throttle};
@@ -93,12 +94,26 @@ pub enum ActuatorError {
     NoNetworkPrograms,
     #[error("the workload has no cgroup2 directory for the egress program")]
     NoCgroup2,
+    #[error("the egress limit was recorded without its cgroup's level (a state file from before levels were kept); it is released, not applied")]
+    NoCgroupLevel,
+    #[error("the workload's cgroup lies at level {0}, deeper than the egress program's 31")]
+    TooDeep(usize),
+    /// Some block devices refused their rule; the others have it.
+    #[error("{} of {of} block device rules not written: {}", failed.len(), device_list(failed))]
+    Devices { failed: Vec<CgroupError>, of: usize },
+}
+
+fn device_list(failed: &[CgroupError]) -> String {
+    let each: Vec<String> = failed.iter().map(|e| tally_error_chain::chain(e)).collect();
+    each.join("; ")
 }
 
 /// Where a throttle goes: the workload's cgroup, as the tick found it.
 #[derive(Debug, Clone, Copy)]
 pub struct Site<'a> {
     pub dirs: &'a CgroupDirs,
+    /// The workload's path below each hierarchy root, starting with `/`.
+    pub rel: &'a str,
     /// The cgroup2 id, when the workload has a cgroup2 directory.
     pub v2_id: Option<u64>,
     /// The network scope index of an egress throttle (all scopes when `None`).
@@ -300,6 +315,22 @@ fn read(path: &Path) -> Result<String, CgroupError> {
 }
 
 /// Writes every planned value, in order.
+/// Writes every file, each on its own whatever the others do, and returns the failures.
+pub fn write_each(writes: &[FileWrite]) -> Vec<CgroupError> {
+    writes
+        .iter()
+        .filter_map(|w| {
+            std::fs::write(&w.path, &w.applied)
+                .err()
+                .map(|source| CgroupError::Write {
+                    path: w.path.clone(),
+                    value: w.applied.clone(),
+                    source,
+                })
+        })
+        .collect()
+}
+
 pub fn write_all(writes: &[FileWrite]) -> Result<(), CgroupError> {
     for w in writes {
         std::fs::write(&w.path, &w.applied).map_err(|source| CgroupError::Write {
@@ -370,12 +401,13 @@ mod tests {
         );
     }
 
-    /// A `<root>/sys` whose `block/` lists `(name, major:minor)` devices.
+    /// A `<root>/sys` whose `block/` lists `(name, major:minor)` devices of 1 GiB.
     fn block_devices(root: &Path, devices: &[(&str, &str)]) -> PathBuf {
         let sys = root.join("sys");
         for (name, dev) in devices {
             std::fs::create_dir_all(sys.join("block").join(name)).unwrap();
             std::fs::write(sys.join("block").join(name).join("dev"), dev).unwrap();
+            std::fs::write(sys.join("block").join(name).join("size"), "2097152\n").unwrap();
         }
         sys
     }

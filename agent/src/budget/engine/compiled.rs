@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::de::IntoDeserializer as _;
 use serde::Deserialize as _;
 
-use crate::config::policy::{self, Budget, Prices, Resource, Target};
+use crate::config::policy::{self, Budget, Resource, Target};
 use crate::config::Config;
 
 /// What a budget counts: its resource and, for an egress budget limited to one destination
@@ -74,11 +74,10 @@ pub(super) struct Compiled {
     pub scope: Option<u32>,
 }
 
-/// Every budget of the configuration, compiled, and the prices of `cost` budgets.
+/// Every budget of the configuration, compiled.
 #[derive(Debug, Default)]
 pub(super) struct Policy {
     pub budgets: Vec<Compiled>,
-    pub prices: Prices,
     /// Every metric some budget counts, each once.
     pub metrics: Vec<Metric>,
     by_name: HashMap<Arc<str>, usize>,
@@ -111,7 +110,6 @@ impl Policy {
         }
         Policy {
             budgets,
-            prices: config.prices.clone(),
             metrics,
             by_name,
         }

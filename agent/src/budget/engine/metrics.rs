@@ -17,7 +17,12 @@ impl Engine {
             .iter()
             .filter(|c| c.budget.action.actuates())
         {
-            for reason in ["unavailable", "apply", "release"] {
+            // Only disk throttles write one rule per device, each of which can fail alone.
+            let device = (c.budget.action == Action::Disk).then_some("device");
+            for reason in ["unavailable", "apply", "release"]
+                .into_iter()
+                .chain(device)
+            {
                 let labels = [c.budget.name.as_str(), c.budget.action.as_str(), reason];
                 errors.expect(&ENFORCEMENT_ERRORS, &labels);
             }

@@ -59,9 +59,10 @@ pub struct Placement {
     pub v2_id: Option<u64>,
 }
 
-/// What the tick hands the engine: the ledger, the node facts sources learned (GPU memory held,
-/// GPU models for prices) and where each workload's cgroup is, read into the usage view once;
-/// and the cgroup layout, where the actuators find a workload's cgroup files.
+/// What the tick hands the engine: the ledger (costs included, accrued by `cost::Meter`), the
+/// node facts sources learned (GPU memory held) and where each workload's cgroup is, read into
+/// the usage view once; and the cgroup layout, where the actuators find a workload's cgroup
+/// files.
 #[derive(Debug)]
 pub struct Inputs<'a> {
     pub ledger: &'a Ledger,
@@ -292,6 +293,14 @@ impl Engine {
         self.policy.is_empty() && self.throttles.is_empty() && self.subjects.is_empty()
     }
 
+    /// The cgroup paths of the live workloads some budget selected at the last evaluation.
+    pub fn selected(&self) -> HashSet<String> {
+        self.subjects
+            .values()
+            .flat_map(|s| s.members.iter().map(|m| m.rel.clone()))
+            .collect()
+    }
+
     /// One evaluation, after the tick has updated the ledger; failures are counted in `errors`.
     pub fn tick(&mut self, inputs: Inputs<'_>, errors: &mut ErrorCounts) {
         let now = unix_now();
@@ -305,7 +314,7 @@ impl Engine {
         if self.is_idle() {
             return;
         }
-        let usage = usage::read(&inputs, &self.policy.metrics, &self.policy.prices);
+        let usage = usage::read(&inputs, &self.policy.metrics);
         self.charge(&usage, now);
         self.find_binding();
         let events = self.decide(now);
@@ -371,17 +380,25 @@ impl Engine {
 
     /// Releases every throttle and saves the windows: the graceful end of enforcement.
     pub fn shutdown(&mut self, errors: &mut ErrorCounts) {
+        let released = self.release_all(errors);
+        self.actuators.stop();
+        if released == 0 && !self.policy.is_empty() {
+            self.save(unix_now(), errors);
+        }
+    }
+
+    /// Releases every throttle and saves the state without them; the actuators stay ready, so
+    /// the next tick that decides can throttle again. Returns how many were released.
+    pub fn release_all(&mut self, errors: &mut ErrorCounts) -> usize {
         let throttles: Vec<Throttle> = std::mem::take(&mut self.throttles).into_values().collect();
         for t in &throttles {
             self.release(t, errors);
         }
-        self.actuators.stop();
         if !throttles.is_empty() {
             tracing::info!(released = throttles.len(), "released every throttle");
-        }
-        if !self.policy.is_empty() || !throttles.is_empty() {
             self.save(unix_now(), errors);
         }
+        throttles.len()
     }
 }
 

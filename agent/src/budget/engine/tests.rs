@@ -253,3 +253,121 @@ fn an_unreadable_state_file_is_kept_aside_and_counted_once() {
         2
     );
 }
+
+#[test]
+fn releasing_every_throttle_restores_the_files_and_the_next_tick_throttles_again() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cgroup.controllers"), "cpu").unwrap();
+    let layout = Layout::detect(dir.path()).unwrap();
+    let cgroup = dir.path().join("system.slice/unit:a.service");
+    std::fs::create_dir_all(&cgroup).unwrap();
+    let cpu_max = cgroup.join("cpu.max");
+    std::fs::write(&cpu_max, "max 100000\n").unwrap();
+    let mut engine = engine(
+        "[[budget]]\nname = 'b'\nresource = 'cpu_seconds'\nlimit = 10.0\nwindow = '1h'\naction = 'cpu'\nthrottle = { cpu_cores = 0.5 }\n",
+        &dir.path().join("state"),
+    );
+    let mut ledger = Ledger::new(Duration::from_secs(60));
+    let a = unit("a.service", &[]);
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 0.0)]);
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 11.0)]);
+    assert_eq!(std::fs::read_to_string(&cpu_max).unwrap(), "50000 100000");
+
+    let released = engine.release_all(&mut ErrorCounts::default());
+    assert_eq!(released, 1);
+    assert_eq!(std::fs::read_to_string(&cpu_max).unwrap(), "max 100000");
+    assert!(engine.throttles.is_empty());
+
+    // Still over its budget: the next tick that runs throttles it again.
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 11.5)]);
+    assert_eq!(std::fs::read_to_string(&cpu_max).unwrap(), "50000 100000");
+}
+
+#[test]
+fn each_block_device_refusing_its_rule_is_counted_as_a_device_failure() {
+    use crate::budget::actuator::{ActuatorError, CgroupError};
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(
+        "[[budget]]\nname = 'io'\nresource = 'disk_bytes'\nlimit = 1.0\nwindow = '1h'\naction = 'disk'\n",
+        &dir.path().join("state"),
+    );
+    let mut errors = ErrorCounts::default();
+    engine.expect_errors(&mut errors);
+    let refused = |dev: &str| CgroupError::Write {
+        path: "/sys/fs/cgroup/w/io.max".into(),
+        value: format!("{dev} rbps=1 wbps=1"),
+        source: std::io::Error::from_raw_os_error(libc::ENODEV),
+    };
+    let e = ActuatorError::Devices {
+        failed: vec![refused("252:0"), refused("43:0")],
+        of: 3,
+    };
+    engine.fail_apply(&mut errors, "io", Action::Disk, &e);
+    let metric = &crate::catalogue::budget::ENFORCEMENT_ERRORS;
+    // One more count each: the device failures were 2, the whole-throttle ones 0.
+    assert_eq!(errors.count(metric, &["io", "disk", "device"]), 3);
+    assert_eq!(errors.count(metric, &["io", "disk", "apply"]), 1);
+}
+
+/// A `cost` budget charges the cost counter: a reload that lowers a price prices later use only,
+/// and the counter's value, lower than a total priced anew would be, is never taken for a
+/// restart that charges it all again.
+#[test]
+fn a_cost_budget_charges_the_cost_counter_across_a_price_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = layout(dir.path());
+    let policy = |price: f64| {
+        let mut config = Config::parse(&format!(
+            "[prices]\ncpu_core_second = {price}\n\
+             [[budget]]\nname = 'spend'\nresource = 'cost'\nlimit = 100.0\nperiod = 'day'\n"
+        ))
+        .unwrap();
+        config.enforcement.state_dir = dir.path().join("state");
+        config
+    };
+    let mut engine = Engine::new(&policy(1.0));
+    let mut meter = crate::cost::Meter::new(&policy(1.0).prices);
+    let mut ledger = Ledger::new(Duration::from_secs(60));
+    let a = unit("a.service", &[]);
+    let placements: HashMap<PathIdentity, Placement> = [(
+        a.identity.clone(),
+        Placement {
+            rel: "/system.slice/a.service".to_owned(),
+            v2_id: None,
+        },
+    )]
+    .into();
+    let mut tick = |engine: &mut Engine, meter: &mut crate::cost::Meter, cpu: f64| {
+        ledger.see(&a, 1, true);
+        let key = Key::new(&crate::catalogue::workload::CPU_SECONDS, Vec::new());
+        ledger.observe(&a, &key, cpu);
+        ledger.end_tick(Instant::now());
+        meter.accrue(&mut ledger, &HashMap::new(), 0.2);
+        engine.tick(
+            Inputs {
+                ledger: &ledger,
+                placements: &placements,
+                layout: &layout,
+                facts: &Facts::default(),
+                tick_started: Instant::now(),
+            },
+            &mut ErrorCounts::default(),
+        );
+    };
+    let key = ("spend".to_owned(), "unit:a.service".to_owned());
+    // The first tick is the baseline; then 2 s at 1.0.
+    tick(&mut engine, &mut meter, 10.0);
+    tick(&mut engine, &mut meter, 12.0);
+    assert_eq!(engine.subjects[&key].usage, 2.0);
+    // Half the price: 2 s more cost 1.0, and the 12.0 already accrued stays.
+    let cheaper = policy(0.5);
+    engine.reconfigure(&cheaper);
+    // The meter was priced before, so the reload needs no ledger to start it from.
+    meter.reprice(
+        &cheaper.prices,
+        &mut Ledger::new(Duration::from_secs(60)),
+        &HashMap::new(),
+    );
+    tick(&mut engine, &mut meter, 14.0);
+    assert_eq!(engine.subjects[&key].usage, 3.0);
+}

@@ -4,7 +4,7 @@
 
 use super::decide::Wanted;
 use super::*;
-use crate::budget::actuator::{CgroupDirs, Plan, Site};
+use crate::budget::actuator::{ActuatorError, CgroupDirs, Plan, Site};
 use tally_error_chain::chain;
 
 impl Engine {
@@ -96,6 +96,7 @@ impl Engine {
             let v2_id = member.v2_id;
             let site = Site {
                 dirs: &dirs,
+                rel: &member.rel,
                 v2_id,
                 scope,
             };
@@ -135,7 +136,8 @@ impl Engine {
                 },
             );
             changed = true;
-            to_apply.push((key, action, setting, first.then_some((dirs, v2_id, scope))));
+            let new = first.then(|| (dirs, member.rel.clone(), v2_id, scope));
+            to_apply.push((key, action, setting, new));
         }
         if changed {
             // Recorded before applied: a crash between the two leaves a record of a throttle
@@ -148,8 +150,9 @@ impl Engine {
             else {
                 continue;
             };
-            let site = new.as_ref().map(|(dirs, v2_id, scope)| Site {
+            let site = new.as_ref().map(|(dirs, rel, v2_id, scope)| Site {
                 dirs,
+                rel,
                 v2_id: *v2_id,
                 scope: *scope,
             });
@@ -161,7 +164,7 @@ impl Engine {
                         self.applied.insert(key.clone(), latency);
                     }
                 }
-                Err(e) => self.fail(errors, &key.budget, action, "apply", &chain(&e)),
+                Err(e) => self.fail_apply(errors, &key.budget, action, &e),
             }
         }
     }
@@ -177,6 +180,25 @@ impl Engine {
         }
         for e in state::release_files(t) {
             self.fail(errors, &t.budget, t.action, "release", &e);
+        }
+    }
+
+    /// Counts a throttle that could not be applied: each block device that refused its rule
+    /// (`reason="device"`; the others have theirs), or the whole throttle (`reason="apply"`).
+    pub(super) fn fail_apply(
+        &self,
+        errors: &mut ErrorCounts,
+        budget: &str,
+        action: Action,
+        e: &ActuatorError,
+    ) {
+        match e {
+            ActuatorError::Devices { failed, .. } => {
+                for device in failed {
+                    self.fail(errors, budget, action, "device", &chain(device));
+                }
+            }
+            e => self.fail(errors, budget, action, "apply", &chain(e)),
         }
     }
 

@@ -1,16 +1,12 @@
 //! What every workload used, read from the ledger once a tick into the view the decisions take.
 //! Nothing else in the engine reads the ledger.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
-use tally_exporters::Metric as Declaration;
-
 use super::compiled::Metric;
 use super::keys::{subject_key, WorkloadKey};
 use super::{Inputs, Placement};
-use crate::catalogue::workload;
-use crate::config::policy::{self, Prices, Resource};
+use crate::catalogue::{self, workload};
+use crate::config::policy::{self, Resource};
+use crate::cost;
 use crate::identity::{PathIdentity, Workload};
 use crate::ledger::{Entry, Key};
 
@@ -43,8 +39,8 @@ impl WorkloadUsage<'_> {
     }
 }
 
-/// Reads the usage of `metrics` from the tick's ledger (priced with `prices` for `cost`).
-pub(super) fn read<'a>(inputs: &Inputs<'a>, metrics: &[Metric], prices: &Prices) -> Usage<'a> {
+/// Reads the usage of `metrics` from the tick's ledger.
+pub(super) fn read<'a>(inputs: &Inputs<'a>, metrics: &[Metric]) -> Usage<'a> {
     let workloads = inputs
         .ledger
         .entries()
@@ -64,9 +60,7 @@ pub(super) fn read<'a>(inputs: &Inputs<'a>, metrics: &[Metric], prices: &Prices)
                     .unwrap_or(0.0),
                 cumulative: metrics
                     .iter()
-                    .filter_map(|m| {
-                        Some((*m, cumulative(entry, *m, prices, &inputs.facts.gpu_models)?))
-                    })
+                    .filter_map(|m| Some((*m, cumulative(entry, *m)?)))
                     .collect(),
             }
         })
@@ -75,46 +69,22 @@ pub(super) fn read<'a>(inputs: &Inputs<'a>, metrics: &[Metric], prices: &Prices)
 }
 
 /// A workload's cumulative value of a budget metric, from its ledger row.
-fn cumulative(
-    entry: &Entry,
-    metric: Metric,
-    prices: &Prices,
-    models: &HashMap<Arc<str>, Arc<str>>,
-) -> Option<f64> {
+fn cumulative(entry: &Entry, metric: Metric) -> Option<f64> {
     let cpu = Key::new(&workload::CPU_SECONDS, Vec::new());
-    // Each series of `declared` times the weight `f` gives it (None: not counted).
-    let sum = |declared: &'static Declaration, f: &dyn Fn(&Key) -> Option<f64>| -> Option<f64> {
+    let egress = |scope: Option<u32>| {
+        let want = scope.and_then(|i| policy::SCOPES.get(i as usize));
         let mut total = None;
-        for (key, v) in entry.series(declared) {
-            if let Some(weight) = f(key) {
-                *total.get_or_insert(0.0) += v * weight;
+        for (key, v) in entry.series(&workload::NETWORK_TRANSMIT_BYTES) {
+            if want.is_none_or(|w| key.label("scope") == Some(*w)) {
+                *total.get_or_insert(0.0) += v;
             }
         }
         total
     };
-    let egress = |scope: Option<u32>| {
-        sum(&workload::NETWORK_TRANSMIT_BYTES, &|key| {
-            let want = scope.and_then(|i| policy::SCOPES.get(i as usize));
-            want.is_none_or(|w| key.label("scope") == Some(*w))
-                .then_some(1.0)
-        })
-    };
-    // cgroupfs first, where the workload has its series: on pure cgroup v2 that is `io.stat`,
-    // the series /metrics shows too. On a hybrid node /metrics shows the block-layer counters,
-    // but they charge I/O that v1 blk-throttle delays to the kworker that dispatches it, so a
-    // throttled workload would seem idle and be released; v1 blkio counts it right.
-    let disk = |declared: &'static Declaration| {
-        let method = |m: &str| Key::new(declared, vec![("method", Arc::from(m))]);
-        entry
-            .value(&method("cgroupfs"))
-            .or_else(|| entry.value(&method("ebpf")))
-    };
-    let read = || disk(&workload::DISK_READ_BYTES);
-    let write = || disk(&workload::DISK_WRITE_BYTES);
-    let add = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (None, None) => None,
-        (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
-    };
+    // The figure /metrics shows, which the cost counter prices too: cgroupfs first, where the
+    // workload has its series (`cost::disk_bytes`).
+    let read = || cost::disk_bytes(entry, &workload::DISK_READ_BYTES);
+    let write = || cost::disk_bytes(entry, &workload::DISK_WRITE_BYTES);
     match metric.resource {
         Resource::CpuSeconds => entry.value(&cpu),
         Resource::GpuSeconds => entry.total(&workload::GPU_SECONDS),
@@ -122,28 +92,14 @@ fn cumulative(
         Resource::NetworkEgressBytes => egress(metric.scope),
         Resource::DiskReadBytes => read(),
         Resource::DiskWriteBytes => write(),
-        Resource::DiskBytes => add(read(), write()),
+        Resource::DiskBytes => match (read(), write()) {
+            (None, None) => None,
+            (r, w) => Some(r.unwrap_or(0.0) + w.unwrap_or(0.0)),
+        },
         // A level, read as one (`WorkloadUsage::gpu_memory`).
         Resource::GpuMemoryBytes => None,
-        Resource::Cost => {
-            let gpu_seconds = sum(&workload::GPU_SECONDS, &|key| {
-                let model = key.label("gpu").and_then(|gpu| models.get(gpu));
-                model
-                    .and_then(|m| prices.gpu_second.get(m.as_ref()))
-                    .or_else(|| prices.gpu_second.get("default"))
-                    .copied()
-            });
-            let energy = entry
-                .total(&workload::GPU_ENERGY_JOULES)
-                .map(|j| j * prices.gpu_energy_kwh / 3.6e6);
-            let egress = sum(&workload::NETWORK_TRANSMIT_BYTES, &|key| {
-                let scope = key.label("scope").unwrap_or("internet");
-                prices.network_egress_gb.get(scope).map(|p| p / 1e9)
-            });
-            let gpu_cost = add(add(gpu_seconds, energy), egress);
-            let cpu = entry.value(&cpu).map(|s| s * prices.cpu_core_second);
-            let disk = add(read(), write()).map(|b| b * prices.disk_gb / 1e9);
-            add(add(gpu_cost, cpu), disk)
-        }
+        // Accrued tick by tick at the prices in force then (`cost::Meter`): a reload that
+        // changes a price changes what later use costs, not what a window was charged.
+        Resource::Cost => entry.total(&catalogue::cost::WORKLOAD_COST),
     }
 }

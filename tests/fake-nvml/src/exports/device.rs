@@ -96,24 +96,59 @@ pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
         }
         // SAFETY: forwarded from the caller.
         let utilization = unsafe { out(utilization) }?;
-        let d = call.device();
-        let now = call.now_ms;
-        let sum = |f: fn(&crate::scenario::Process, f64) -> f64| {
-            call.live_processes()
-                .map(|p| f(p, now))
-                .sum::<f64>()
-                .min(100.0)
-        };
-        utilization.gpu = d
-            .utilization_gpu_percent
-            .as_ref()
-            .map_or_else(|| sum(|p, t| p.sm_percent.at(t)), |u| u.at(now))
-            as c_uint;
-        utilization.memory = d
-            .utilization_memory_percent
-            .as_ref()
-            .map_or_else(|| sum(|p, t| p.memory_percent.at(t)), |u| u.at(now))
-            as c_uint;
+        let (gpu, memory) = crate::samples::utilization_rates(call);
+        utilization.gpu = gpu.round() as c_uint;
+        utilization.memory = memory.round() as c_uint;
+        Ok(())
+    })
+}
+
+/// `nvmlDeviceGetSamples`, GPU utilization samples only (other types `NOT_SUPPORTED`):
+/// `NOT_SUPPORTED` with MIG on; `NOT_FOUND` when nothing is newer than `lastSeenTimeStamp`;
+/// with `samples == NULL` `SUCCESS` and the count, as NVML documents; a buffer too small for
+/// them `INSUFFICIENT_SIZE`.
+///
+/// # Safety
+/// `value_type` and `count` must be null or valid for writes; `samples` null or valid for
+/// `*count` entries.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetSamples(
+    device: NvmlDevice,
+    sampling: c_uint,
+    last_seen_time_stamp: c_ulonglong,
+    value_type: *mut c_uint,
+    count: *mut c_uint,
+    samples: *mut ffi::Sample,
+) -> NvmlReturn {
+    device_call("nvmlDeviceGetSamples", device, |call| {
+        if mig_enabled(call) || sampling != ffi::GPU_UTILIZATION_SAMPLES {
+            return Err(ffi::ERROR_NOT_SUPPORTED);
+        }
+        // SAFETY: forwarded from the caller.
+        let count = unsafe { out(count) }?;
+        // SAFETY: forwarded from the caller.
+        *unsafe { out(value_type) }? = ffi::VALUE_TYPE_UNSIGNED_INT;
+        let found = crate::samples::device_samples(call, last_seen_time_stamp);
+        if found.is_empty() {
+            return Err(ffi::ERROR_NOT_FOUND);
+        }
+        let capacity = *count as usize;
+        *count = found.len() as c_uint;
+        if samples.is_null() {
+            return Ok(());
+        }
+        if capacity < found.len() {
+            return Err(ffi::ERROR_INSUFFICIENT_SIZE);
+        }
+        for (i, (time_stamp, percent)) in found.into_iter().enumerate() {
+            // SAFETY: the caller guarantees `capacity > i` entries.
+            unsafe {
+                *samples.add(i) = ffi::Sample {
+                    time_stamp,
+                    value: Value { ui_val: percent },
+                };
+            }
+        }
         Ok(())
     })
 }
@@ -417,6 +452,34 @@ pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
             .state
             .mig_handle(call.gpu, index as usize)
             .ok_or(ffi::ERROR_NOT_FOUND)?;
+        Ok(())
+    })
+}
+
+/// `nvmlDeviceGetAttributes_v2` (MIG device handles only, as NVML documents): the instance's
+/// slices and memory; the engine counts are not modelled (0).
+///
+/// # Safety
+/// `attributes` must be null or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetAttributes_v2(
+    device: NvmlDevice,
+    attributes: *mut ffi::DeviceAttributes,
+) -> NvmlReturn {
+    device_call("nvmlDeviceGetAttributes_v2", device, |call| {
+        let instance = call.mig_instance().ok_or(ffi::ERROR_NOT_SUPPORTED)?;
+        // SAFETY: forwarded from the caller.
+        *unsafe { out(attributes) }? = ffi::DeviceAttributes {
+            multiprocessor_count: 0,
+            shared_copy_engine_count: 0,
+            shared_decoder_count: 0,
+            shared_encoder_count: 0,
+            shared_jpeg_count: 0,
+            shared_ofa_count: 0,
+            gpu_instance_slice_count: instance.compute_slices,
+            compute_instance_slice_count: instance.compute_slices,
+            memory_size_mb: instance.memory_total_bytes / (1024 * 1024),
+        };
         Ok(())
     })
 }

@@ -104,8 +104,8 @@ pub unsafe extern "C" fn nvmlDeviceRegisterEvents(
     })
 }
 
-/// `nvmlEventSetWait_v2`: the next due XID for a registered device, else `TIMEOUT` after
-/// `timeoutms`.
+/// `nvmlEventSetWait_v2`: the next due XID for a registered device; else `GPU_IS_LOST` while a
+/// registered device is lost; else `TIMEOUT` after `timeoutms`.
 ///
 /// # Safety
 /// `set` must come from `nvmlEventSetCreate` and not be freed; `data` null or valid for
@@ -130,10 +130,25 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(
     loop {
         let now = state.now_ms();
         let mut next_due: Option<f64> = None;
+        // A registered GPU fell off the bus: once the XIDs up to then (its 79) are out, every
+        // wait on the set answers GPU_IS_LOST, whatever the other GPUs do, as real drivers do.
+        let lost_since = {
+            let inner = set.inner.lock().unwrap_or_else(|p| p.into_inner());
+            inner
+                .registered
+                .iter()
+                .filter_map(|(gpu, _, _)| state.device(*gpu).lost_at_ms)
+                .map(|at| at as f64)
+                .filter(|at| *at <= now)
+                .reduce(f64::min)
+        };
         {
             let mut inner = set.inner.lock().unwrap_or_else(|p| p.into_inner());
             while let Some(xid) = state.scenario.xids.get(inner.next) {
                 let at = xid.at_ms as f64;
+                if lost_since.is_some_and(|lost| at > lost) {
+                    return ffi::ERROR_GPU_IS_LOST;
+                }
                 if at > now {
                     next_due = Some(at);
                     break;
@@ -155,6 +170,9 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(
                     return ffi::SUCCESS;
                 }
             }
+        }
+        if lost_since.is_some() {
+            return ffi::ERROR_GPU_IS_LOST;
         }
         if now >= deadline_ms {
             return ffi::ERROR_TIMEOUT;

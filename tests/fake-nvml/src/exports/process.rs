@@ -4,6 +4,7 @@
 use std::os::raw::c_uint;
 
 use crate::ffi::{self, AccountingStats, NvmlDevice, NvmlReturn, ProcessInfo};
+use crate::scenario::{MigParentProcesses, MpsRole};
 use crate::state::{device_call, out, Call};
 
 /// Writes `items` into a caller array of `*count` entries with NVML's count-probe semantics:
@@ -30,12 +31,26 @@ unsafe fn fill<T: Copy>(count: *mut c_uint, array: *mut T, items: &[T]) -> Resul
 }
 
 /// Live processes on this handle in the v3 layout, MPS clients or the others; on a MIG-enabled
-/// GPU's own handle every process carries its GPU / compute instance ids, otherwise
-/// `0xFFFFFFFF`.
-fn process_infos(call: &Call, mps_clients: bool) -> Vec<ProcessInfo> {
+/// GPU's own handle every process carries its GPU / compute instance ids (or the scenario's
+/// `mig_parent_processes` answer), otherwise `0xFFFFFFFF`.
+fn process_infos(call: &Call, mps_clients: bool) -> Result<Vec<ProcessInfo>, NvmlReturn> {
     let mig = call.device().mig.is_some();
-    call.live_processes()
-        .filter(|p| p.is_mps_client() == mps_clients)
+    if mig && call.mig.is_none() {
+        match call.device().mig_parent_processes {
+            MigParentProcesses::Aggregated => {}
+            MigParentProcesses::NoPermission => return Err(ffi::ERROR_NO_PERMISSION),
+            MigParentProcesses::Empty => return Ok(Vec::new()),
+        }
+    }
+    Ok(call
+        .live_processes()
+        .filter(|p| {
+            if mps_clients {
+                p.is_mps_client()
+            } else {
+                !p.is_mps_client() || p.mps == Some(MpsRole::ComputeClient)
+            }
+        })
         .map(|p| ProcessInfo {
             pid: p.pid,
             used_gpu_memory: p.used_memory_bytes.at(call.now_ms) as u64,
@@ -48,7 +63,7 @@ fn process_infos(call: &Call, mps_clients: bool) -> Vec<ProcessInfo> {
                 .filter(|_| mig)
                 .unwrap_or(ffi::NO_INSTANCE),
         })
-        .collect()
+        .collect())
 }
 
 /// `nvmlDeviceGetComputeRunningProcesses_v3`: live processes with a compute context of their
@@ -63,7 +78,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     infos: *mut ProcessInfo,
 ) -> NvmlReturn {
     device_call("nvmlDeviceGetComputeRunningProcesses_v3", device, |call| {
-        let items = process_infos(call, false);
+        let items = process_infos(call, false)?;
         // SAFETY: forwarded from the caller.
         unsafe { fill(info_count, infos, &items) }
     })
@@ -85,72 +100,18 @@ pub unsafe extern "C" fn nvmlDeviceGetMPSComputeRunningProcesses_v3(
         "nvmlDeviceGetMPSComputeRunningProcesses_v3",
         device,
         |call| {
-            let items = process_infos(call, true);
+            let items = process_infos(call, true)?;
             // SAFETY: forwarded from the caller.
             unsafe { fill(info_count, infos, &items) }
         },
     )
 }
 
-/// Samples newer than `last_seen_us`: one per sample period per process that was alive with a
-/// non-zero SM or memory utilization, within the driver's buffer. MPS clients have none of
-/// their own: their utilization shows in the MPS server's samples.
-#[cfg_attr(
-    feature = "without-process-utilization",
-    expect(dead_code, reason = "only nvmlDeviceGetProcessUtilization uses it")
-)]
-fn utilization_samples(call: &Call, last_seen_us: u64) -> Vec<ffi::ProcessUtilizationSample> {
-    let scenario = &call.state.scenario;
-    let period_ms = scenario.sample_period_ms;
-    let epoch_us = call.state.epoch_us;
-    let newest = (call.now_ms / period_ms as f64).floor() as u64;
-    let oldest = newest
-        .saturating_sub(scenario.sample_buffer_periods)
-        .saturating_add(1)
-        .max(1);
-    let first_unseen = last_seen_us
-        .checked_sub(epoch_us)
-        .map_or(0, |since| since / (period_ms * 1000) + 1);
-    let mut samples = Vec::new();
-    for tick in oldest.max(first_unseen)..=newest {
-        let t_ms = (tick * period_ms) as f64;
-        let time_stamp = epoch_us + tick * period_ms * 1000;
-        if time_stamp <= last_seen_us {
-            continue;
-        }
-        let alive = || call.device().processes.iter().filter(|p| p.alive_at(t_ms));
-        let clients = |f: fn(&crate::scenario::Process) -> &crate::scenario::Timeline| {
-            alive()
-                .filter(|p| p.is_mps_client())
-                .map(|p| f(p).at(t_ms))
-                .sum::<f64>()
-        };
-        for p in alive().filter(|p| !p.is_mps_client()) {
-            let (mut sm, mut mem) = (p.sm_percent.at(t_ms), p.memory_percent.at(t_ms));
-            if p.mps == Some(crate::scenario::MpsRole::Server) {
-                sm += clients(|p| &p.sm_percent);
-                mem += clients(|p| &p.memory_percent);
-            }
-            let sm = sm.min(100.0) as c_uint;
-            let mem = mem.min(100.0) as c_uint;
-            if sm > 0 || mem > 0 {
-                samples.push(ffi::ProcessUtilizationSample {
-                    pid: p.pid,
-                    time_stamp,
-                    sm_util: sm,
-                    mem_util: mem,
-                    enc_util: 0,
-                    dec_util: 0,
-                });
-            }
-        }
-    }
-    samples
-}
-
-/// `nvmlDeviceGetProcessUtilization`: with `utilization == NULL` a count probe
-/// (`INSUFFICIENT_SIZE` and the count); `NOT_FOUND` when nothing is newer than
-/// `lastSeenTimeStamp`; `NOT_SUPPORTED` with MIG on.
+/// `nvmlDeviceGetProcessUtilization`: `NOT_FOUND` when nothing is newer than
+/// `lastSeenTimeStamp`; `NOT_SUPPORTED` with MIG on. With a NULL buffer (or one too small) the
+/// count probe answers `INSUFFICIENT_SIZE` and the count: the exact count per period, a fixed
+/// 100 (or more when more are needed) with the driver shape, whose fetch then leaves the unused
+/// entries zeroed within the count, as real drivers do.
 ///
 /// # Safety
 /// See [`fill`].
@@ -166,9 +127,20 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
         if call.device().mig.is_some() {
             return Err(ffi::ERROR_NOT_SUPPORTED);
         }
-        let samples = utilization_samples(call, last_seen_time_stamp);
+        let mut samples = crate::samples::process_samples(call, last_seen_time_stamp);
         if samples.is_empty() {
             return Err(ffi::ERROR_NOT_FOUND);
+        }
+        if call.state.scenario.sample_shape == crate::scenario::SampleShape::Driver {
+            const DRIVER_COUNT: usize = 100;
+            // SAFETY: forwarded from the caller.
+            let capacity = unsafe { out(process_samples_count) }.map(|c| *c as usize)?;
+            let wanted = samples.len().max(DRIVER_COUNT);
+            if !utilization.is_null() && capacity >= samples.len() {
+                samples.resize(wanted.min(capacity), crate::samples::ZEROED);
+            } else {
+                samples.resize(wanted, crate::samples::ZEROED);
+            }
         }
         // SAFETY: forwarded from the caller.
         unsafe { fill(process_samples_count, utilization, &samples) }

@@ -5,7 +5,10 @@
 //! and gauges computed each tick), and it needs what the reader does not give — a bounded queue
 //! that drops the oldest batch (counted) when the collector is down, bounded retries, and a flush
 //! of the last tick on shutdown. Counters are sent with cumulative temporality, so a dropped batch
-//! loses resolution, never totals.
+//! loses resolution, never totals; a series whose total goes backwards gets a new start time
+//! ([`starts`]).
+
+mod starts;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,7 +76,7 @@ pub struct Pusher {
     settings: OtlpSettings,
     resource: Resource,
     scope: InstrumentationScope,
-    start: SystemTime,
+    starts: starts::Starts,
     queue: VecDeque<ResourceMetrics>,
     stats: Arc<OtlpStats>,
 }
@@ -132,7 +135,7 @@ impl Pusher {
             scope: InstrumentationScope::builder("tally")
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
-            start: SystemTime::now(),
+            starts: starts::Starts::new(SystemTime::now()),
             queue: VecDeque::new(),
             settings,
             stats,
@@ -199,7 +202,9 @@ impl Pusher {
         }
     }
 
-    fn convert(&self, snapshot: &Snapshot, now: SystemTime) -> ResourceMetrics {
+    fn convert(&mut self, snapshot: &Snapshot, now: SystemTime) -> ResourceMetrics {
+        self.starts.begin(now);
+        let starts = &mut self.starts;
         let metrics = snapshot
             .families
             .iter()
@@ -215,13 +220,23 @@ impl Pusher {
                         .map(|(k, v)| KeyValue::new(*k, v.to_string()))
                         .collect()
                 };
-                let points = || -> Vec<DataPoint<f64>> {
+                // The series as the receiver tells it apart: its name and attributes.
+                let series = |sample: &crate::Sample| -> starts::SeriesKey {
+                    let labels = sample.labels.iter().chain(sample.extra.iter());
+                    let labels = labels.filter(|(_, v)| !v.is_empty());
+                    (
+                        family.name,
+                        labels.map(|(k, v)| (*k, v.to_string())).collect(),
+                    )
+                };
+                let mut points = |cumulative: bool| -> Vec<DataPoint<f64>> {
                     family
                         .samples
                         .iter()
                         .map(|sample| DataPoint {
                             attributes: attributes(sample),
-                            start_time: Some(self.start),
+                            start_time: cumulative
+                                .then(|| starts.start(series(sample), sample.value)),
                             time: Some(now),
                             value: sample.value,
                             exemplars: Vec::new(),
@@ -231,12 +246,12 @@ impl Pusher {
                 let data: Box<dyn opentelemetry_sdk::metrics::data::Aggregation> = match family.kind
                 {
                     Kind::Counter => Box::new(Sum {
-                        data_points: points(),
+                        data_points: points(true),
                         temporality: Temporality::Cumulative,
                         is_monotonic: true,
                     }),
                     Kind::Gauge => Box::new(Gauge {
-                        data_points: points(),
+                        data_points: points(false),
                     }),
                     Kind::Histogram => Box::new(OtlpHistogram {
                         temporality: Temporality::Cumulative,
@@ -260,7 +275,7 @@ impl Pusher {
                                 bucket_counts.push(h.count.saturating_sub(previous));
                                 Some(HistogramDataPoint {
                                     attributes: attributes(sample),
-                                    start_time: self.start,
+                                    start_time: starts.start(series(sample), h.count as f64),
                                     time: now,
                                     count: h.count,
                                     bounds: h.buckets.iter().map(|(le, _)| *le).collect(),
@@ -282,6 +297,7 @@ impl Pusher {
                 }
             })
             .collect();
+        self.starts.end();
         ResourceMetrics {
             resource: self.resource.clone(),
             scope_metrics: vec![ScopeMetrics {

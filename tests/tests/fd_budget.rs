@@ -1,0 +1,407 @@
+//! The agent under a low open-file limit, as on a node whose `LimitNOFILE` is small for the
+//! workloads it runs: more workloads than a third of the limit (three cgroup files each), every
+//! one still with its CPU and memory values exact, the cgroup files kept open up to the budget and
+//! the rest read by path each tick.
+//!
+//! The agent is pointed (`paths.cgroup_root`) at the test's own part of each real hierarchy, so
+//! the workloads it sees are exactly the test's, whatever else runs on the node.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tally_agent::host::layout::{Layout, Mode};
+use tally_tests::agent::{sample, Agent};
+use tally_tests::cgroup::{random_hex, remove_parents, TestCgroup};
+use tally_tests::require;
+
+/// The agent's open-file limit, soft and hard.
+const LIMIT: u64 = 1024;
+/// Cgroup files it may keep open under it: 1024 less a reserve of 256 (an eighth, at least 256).
+const BUDGET: usize = 768;
+/// More than `LIMIT / 3`, so that their files cannot all stay open.
+const WORKLOADS: usize = 400;
+
+/// The test's scope in each hierarchy (`/<name>` under its root), its workloads
+/// (`/<name>/system.slice/fd-<i>.service`, one sleeping process each), and the root the agent
+/// is given: the scope itself on a cgroup v2 node, else a directory of links to the scope in each
+/// hierarchy, named as under `/sys/fs/cgroup`.
+struct Scope {
+    name: String,
+    /// Link name (`unified`, `cpuacct`, `memory`, `blkio`; empty on v2) and hierarchy root.
+    hierarchies: Vec<(&'static str, PathBuf)>,
+    root: PathBuf,
+    _links: Option<tempfile::TempDir>,
+    workloads: Vec<TestCgroup>,
+}
+
+impl Scope {
+    #[expect(clippy::expect_used, reason = "test helper")]
+    fn create(layout: &Layout) -> Scope {
+        let name = format!("tally-fd-{}", random_hex(8));
+        let hierarchies: Vec<(&'static str, PathBuf)> = match layout.mode {
+            Mode::V2 => vec![("", layout.unified.clone().expect("v2 root"))],
+            Mode::Hybrid | Mode::V1 => [
+                ("unified", &layout.unified),
+                ("cpuacct", &layout.cpuacct),
+                ("memory", &layout.memory),
+                ("blkio", &layout.blkio),
+            ]
+            .into_iter()
+            .filter_map(|(link, root)| Some((link, root.clone()?)))
+            .collect(),
+        };
+        let roots: Vec<PathBuf> = hierarchies.iter().map(|(_, r)| r.clone()).collect();
+        // The slice first, with the v2 controllers its children need for `memory.current` and
+        // `io.stat` (where the node's root delegates them).
+        for root in &roots {
+            let slice = root.join(&name).join("system.slice");
+            std::fs::create_dir_all(&slice).expect("mkdir the test slice");
+            for dir in [root.join(&name), slice] {
+                let wanted = std::fs::read_to_string(dir.join("cgroup.controllers"));
+                for controller in wanted.unwrap_or_default().split_whitespace() {
+                    if ["cpu", "memory", "io"].contains(&controller) {
+                        let _ = std::fs::write(
+                            dir.join("cgroup.subtree_control"),
+                            format!("+{controller}"),
+                        );
+                    }
+                }
+            }
+        }
+        let (root, links) = match layout.mode {
+            Mode::V2 => (roots[0].join(&name), None),
+            Mode::Hybrid | Mode::V1 => {
+                let links = tempfile::tempdir().expect("tempdir");
+                for (link, root) in &hierarchies {
+                    std::os::unix::fs::symlink(root.join(&name), links.path().join(link))
+                        .expect("symlink");
+                }
+                (links.path().to_path_buf(), Some(links))
+            }
+        };
+        Scope {
+            name,
+            hierarchies,
+            root,
+            _links: links,
+            workloads: Vec::new(),
+        }
+    }
+
+    /// Adds workloads up to `n` in all, with no process yet.
+    fn fill(&mut self, n: usize) {
+        let roots: Vec<PathBuf> = self.hierarchies.iter().map(|(_, r)| r.clone()).collect();
+        let name = &self.name;
+        let workloads = (self.workloads.len()..n)
+            .map(|i| TestCgroup::create(&roots, &format!("/{name}/system.slice/fd-{i}.service")));
+        self.workloads.extend(workloads);
+    }
+
+    /// Starts a sleeping process inside each workload, so each has CPU time and memory of its
+    /// own.
+    fn start(&mut self) {
+        for cg in &mut self.workloads {
+            cg.start("sleep", &["600"]);
+        }
+    }
+
+    /// Workload `i`'s directory in the hierarchy linked as `link` (`unified` is the v2 one).
+    fn dir(&self, link: &str, i: usize) -> Option<PathBuf> {
+        let v2 = self.hierarchies.len() == 1 && self.hierarchies[0].0.is_empty();
+        self.hierarchies
+            .iter()
+            .find(|(l, _)| *l == link || (v2 && link == "unified"))
+            .map(|(_, root)| {
+                root.join(&self.name)
+                    .join(format!("system.slice/fd-{i}.service"))
+            })
+    }
+
+    /// The files the agent reads for workload `i`, by its rules: CPU from v1 `cpuacct.usage`
+    /// where there is one, else `cpu.stat`; memory from `memory.current`, else v1
+    /// `memory.usage_in_bytes`; disk from `io.stat`, else v1 blkio.
+    fn files(&self, i: usize) -> [Option<PathBuf>; 3] {
+        let first = |candidates: [(&str, &str); 2]| {
+            candidates
+                .into_iter()
+                .find_map(|(link, file)| Some(self.dir(link, i)?.join(file)).filter(|p| p.exists()))
+        };
+        [
+            first([("cpuacct", "cpuacct.usage"), ("unified", "cpu.stat")]),
+            first([
+                ("unified", "memory.current"),
+                ("memory", "memory.usage_in_bytes"),
+            ]),
+            first([
+                ("unified", "io.stat"),
+                ("blkio", "blkio.throttle.io_service_bytes"),
+            ]),
+        ]
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        self.workloads.clear();
+        let roots: Vec<PathBuf> = self.hierarchies.iter().map(|(_, r)| r.clone()).collect();
+        remove_parents(&roots, &format!("/{}/system.slice/x", self.name), 2);
+    }
+}
+
+/// The kernel's CPU seconds (`cpuacct.usage` or `cpu.stat`) and memory bytes of a workload.
+fn kernel_values(cpu: &Path, memory: &Path) -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string(cpu).ok()?;
+    let cpu = match text.lines().find_map(|l| l.strip_prefix("usage_usec ")) {
+        Some(usec) => usec.trim().parse::<u64>().ok()? as f64 / 1e6,
+        None => text.trim().parse::<u64>().ok()? as f64 / 1e9,
+    };
+    let memory = std::fs::read_to_string(memory).ok()?.trim().parse().ok()?;
+    Some((cpu, memory))
+}
+
+/// Per-workload values in a scrape: (family, unit) → value, disk bytes by cgroupfs only.
+fn by_unit(text: &str) -> HashMap<(&str, &str), f64> {
+    let mut values = HashMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((family, rest)) = line.split_once('{') else {
+            continue;
+        };
+        if family.starts_with("tally_workload_disk") && !rest.contains("method=\"cgroupfs\"") {
+            continue;
+        }
+        let unit = rest
+            .split_once("unit=\"")
+            .and_then(|(_, u)| u.split_once('"'))
+            .map(|(u, _)| u);
+        let value = line.rsplit(' ').next().and_then(|v| v.parse().ok());
+        if let (Some(unit), Some(value)) = (unit, value) {
+            values.insert((family, unit), value);
+        }
+    }
+    values
+}
+
+/// What is wrong with workload `i` in `values`, if anything.
+fn mismatch(values: &HashMap<(&str, &str), f64>, scope: &Scope, i: usize) -> Option<String> {
+    let unit = format!("fd-{i}.service");
+    let [Some(cpu_file), Some(memory_file), io] = scope.files(i) else {
+        return Some(format!("{unit}: no CPU or memory file"));
+    };
+    let Some((cpu, memory)) = kernel_values(&cpu_file, &memory_file) else {
+        return Some(format!("{unit}: kernel files unreadable"));
+    };
+    let got = |family| values.get(&(family, unit.as_str())).copied();
+    let agent_cpu = got("tally_workload_cpu_seconds_total");
+    if agent_cpu.is_none_or(|v| (v - cpu).abs() > 1e-9) {
+        return Some(format!("{unit}: cpu {agent_cpu:?}, kernel {cpu}"));
+    }
+    let agent_memory = got("tally_workload_memory_bytes");
+    if agent_memory != Some(memory) {
+        return Some(format!("{unit}: memory {agent_memory:?}, kernel {memory}"));
+    }
+    if io.is_some()
+        && (got("tally_workload_disk_read_bytes_total").is_none()
+            || got("tally_workload_disk_write_bytes_total").is_none())
+    {
+        return Some(format!("{unit}: no disk series"));
+    }
+    None
+}
+
+#[test]
+fn every_workload_is_read_exactly_beyond_the_open_file_budget() {
+    const TEST: &str = "every_workload_is_read_exactly_beyond_the_open_file_budget";
+    if !require::root(TEST) {
+        return;
+    }
+    let layout = match Layout::detect(Path::new("/sys/fs/cgroup")) {
+        Ok(layout) => layout,
+        Err(e) => return require::skip(TEST, &e.to_string()),
+    };
+    if require::binary(TEST, "sleep").is_none() {
+        return;
+    }
+    let mut scope = Scope::create(&layout);
+    scope.fill(WORKLOADS);
+    scope.start();
+    let files: usize = (0..WORKLOADS)
+        .map(|i| scope.files(i).iter().flatten().count())
+        .sum();
+    assert!(
+        files > BUDGET,
+        "{files} cgroup files for {WORKLOADS} workloads: not beyond the budget"
+    );
+
+    let agent = Agent::start_with_open_file_limit(
+        &format!(
+            "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n",
+            scope.root.display()
+        ),
+        LIMIT,
+        0,
+    );
+    let text = read_exactly(&agent, &scope, 0.0);
+    let value = |family, needles: &[&str]| sample(&text, family, needles);
+    // The test's workloads and no other (the row of what runs in no workload, which the eBPF
+    // sources fill, aside).
+    let workloads: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("tally_workload_info{"))
+        .filter(|l| !l.contains("container_id=\"\",unit=\"\""))
+        .collect();
+    assert_eq!(workloads.len(), WORKLOADS, "{workloads:#?}");
+    assert!(workloads.iter().all(|l| l.contains("unit=\"fd-")));
+    assert_eq!(
+        value("tally_cgroupfs_open_files_limit", &[]),
+        Some(BUDGET as f64)
+    );
+    assert_eq!(value("tally_cgroupfs_open_files", &[]), Some(BUDGET as f64));
+    // Every tick reads the files beyond the budget by path, from the first tick on.
+    let ticks = value("tally_ticks_total", &[]).unwrap_or_default();
+    assert!(ticks >= 1.0);
+    assert_eq!(
+        value("tally_cgroupfs_path_reads_total", &[]),
+        Some((files - BUDGET) as f64 * ticks),
+        "{files} files, {ticks} ticks"
+    );
+    // Again five ticks later: the files read by path are read again each tick, and exactly.
+    let later = read_exactly(&agent, &scope, ticks + 5.0);
+    let later_ticks = sample(&later, "tally_ticks_total", &[]).unwrap_or_default();
+    assert_eq!(
+        sample(&later, "tally_cgroupfs_path_reads_total", &[]),
+        Some((files - BUDGET) as f64 * later_ticks),
+        "{files} files, {later_ticks} ticks"
+    );
+    assert_eq!(
+        sample(&later, "tally_cgroupfs_open_files", &[]),
+        Some(BUDGET as f64)
+    );
+    assert_eq!(
+        sample(&later, "tally_collector_errors_total", &[]),
+        None,
+        "the limit was never met, and nothing failed"
+    );
+    // The agent holds the kept files and stays under its limit.
+    let held = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id()))
+        .expect("the agent's fds")
+        .count();
+    assert!(
+        held >= BUDGET && held < LIMIT as usize,
+        "{held} descriptors"
+    );
+    eprintln!("{WORKLOADS} workloads, {files} files, {later_ticks} ticks, {held} descriptors held");
+}
+
+/// The agent starts holding 255 descriptors it inherited (as from a parent that leaks them), so
+/// with its own the rest of it holds about 300, 44 past the reserve: the collector's first tick
+/// meets `EMFILE` while it opens the workloads' files. That is counted once, the tick's remaining
+/// files are read through the spare descriptor, and the budget drops a reserve below what was
+/// open, so the agent has descriptors free again; every workload is read exactly throughout.
+#[test]
+fn the_limit_met_through_other_descriptors_is_counted_once_and_given_back() {
+    const TEST: &str = "the_limit_met_through_other_descriptors_is_counted_once_and_given_back";
+    const INHERITED: u32 = 255;
+    if !require::root(TEST) {
+        return;
+    }
+    let layout = match Layout::detect(Path::new("/sys/fs/cgroup")) {
+        Ok(layout) => layout,
+        Err(e) => return require::skip(TEST, &e.to_string()),
+    };
+    if require::binary(TEST, "sleep").is_none() {
+        return;
+    }
+    let mut scope = Scope::create(&layout);
+    scope.fill(WORKLOADS);
+    scope.start();
+    let files: usize = (0..WORKLOADS)
+        .map(|i| scope.files(i).iter().flatten().count())
+        .sum();
+    let agent = Agent::start_with_open_file_limit(
+        &format!(
+            "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n",
+            scope.root.display()
+        ),
+        LIMIT,
+        INHERITED,
+    );
+    let held = || {
+        std::fs::read_dir(format!("/proc/{}/fd", agent.child.id()))
+            .expect("the agent's fds")
+            .count()
+    };
+    let text = read_exactly(&agent, &scope, 0.0);
+    let value = |family, needles: &[&str]| sample(&text, family, needles);
+    assert_eq!(
+        value("tally_collector_errors_total", &["reason=\"fd_limit\""]),
+        Some(1.0),
+        "one event, counted once; log:\n{}",
+        agent.log()
+    );
+    let budget = value("tally_cgroupfs_open_files_limit", &[]).unwrap_or_default() as usize;
+    assert_eq!(value("tally_cgroupfs_open_files", &[]), Some(budget as f64));
+    // The first tick kept what the others left, give or take the few descriptors open for a
+    // moment (the walk's, a scrape's); the budget is now a reserve below that.
+    let others = held() - budget;
+    let most = LIMIT as usize - others - 256;
+    assert!(
+        (most - 8..=most + 8).contains(&budget),
+        "budget {budget}, {others} descriptors held by others"
+    );
+    // Reads by path: the first tick's past the `budget + 256` it kept, through the spare
+    // descriptor; every tick since, all files past the budget. Exact, now and five ticks later,
+    // with the limit not met again.
+    let path_reads = |text: &str| {
+        let ticks = sample(text, "tally_ticks_total", &[]).unwrap_or_default();
+        let expected = (files - budget - 256) as f64 + (ticks - 1.0) * (files - budget) as f64;
+        (
+            sample(text, "tally_cgroupfs_path_reads_total", &[]),
+            expected,
+            ticks,
+        )
+    };
+    let (got, expected, ticks) = path_reads(&text);
+    assert_eq!(got, Some(expected), "{files} files, {ticks} ticks");
+    let later = read_exactly(&agent, &scope, ticks + 5.0);
+    let (got, expected, ticks) = path_reads(&later);
+    assert_eq!(got, Some(expected), "{files} files, {ticks} ticks");
+    assert_eq!(
+        sample(
+            &later,
+            "tally_collector_errors_total",
+            &["reason=\"fd_limit\""]
+        ),
+        Some(1.0)
+    );
+    // The reserve is free again.
+    let free = LIMIT as usize - held();
+    assert!(free >= 256 - 8, "{free} descriptors free");
+    eprintln!("{others} held by others, budget {budget}, {free} free, {ticks} ticks");
+}
+
+/// Scrapes until a scrape of a tick numbered `after` or later has every workload with its values
+/// as the kernel has them at the time (the sleeping processes' CPU and memory change little, so a
+/// tick soon reads what the test reads), and returns it.
+fn read_exactly(agent: &Agent, scope: &Scope, after: f64) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = agent.scrape();
+        let ticks = sample(&text, "tally_ticks_total", &[]).unwrap_or_default();
+        let values = by_unit(&text);
+        let wrong = if ticks < after {
+            Some(format!("tick {ticks}, waiting for {after}"))
+        } else {
+            (0..WORKLOADS).find_map(|i| mismatch(&values, scope, i))
+        };
+        let Some(wrong) = wrong else {
+            return text;
+        };
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every workload read exactly within 60 s: {wrong}\nlog:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
