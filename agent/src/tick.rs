@@ -102,12 +102,18 @@ impl Ticker {
         // collector makes count by activating blk-throttle); the block-layer counters only where
         // a workload has no such file.
         ledger.prefer_methods(crate::ledger::CGROUPFS_FIRST);
+        let mut identity = Identity::new(&config.paths.proc_root, layout.clone(), deps.cri.clone());
+        identity.set_tenants(&config.tenants);
+        let mut errors = ErrorCounts::default();
+        if !config.tenants.labels.is_empty() && config.tenants.namespace_labels_file.is_some() {
+            errors.expect(&agent::COLLECTOR_ERRORS, &["tenants", "namespace_file"]);
+        }
         Ok(Self {
             sources: built.sources,
-            identity: Identity::new(&config.paths.proc_root, layout.clone(), deps.cri.clone()),
+            identity,
             layout,
             ledger,
-            errors: ErrorCounts::default(),
+            errors,
             facts: Facts::default(),
             host: Arc::new(Workload::new(PathIdentity::Host, Names::default())),
             cri: deps.cri,
@@ -138,6 +144,7 @@ impl Ticker {
                 Identity::new(&config.paths.proc_root, layout.clone(), self.cri.clone());
             self.layout = layout;
         }
+        self.identity.set_tenants(&config.tenants);
         self.ledger.set_grace(config.grace_period());
         for source in &mut self.sources {
             source.reconfigure(config, &self.layout, &mut self.errors);
@@ -177,6 +184,14 @@ impl Ticker {
     /// ledger afterwards.
     pub fn tick(&mut self) -> Snapshot {
         let started = Instant::now();
+        if let Err(e) = self.identity.refresh_tenants() {
+            self.errors
+                .count(&agent::COLLECTOR_ERRORS, &["tenants", "namespace_file"]);
+            tracing::warn!(
+                error = %tally_error_chain::chain(&e),
+                "namespace labels unusable: keeping the ones read before"
+            );
+        }
         let discovery = self.discover();
         let found = &discovery.found;
         let mut unknown_container = false;
@@ -384,6 +399,14 @@ impl Ticker {
             walks.push_labeled(vec![("result", Arc::from(result))], n as f64);
         }
         let mut families = vec![build, workloads, probes, ticks, duration, collect, walks];
+        let folded = self.identity.tenants_folded();
+        if !folded.is_empty() {
+            let mut family = Family::new(&agent::TENANT_VALUES_FOLDED);
+            for (label, n) in folded {
+                family.push_labeled(vec![("label", Arc::from(label))], n as f64);
+            }
+            families.push(family);
+        }
         families.extend(self.errors.families());
         if let Some(otlp) = &self.otlp {
             families.extend(otlp_families(otlp));

@@ -3,6 +3,8 @@
 //! NVLink, ECC, retired pages, remapped rows). It holds each GPU's state between samples and
 //! hands the MIG and per-process parts to their own modules.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use nvml_wrapper::enum_wrappers::device::{Clock, Sampling, TemperatureSensor};
 use nvml_wrapper::enums::device::SampleValue;
 use nvml_wrapper::error::NvmlError;
@@ -16,7 +18,6 @@ use crate::mig::{self, MigState};
 use crate::process::{self, ProcessState};
 use crate::raw::{self, device_of, RawDevice, RawNvml};
 use crate::sample::{DeviceSample, SampledBusy};
-use crate::sampler;
 
 /// What the sampler remembers about one GPU between ticks.
 #[derive(Debug)]
@@ -87,7 +88,7 @@ pub(crate) fn sample(
             // both then cover the same sampling passes. A pass the driver finished between the
             // two queries is in the second only, and would be busy time with no process this
             // tick and process time beyond the device's busy time (scaled away) the next.
-            let before_processes_us = sampler::now_us();
+            let before_processes_us = now_us();
             process::sample(
                 calls,
                 nvml,
@@ -135,6 +136,13 @@ pub(crate) fn sample(
     }
     dev.was_lost = dev.gpu.lost_now;
     out
+}
+
+/// The wall clock in µs since the Unix epoch, as the driver stamps its samples.
+pub(crate) fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// The device handle, asking NVML again if start-up could not get it.

@@ -6,7 +6,6 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::Nvml;
@@ -81,7 +80,7 @@ impl Sampler {
             call: "nvmlDeviceGetCount_v2",
             source,
         })?;
-        let started_us = now_us();
+        let started_us = crate::device::now_us();
         let devices: Vec<DeviceState> = (0..count)
             .map(|index| start_device(&nvml, index, started_us))
             .collect();
@@ -161,12 +160,6 @@ fn start_device(nvml: &Nvml, index: u32, started_us: u64) -> DeviceState {
         dev.name = device.name().unwrap_or_default();
     }
     dev
-}
-
-pub(crate) fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -196,7 +196,8 @@ impl Agent {
         let r = self.get("/metrics").expect("scrape");
         assert_eq!(r.status, 200, "scrape status");
         let text = String::from_utf8(r.body).expect("utf-8 metrics");
-        crate::catalogue::assert_declared(&text);
+        let config = std::fs::read_to_string(&self.config).unwrap_or_default();
+        crate::catalogue::assert_declared_with(&text, &crate::catalogue::promoted_labels(&config));
         text
     }
 

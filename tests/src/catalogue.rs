@@ -3,7 +3,9 @@
 //! its label names). Every scrape the tests take is checked against it.
 
 use std::collections::HashMap;
+
 use std::sync::OnceLock;
+use tally_agent::catalogue::WORKLOAD_LABELS;
 
 /// A family as the golden file declares it.
 #[derive(Debug)]
@@ -96,9 +98,78 @@ fn family_of(families: &HashMap<String, Declared>, name: &str) -> Option<String>
         .map(str::to_owned)
 }
 
+/// The label names a configuration adds to per-workload series: its `[tenants] labels` and its
+/// budgets' `per` labels, spelled as Prometheus labels (`cost-center` → `cost_center`).
+pub fn promoted_labels(config: &str) -> Vec<String> {
+    let Ok(value) = config.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    let strings = |v: Option<&toml::Value>| -> Vec<String> {
+        v.and_then(toml::Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut keys = strings(value.get("tenants").and_then(|t| t.get("labels")));
+    for budget in value
+        .get("budget")
+        .and_then(toml::Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(per) = budget.get("per").and_then(toml::Value::as_str) {
+            if per != "namespace" {
+                keys.push(per.to_owned());
+            }
+        }
+    }
+    keys.iter()
+        .map(|k| {
+            let name: String = k
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            if name.starts_with(|c: char| c.is_ascii_digit()) {
+                format!("_{name}")
+            } else {
+                name
+            }
+        })
+        .collect()
+}
+
+/// Whether `labels` are the `declared` ones, with (in a per-workload family) some of the
+/// `promoted` labels, in order, right after the workload labels.
+fn labels_match(declared: &[String], labels: &[String], promoted: &[String]) -> bool {
+    if declared == labels {
+        return true;
+    }
+    let per_workload = declared.len() >= WORKLOAD_LABELS.len()
+        && declared.iter().zip(WORKLOAD_LABELS).all(|(d, w)| d == w);
+    if !per_workload || labels.len() < declared.len() || promoted.is_empty() {
+        return false;
+    }
+    let n = WORKLOAD_LABELS.len();
+    let extra = labels.len() - declared.len();
+    let inserted = &labels[n..n + extra];
+    let mut wanted = promoted.iter();
+    labels[..n] == declared[..n]
+        && labels[n + extra..] == declared[n..]
+        && inserted.iter().all(|l| wanted.any(|p| p == l))
+}
+
 /// Panics unless every family in `text` (a `/metrics` exposition) is declared in the catalogue
 /// with the same HELP and TYPE, and every series carries exactly the declared label names.
 pub fn assert_declared(text: &str) {
+    assert_declared_with(text, &[]);
+}
+
+/// As [`assert_declared`], where per-workload series may also carry the `promoted` labels
+/// ([`promoted_labels`]) after the workload labels.
+pub fn assert_declared_with(text: &str, promoted: &[String]) {
     let families = declared();
     for line in text.lines().filter(|l| !l.is_empty()) {
         if let Some(rest) = line.strip_prefix("# HELP ") {
@@ -117,9 +188,10 @@ pub fn assert_declared(text: &str) {
             let (name, labels) = series(line);
             let family = family_of(families, &name)
                 .unwrap_or_else(|| panic!("{name} is not in the catalogue: {line}"));
-            assert_eq!(
-                families[&family].labels, labels,
-                "labels of {line} against the catalogue's {family}"
+            assert!(
+                labels_match(&families[&family].labels, &labels, promoted),
+                "labels of {line} against the catalogue's {family}: {:?} (promoted: {promoted:?})",
+                families[&family].labels
             );
         }
     }
@@ -128,6 +200,40 @@ pub fn assert_declared(text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn promoted_labels_go_right_after_the_workload_labels_and_nowhere_else() {
+        let v = |l: &[&str]| l.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let mut declared = v(&WORKLOAD_LABELS);
+        declared.push("gpu".to_owned());
+        let promoted = promoted_labels(
+            "[tenants]\nlabels = [\"team\", \"cost-center\"]\n[[budget]]\nper = \"1x\"\n",
+        );
+        assert_eq!(promoted, ["team", "cost_center", "_1x"]);
+        let with = |extra: &[&str]| {
+            let mut l = declared[..6].to_vec();
+            l.extend(v(extra));
+            l.push("gpu".to_owned());
+            l
+        };
+        assert!(labels_match(&declared, &declared, &promoted));
+        assert!(labels_match(
+            &declared,
+            &with(&["team", "cost_center"]),
+            &promoted
+        ));
+        assert!(labels_match(&declared, &with(&["cost_center"]), &promoted));
+        assert!(!labels_match(
+            &declared,
+            &with(&["cost_center", "team"]),
+            &promoted
+        ));
+        assert!(!labels_match(&declared, &with(&["other"]), &promoted));
+        assert!(!labels_match(&declared, &with(&["team"]), &[]));
+        let mut after = declared.clone();
+        after.push("team".to_owned());
+        assert!(!labels_match(&declared, &after, &promoted));
+    }
 
     #[test]
     fn series_labels_skip_quoted_values_and_le() {

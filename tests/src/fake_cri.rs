@@ -33,6 +33,8 @@ pub struct FakePod {
     pub containers: Vec<(String, String)>,
     /// `(container name, device ids)` the kubelet's pod-resources API reports (`nvidia.com/gpu`).
     pub devices: Vec<(String, Vec<String>)>,
+    /// The pod's own labels, which the kubelet puts on its sandbox (not on its containers).
+    pub labels: Vec<(String, String)>,
 }
 
 impl FakePod {
@@ -48,6 +50,7 @@ impl FakePod {
                 .map(|(id, name)| ((*id).to_owned(), (*name).to_owned()))
                 .collect(),
             devices: Vec::new(),
+            labels: Vec::new(),
         }
     }
 
@@ -145,7 +148,7 @@ impl State {
                     attempt: 0,
                 }),
                 state: proto::PodSandboxState::SandboxReady as i32,
-                labels: pod.labels(),
+                labels: pod.labels().into_iter().chain(pod.labels.clone()).collect(),
                 annotations: HashMap::new(),
             })
             .collect();

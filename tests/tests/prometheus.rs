@@ -42,6 +42,7 @@ fn prometheus_scrapes_named_per_workload_series() {
         sandbox_id: sandbox,
         containers: vec![(id.clone(), "pytorch".into())],
         devices: Vec::new(),
+        labels: Vec::new(),
     };
     let _cri = FakeCri::start(&socket, vec![pod]).unwrap();
     let agent = Agent::start(&format!(

@@ -147,6 +147,15 @@ pub static CGROUP_WALKS: Metric = Metric {
     labels: &["result"],
 };
 
+pub static TENANT_VALUES_FOLDED: Metric = Metric {
+    name: "tally_tenant_values_folded_total",
+    help: "Distinct values of a promoted tenant label ([tenants] labels) beyond max_values_per_label, exported as other since the agent started.",
+    kind: Kind::Counter,
+    unit: "",
+    per_workload: false,
+    labels: &["label"],
+};
+
 pub static WORKLOADS_MISSED: Metric = Metric {
     name: "tally_workloads_missed_total",
     help: "Cgroups that may have lived and died between two walks without a row: their creation record was dropped (reason event_lost) or their path could not be read (path_unreadable). Their usage stayed with the host row or the workload above them.",

@@ -108,6 +108,7 @@ pub static ALL: &[&Metric] = &[
     &agent::EBPF_PROGRAM_STATS_SECONDS,
     &agent::EBPF_MAP_UPDATES_LOST,
     &agent::CGROUP_WALKS,
+    &agent::TENANT_VALUES_FOLDED,
     &agent::WORKLOADS_MISSED,
     &agent::OTLP_BATCHES,
     &agent::OTLP_EXPORT_FAILURES,

@@ -1,6 +1,7 @@
 //! The agent's configuration: one TOML file of serde structs, every field with a default, so an
 //! empty file (or none) runs the agent on its embedded defaults.
 
+pub mod labels;
 pub mod policy;
 mod validate;
 
@@ -33,6 +34,9 @@ pub struct Config {
     pub cgroupfs: CgroupfsConfig,
     /// The container runtime's CRI socket, for pod and container names.
     pub cri: CriConfig,
+    /// Pod and namespace labels promoted to labels of every per-workload series (teams,
+    /// projects, cost centres).
+    pub tenants: TenantsConfig,
     /// NVML.
     pub gpu: GpuConfig,
     /// RDMA: port counters from sysfs, per-process QP counters through RDMA netlink.
@@ -327,6 +331,33 @@ pub struct CriConfig {
     pub refresh_interval_secs: u64,
     /// Deadline of one CRI call in milliseconds.
     pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantsConfig {
+    /// Label keys (`team`, `cost-center`) promoted to labels of every series of a pod's
+    /// workloads, spelled as Prometheus labels (`cost_center`): the pod's own label, else its
+    /// namespace's (from `namespace_labels_file`), else empty. As kube-state-metrics'
+    /// `--metric-labels-allowlist`. Empty: none.
+    pub labels: Vec<String>,
+    /// Namespace labels as `kubectl get namespaces -o json` prints them (a `NamespaceList`), e.g.
+    /// from a ConfigMap a cluster job keeps current. Read again when it changes. Unset: pod
+    /// labels only.
+    pub namespace_labels_file: Option<PathBuf>,
+    /// Distinct values each promoted label may take (1..=10000), first come first kept; a value
+    /// beyond them is exported as `other`, and counted in `tally_tenant_values_folded_total`.
+    pub max_values_per_label: usize,
+}
+
+impl Default for TenantsConfig {
+    fn default() -> Self {
+        Self {
+            labels: Vec::new(),
+            namespace_labels_file: None,
+            max_values_per_label: 100,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

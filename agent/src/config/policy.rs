@@ -108,6 +108,11 @@ pub struct Budget {
     /// among them); per workload when false.
     #[serde(default)]
     pub shared: bool,
+    /// One shared budget per value of this pod label (a namespace label too where `[tenants]`
+    /// promotes it), or per Kubernetes namespace with `"namespace"`: `per = "team"` holds each
+    /// team to `limit` on its own. Workloads without a value are not selected. Implies `shared`.
+    #[serde(default)]
+    pub per: Option<String>,
     /// Which workloads the budget applies to; every field set must match.
     #[serde(default)]
     pub select: Selector,
@@ -355,6 +360,38 @@ impl Selector {
     }
 }
 
+/// What a budget's `per` groups by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Per {
+    /// The Kubernetes namespace.
+    Namespace,
+    /// A pod label (or promoted namespace label), by its key, and the label name its budget rows
+    /// carry.
+    Label { key: String, name: &'static str },
+}
+
+/// `per`, checked: `namespace`, or a label key whose label name no series uses already.
+pub fn per_label(per: &str) -> Result<Per, String> {
+    if per == "namespace" {
+        return Ok(Per::Namespace);
+    }
+    if !super::validate::valid_label_key(per) {
+        return Err(format!(
+            "`{per}` is neither `namespace` nor a Kubernetes label key"
+        ));
+    }
+    let name = super::labels::label_name(per);
+    if super::validate::reserved_label_names().contains(name.as_str()) || name.starts_with("__") {
+        return Err(format!(
+            "`{per}` would be the label `{name}`, which Tally's series already use"
+        ));
+    }
+    Ok(Per::Label {
+        key: per.to_owned(),
+        name: super::labels::intern(&name),
+    })
+}
+
 /// The network scopes a budget's `scope` may name.
 pub const SCOPES: [&str; 5] = ["node", "cluster", "zone", "region", "internet"];
 
@@ -385,6 +422,11 @@ pub fn check(budgets: &[(usize, Budget)], prices: &Prices) -> Vec<(String, Strin
                 at("name"),
                 format!("`{}` is already the name of budget {first}", b.name),
             ));
+        }
+        if let Some(per) = b.per.as_deref() {
+            if let Err(message) = per_label(per) {
+                errors.push((at("per"), message));
+            }
         }
         if !(b.limit.is_finite() && b.limit > 0.0) {
             errors.push((

@@ -4,6 +4,7 @@
 //! and removed from the parsed table, until the rest deserializes. Semantic checks (ranges,
 //! addresses) then run on the result. Lines come from a span-keeping parse of the original text.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 
@@ -73,6 +74,7 @@ pub(super) fn parse(text: &str) -> Result<Config, ConfigErrors> {
         .into_iter()
         .map(|(path, message)| (path.to_owned(), message))
         .collect();
+    semantic.extend(tenant_errors(&config.tenants));
     semantic.extend(super::policy::check(&budgets, &config.prices));
     if config.enforcement.policy_file.is_some() {
         for (i, _) in &budgets {
@@ -118,6 +120,80 @@ pub(super) fn parse_policy(
     } else {
         Err(in_file(sorted(errors).0))
     }
+}
+
+/// Label names a promoted tenant label may not take: the workload's, every family's own, and
+/// the histogram bucket's.
+pub(super) fn reserved_label_names() -> std::collections::BTreeSet<&'static str> {
+    let mut names: std::collections::BTreeSet<&'static str> =
+        crate::catalogue::WORKLOAD_LABELS.into_iter().collect();
+    for metric in crate::catalogue::ALL {
+        names.extend(metric.labels.iter().copied());
+    }
+    names.insert("le");
+    names
+}
+
+/// `[tenants]`: each key a Kubernetes label key whose label name is free and its own.
+fn tenant_errors(tenants: &super::TenantsConfig) -> Vec<(String, String)> {
+    let mut errors = Vec::new();
+    let reserved = reserved_label_names();
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    for (i, key) in tenants.labels.iter().enumerate() {
+        let at = format!("tenants.labels.{i}");
+        let name = super::labels::label_name(key);
+        if !valid_label_key(key) {
+            errors.push((
+                at,
+                format!("`{key}` is not a Kubernetes label key ([prefix/]name, name of 1 to 63 of [A-Za-z0-9._-], alphanumeric at both ends)"),
+            ));
+        } else if reserved.contains(name.as_str()) || name.starts_with("__") {
+            errors.push((
+                at,
+                format!("`{key}` would be the label `{name}`, which Tally's series already use"),
+            ));
+        } else if let Some(other) = seen.insert(name.clone(), key) {
+            errors.push((
+                at,
+                format!("`{key}` and `{other}` would both be the label `{name}`"),
+            ));
+        }
+    }
+    if !(1..=10_000).contains(&tenants.max_values_per_label) {
+        errors.push((
+            "tenants.max_values_per_label".to_owned(),
+            format!("{} is out of range 1..=10000", tenants.max_values_per_label),
+        ));
+    }
+    errors
+}
+
+/// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63
+/// characters of `[A-Za-z0-9._-]` that starts and ends alphanumeric.
+pub(super) fn valid_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !part.starts_with('-')
+                    && !part.ends_with('-')
+            })
+    });
+    let name_ok = (1..=63).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    prefix_ok && name_ok
 }
 
 /// Each `[[budget]]` on its own, so one bad budget neither hides another's errors nor shifts

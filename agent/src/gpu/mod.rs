@@ -22,7 +22,7 @@ use crate::catalogue::{self, workload};
 use crate::config::Config;
 use crate::errors::ErrorCounts;
 use crate::identity::podresources::Assignments;
-use crate::identity::{Identity, PathIdentity, Workload};
+use crate::identity::{Identity, Workload};
 use crate::ledger::{Key, Ledger};
 use crate::source::{PricedGpu, Source, TickCtx};
 use attribution::{attribute, DeviceWindow, Holder};
@@ -279,17 +279,7 @@ impl GpuSource {
             );
             for (instance, id) in ids {
                 if let Some(names) = assignments.get(&id) {
-                    let assignees = names
-                        .iter()
-                        .map(|n| {
-                            index(identity.by_names(n).unwrap_or_else(|| {
-                                Arc::new(Workload::new(
-                                    PathIdentity::Assigned(n.clone()),
-                                    n.clone(),
-                                ))
-                            }))
-                        })
-                        .collect();
+                    let assignees = names.iter().map(|n| index(identity.assigned(n))).collect();
                     targets.push((instance, assignees));
                 }
             }

@@ -9,6 +9,7 @@ mod cgroupns;
 pub mod cri;
 pub mod grpc;
 pub mod podresources;
+pub mod tenants;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,20 +18,29 @@ use std::sync::Arc;
 use tally_exporters::LabelSet;
 
 use crate::catalogue::WORKLOAD_LABELS;
+use crate::config::TenantsConfig;
 use crate::host::layout::Layout;
 use crate::host::path;
 pub use crate::host::path::{ContainerRef, Names, PathIdentity, QosClass, Runtime};
+use tenants::{NamespaceFileError, TenantLabels, Tenants};
 
 /// A metered workload: what its cgroup path says, plus CRI names when known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
     pub identity: PathIdentity,
     pub names: Names,
+    /// Its promoted tenant labels (pods only, when `[tenants] labels` names any).
+    pub tenant: TenantLabels,
     labels: LabelSet,
 }
 
 impl Workload {
     pub fn new(identity: PathIdentity, names: Names) -> Self {
+        Self::with_tenant(identity, names, Arc::from(Vec::new()))
+    }
+
+    /// With tenant labels, which follow the workload labels in every series.
+    pub fn with_tenant(identity: PathIdentity, names: Names, tenant: TenantLabels) -> Self {
         let empty = || Arc::<str>::from("");
         let (pod_uid, container_id, unit) = match &identity {
             PathIdentity::Container(c) => (
@@ -41,19 +51,29 @@ impl Workload {
             PathIdentity::Unit(u) => (empty(), empty(), Arc::from(u.as_str())),
             PathIdentity::Host | PathIdentity::Assigned(_) => (empty(), empty(), empty()),
         };
-        let labels: LabelSet = Arc::from(vec![
+        let mut labels = vec![
             (WORKLOAD_LABELS[0], Arc::from(names.namespace.as_str())),
             (WORKLOAD_LABELS[1], Arc::from(names.pod.as_str())),
             (WORKLOAD_LABELS[2], pod_uid),
             (WORKLOAD_LABELS[3], Arc::from(names.container.as_str())),
             (WORKLOAD_LABELS[4], container_id),
             (WORKLOAD_LABELS[5], unit),
-        ]);
+        ];
+        labels.extend(tenant.iter().cloned());
         Self {
             identity,
             names,
-            labels,
+            tenant,
+            labels: Arc::from(labels),
         }
+    }
+
+    /// The value of a promoted tenant label (by its metric label name), as exported.
+    pub fn tenant_value(&self, name: &str) -> Option<&str> {
+        self.tenant
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| &**v)
     }
 
     /// The per-workload label set, built once.
@@ -93,6 +113,7 @@ pub struct Identity {
     ns_root: String,
     by_cgroup: HashMap<u64, Arc<Workload>>,
     cri: Option<cri::CriHandle>,
+    tenants: Tenants,
 }
 
 impl Identity {
@@ -124,7 +145,23 @@ impl Identity {
             ns_root,
             by_cgroup: HashMap::new(),
             cri,
+            tenants: Tenants::default(),
         }
+    }
+
+    /// Applies `[tenants]`; workloads take their new labels as they are next looked up.
+    pub fn set_tenants(&mut self, config: &TenantsConfig) {
+        self.tenants.configure(config);
+    }
+
+    /// Reads the namespace labels file again when it changed.
+    pub fn refresh_tenants(&mut self) -> Result<(), NamespaceFileError> {
+        self.tenants.refresh()
+    }
+
+    /// `(label, values folded into other)` per promoted label.
+    pub fn tenants_folded(&self) -> Vec<(&'static str, u64)> {
+        self.tenants.folded()
     }
 
     pub fn layout(&self) -> &Layout {
@@ -134,27 +171,61 @@ impl Identity {
     /// The workload of the cgroup with id `cgroup_id`, whose path relative to its hierarchy root
     /// is `rel_path`. Cached; a container's CRI names are filled in as soon as CRI knows them.
     pub fn workload(&mut self, cgroup_id: u64, identity: PathIdentity) -> Arc<Workload> {
-        let names = self.names_for(&identity);
+        let (names, tenant) = self.names_for(&identity);
         if let Some(w) = self.by_cgroup.get(&cgroup_id) {
-            if w.identity == identity && w.names == names {
+            if w.identity == identity && w.names == names && w.tenant == tenant {
                 return w.clone();
             }
         }
-        let w = Arc::new(Workload::new(identity, names));
+        let w = Arc::new(Workload::with_tenant(identity, names, tenant));
         self.by_cgroup.insert(cgroup_id, w.clone());
         w
     }
 
-    fn names_for(&self, identity: &PathIdentity) -> Names {
-        let (Some(cri), PathIdentity::Container(c)) = (&self.cri, identity) else {
-            return Names::default();
+    /// CRI names of a container, and its tenant labels (every container's, when any label is
+    /// promoted; empty ones until CRI names it). Units and the host have none.
+    fn names_for(&mut self, identity: &PathIdentity) -> (Names, TenantLabels) {
+        let PathIdentity::Container(c) = identity else {
+            return (Names::default(), Arc::from(Vec::new()));
         };
-        cri.lookup(&c.container_id).unwrap_or_default()
+        let mut names = self
+            .cri
+            .as_ref()
+            .and_then(|cri| cri.lookup(&c.container_id))
+            .unwrap_or_default();
+        if !self.tenants.enabled() {
+            return (names, Arc::from(Vec::new()));
+        }
+        let (tenant, selectable) = self.tenants.resolve(&names.namespace, &names.labels);
+        names.labels = selectable;
+        (names, tenant)
     }
 
     /// A cached workload with these CRI names (the kubelet's device assignments carry names only).
     pub fn by_names(&self, names: &Names) -> Option<Arc<Workload>> {
         self.by_cgroup.values().find(|w| &w.names == names).cloned()
+    }
+
+    /// The workload of a pod container known only from the kubelet's device assignments: a
+    /// cached one with its names, else one of its own, with its namespace's tenant labels.
+    pub fn assigned(&mut self, names: &Names) -> Arc<Workload> {
+        if let Some(w) = self.by_names(names) {
+            return w;
+        }
+        if !self.tenants.enabled() {
+            return Arc::new(Workload::new(
+                PathIdentity::Assigned(names.clone()),
+                names.clone(),
+            ));
+        }
+        let (tenant, selectable) = self.tenants.resolve(&names.namespace, &names.labels);
+        let mut with_labels = names.clone();
+        with_labels.labels = selectable;
+        Arc::new(Workload::with_tenant(
+            PathIdentity::Assigned(names.clone()),
+            with_labels,
+            tenant,
+        ))
     }
 
     /// Forgets every cgroup id not in `live`.

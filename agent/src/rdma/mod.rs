@@ -27,7 +27,7 @@ use crate::catalogue::workload;
 use crate::config::Config;
 use crate::errors::ErrorCounts;
 use crate::identity::podresources::Assignments;
-use crate::identity::{Identity, PathIdentity, Workload};
+use crate::identity::{Identity, Workload};
 use crate::ledger::{Key, Ledger};
 use crate::source::{Probe, Source, TickCtx};
 
@@ -190,7 +190,7 @@ impl RdmaSource {
     /// Device name → the workloads the kubelet assigned it to (by PCI address or name).
     fn holders(
         &self,
-        identity: &Identity,
+        identity: &mut Identity,
         assignments: Option<&Assignments>,
     ) -> HashMap<String, Vec<Arc<Workload>>> {
         let mut out = HashMap::new();
@@ -204,11 +204,7 @@ impl RdmaSource {
             };
             let workloads = names
                 .iter()
-                .map(|n| {
-                    identity.by_names(n).unwrap_or_else(|| {
-                        Arc::new(Workload::new(PathIdentity::Assigned(n.clone()), n.clone()))
-                    })
-                })
+                .map(|n| identity.assigned(n))
                 .collect::<Vec<_>>();
             if !workloads.is_empty() {
                 out.insert(d.name.clone(), workloads);

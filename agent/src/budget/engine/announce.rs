@@ -11,12 +11,15 @@ impl Engine {
         };
         let subject = key.id.as_str();
         let b = &c.budget;
-        let (usage, ratio, labels) = self
-            .subjects
-            .get(key)
-            .map_or((0.0, 0.0, empty_labels()), |s| {
-                (s.usage, s.ratio, s.labels.clone())
-            });
+        let (usage, ratio, labels, members) =
+            self.subjects
+                .get(key)
+                .map_or((0.0, 0.0, empty_labels(), Vec::new()), |s| {
+                    let members: Vec<WorkloadKey> =
+                        s.members.iter().map(|m| m.workload.clone()).collect();
+                    (s.usage, s.ratio, s.labels.clone(), members)
+                });
+        let grouped = c.grouped();
         *self
             .actions
             .entry((b.name.clone(), b.action.as_str(), event.as_str()))
@@ -29,11 +32,19 @@ impl Engine {
                 .to_owned()
         };
         let enforced = self.enforce && !b.dry_run && b.action.actuates();
-        // For a shared budget, the slowest of its workloads' throttles.
+        // For a shared budget (or one group of a `per` budget), the slowest of its workloads'
+        // throttles.
         let latency_ms = self
             .applied
             .iter()
-            .filter(|(t, _)| t.budget == key.budget && (b.shared || t.workload.as_str() == subject))
+            .filter(|(t, _)| {
+                t.budget == key.budget
+                    && if grouped {
+                        members.contains(&t.workload)
+                    } else {
+                        t.workload.as_str() == subject
+                    }
+            })
             .map(|(_, d)| d.as_secs_f64() * 1e3)
             .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))));
         let message = match event {
@@ -95,8 +106,19 @@ impl Engine {
                 alert_labels.insert(name.to_owned(), v);
             }
         }
-        if b.shared {
-            alert_labels.insert("workload".to_owned(), SHARED.to_owned());
+        match &c.per {
+            Some(per) => {
+                let (name, value) = match per {
+                    Per::Namespace => ("namespace", label("namespace")),
+                    Per::Label { name, .. } => (*name, label(name)),
+                };
+                alert_labels.insert(name.to_owned(), value);
+                alert_labels.insert("workload".to_owned(), SHARED.to_owned());
+            }
+            None if b.shared => {
+                alert_labels.insert("workload".to_owned(), SHARED.to_owned());
+            }
+            None => {}
         }
         let annotations = BTreeMap::from([
             (

@@ -72,6 +72,15 @@ pub(super) struct Compiled {
     pub metric: Metric,
     /// Network scope index of an egress throttle.
     pub scope: Option<u32>,
+    /// What a `per` budget groups its workloads by.
+    pub per: Option<policy::Per>,
+}
+
+impl Compiled {
+    /// Whether its usage is summed over workloads (`shared`, or one sum per group with `per`).
+    pub fn grouped(&self) -> bool {
+        self.budget.shared || self.per.is_some()
+    }
 }
 
 /// Every budget of the configuration, compiled.
@@ -97,6 +106,7 @@ impl Policy {
                     target,
                     metric: Metric::of(b),
                     scope: scope_index(b),
+                    per: b.per.as_deref().and_then(|p| policy::per_label(p).ok()),
                 })
             })
             .collect();

@@ -3,6 +3,7 @@
 //! throttles should be in force. Nothing here touches the node.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use tally_exporters::LabelSet;
 
@@ -11,7 +12,7 @@ use super::keys::{SubjectId, SubjectKey, ThrottleKey, WorkloadKey};
 use super::usage::Usage;
 use super::{empty_labels, Engine, Event, Placement};
 use crate::budget::window::Window;
-use crate::config::policy::{self, Action, Target};
+use crate::config::policy::{self, Action, Per, Target};
 use crate::identity::{PathIdentity, Workload};
 
 /// Bounds of a steered freeze share, and how far one tick may move it.
@@ -102,13 +103,21 @@ impl Engine {
                 if !matches(&c.budget.select, w.workload, w.placement) {
                     continue;
                 }
+                let (id, labels) = match &c.per {
+                    Some(per) => match group(per, w.workload) {
+                        Some(group) => group,
+                        // No value to group it by: not selected.
+                        None => continue,
+                    },
+                    None if c.budget.shared => (SubjectId::Shared, empty_labels()),
+                    None => (
+                        SubjectId::Workload(w.key.clone()),
+                        w.workload.labels().clone(),
+                    ),
+                };
                 let key = SubjectKey {
                     budget: c.name.clone(),
-                    id: if c.budget.shared {
-                        SubjectId::Shared
-                    } else {
-                        SubjectId::Workload(w.key.clone())
-                    },
+                    id,
                 };
                 let amount = if c.budget.resource.is_gauge() {
                     *levels.entry(key.clone()).or_default() += w.gpu_memory;
@@ -127,11 +136,6 @@ impl Engine {
                     };
                     deltas.insert(c.metric, d);
                     d
-                };
-                let labels = if c.budget.shared {
-                    empty_labels()
-                } else {
-                    w.workload.labels().clone()
                 };
                 let subject = self
                     .subjects
@@ -296,6 +300,27 @@ fn delta(
 }
 
 /// Whether a budget's selector selects the workload.
+/// The subject of a `per` budget's group a workload belongs to, and its row's labels (the
+/// workload labels empty but the one grouped by); `None` where the workload has no value.
+fn group(per: &Per, workload: &Workload) -> Option<(SubjectId, LabelSet)> {
+    let mut labels = empty_labels().to_vec();
+    let value = match per {
+        Per::Namespace => {
+            let ns = workload.names.namespace.as_str();
+            if let Some(slot) = labels.iter_mut().find(|(k, _)| *k == "namespace") {
+                slot.1 = Arc::from(ns);
+            }
+            ns
+        }
+        Per::Label { key, name } => {
+            let value = workload.names.labels.get(key).map_or("", String::as_str);
+            labels.push((name, Arc::from(value)));
+            value
+        }
+    };
+    (!value.is_empty()).then(|| (SubjectId::group(value), LabelSet::from(labels)))
+}
+
 fn matches(select: &policy::Selector, workload: &Workload, placement: Option<&Placement>) -> bool {
     let names = &workload.names;
     let exact = |want: &Option<String>, have: &str| want.as_ref().is_none_or(|w| w == have);

@@ -12,6 +12,9 @@ use crate::identity::PathIdentity;
 /// A shared budget's one subject, by name.
 pub(super) const SHARED: &str = "shared";
 
+/// How the subject of one group of a `per` budget is named: `per:<value>`.
+const PER_PREFIX: &str = "per:";
+
 /// A workload's key in the state file and the engine's maps.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) struct WorkloadKey(Arc<str>);
@@ -52,14 +55,22 @@ pub(super) fn subject_key(identity: &PathIdentity) -> WorkloadKey {
 #[derive(Debug, Clone)]
 pub(super) enum SubjectId {
     Shared,
+    /// The workloads of a `per` budget with one value, by its name (`per:<value>`).
+    Group(Arc<str>),
     Workload(WorkloadKey),
 }
 
 impl SubjectId {
+    /// The subject of the workloads of a `per` budget whose value is `value`.
+    pub fn group(value: &str) -> SubjectId {
+        SubjectId::Group(Arc::from(format!("{PER_PREFIX}{value}")))
+    }
+
     /// Its name in the state file, logs and alerts.
     pub fn as_str(&self) -> &str {
         match self {
             SubjectId::Shared => SHARED,
+            SubjectId::Group(name) => name,
             SubjectId::Workload(w) => w.as_str(),
         }
     }
@@ -105,6 +116,8 @@ impl SubjectKey {
             budget: Arc::from(budget),
             id: if subject == SHARED {
                 SubjectId::Shared
+            } else if subject.starts_with(PER_PREFIX) {
+                SubjectId::Group(Arc::from(subject))
             } else {
                 SubjectId::Workload(WorkloadKey::from(subject))
             },

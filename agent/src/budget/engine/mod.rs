@@ -32,7 +32,7 @@ use tally_exporters::{Family, Histogram, LabelSet};
 use super::actuator::{Actuators, EgressMap};
 use super::state::{self, Baseline, SavedWindow, State, Throttle};
 use crate::catalogue::budget::ENFORCEMENT_ERRORS;
-use crate::config::policy::{self, Action, Target};
+use crate::config::policy::{self, Action, Per, Target};
 use crate::config::Config;
 use crate::errors::ErrorCounts;
 use crate::host::layout::Layout;

@@ -107,6 +107,61 @@ fn a_shared_budget_sums_its_workloads_and_selects_by_label_and_cgroup() {
 }
 
 #[test]
+fn a_per_team_budget_holds_each_team_to_its_limit_and_skips_workloads_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = layout(dir.path());
+    let mut engine = engine(
+        "[[budget]]\nname = 'teams'\nresource = 'cpu_seconds'\nlimit = 10.0\nperiod = 'day'\nper = 'team'\n",
+        &dir.path().join("state"),
+    );
+    let mut ledger = Ledger::new(Duration::from_secs(60));
+    let a = unit("a.service", &[("team", "ml")]);
+    let b = unit("b.service", &[("team", "ml")]);
+    let c = unit("c.service", &[("team", "web")]);
+    let d = unit("d.service", &[]);
+    tick(
+        &mut engine,
+        &mut ledger,
+        &layout,
+        &[(&a, 100.0), (&b, 50.0), (&c, 7.0), (&d, 1.0)],
+    );
+    // ml: 6 + 5 = 11 s, over; web: 9 s, under; d has no team.
+    tick(
+        &mut engine,
+        &mut ledger,
+        &layout,
+        &[(&a, 106.0), (&b, 55.0), (&c, 16.0), (&d, 30.0)],
+    );
+    let subject = |name: &str| engine.subjects.get(&("teams".to_owned(), name.to_owned()));
+    let ml = subject("per:ml").expect("ml's row");
+    let web = subject("per:web").expect("web's row");
+    assert_eq!((ml.usage, ml.enforcing, ml.members.len()), (11.0, true, 2));
+    assert_eq!(
+        (web.usage, web.enforcing, web.members.len()),
+        (9.0, false, 1)
+    );
+    assert_eq!(engine.subjects.len(), 2, "{:?}", engine.subjects.keys());
+    let team = |s: &Subject| {
+        s.labels
+            .iter()
+            .find(|(k, _)| *k == "team")
+            .map(|(_, v)| v.to_string())
+    };
+    assert_eq!(team(ml).as_deref(), Some("ml"));
+    assert!(
+        ml.labels.iter().take(6).all(|(_, v)| v.is_empty()),
+        "{:?}",
+        ml.labels
+    );
+    assert_eq!(
+        engine
+            .actions
+            .get(&("teams".to_owned(), "alert", "enforce")),
+        Some(&1)
+    );
+}
+
+#[test]
 fn hysteresis_releases_only_below_the_release_fraction() {
     let dir = tempfile::tempdir().unwrap();
     let layout = layout(dir.path());

@@ -30,17 +30,22 @@ impl Engine {
                 (_, None) => false,
             };
             if binding {
-                let id = if budget.is_some_and(|c| c.budget.shared) {
-                    SubjectId::Shared
+                if budget.is_some_and(|c| c.grouped()) {
+                    // The group (or the one shared subject) the workload is a member of.
+                    if let Some((_, s)) = self.subjects.iter_mut().find(|(k, s)| {
+                        k.budget == key.budget
+                            && s.members.iter().any(|m| m.workload == key.workload)
+                    }) {
+                        s.binding = true;
+                    }
                 } else {
-                    SubjectId::Workload(key.workload.clone())
-                };
-                let subject = SubjectKey {
-                    budget: key.budget.clone(),
-                    id,
-                };
-                if let Some(s) = self.subjects.get_mut(&subject) {
-                    s.binding = true;
+                    let subject = SubjectKey {
+                        budget: key.budget.clone(),
+                        id: SubjectId::Workload(key.workload.clone()),
+                    };
+                    if let Some(s) = self.subjects.get_mut(&subject) {
+                        s.binding = true;
+                    }
                 }
             }
         }

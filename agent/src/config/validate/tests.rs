@@ -87,3 +87,57 @@ fn rdma_settings_are_checked_together() {
     assert!(ok.rdma.allow_qp_counter_auto_mode);
     assert_eq!(parse("").unwrap().rdma, super::super::RdmaConfig::default());
 }
+
+#[test]
+fn tenant_labels_and_per_are_checked() {
+    let text = "\
+[tenants]
+labels = [\"team\", \"gpu\", \"cost-center\", \"cost_center\", \"-bad\"]
+max_values_per_label = 0
+
+[[budget]]
+name = \"b\"
+resource = \"cpu_seconds\"
+limit = 1.0
+window = \"1m\"
+per = \"pod\"
+";
+    let errors = parse(text).unwrap_err().0;
+    let found: Vec<(&str, &str)> = errors
+        .iter()
+        .map(|e| (e.path.as_str(), e.message.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (
+                "tenants.labels.1",
+                "`gpu` would be the label `gpu`, which Tally's series already use"
+            ),
+            (
+                "tenants.labels.3",
+                "`cost_center` and `cost-center` would both be the label `cost_center`"
+            ),
+            (
+                "tenants.labels.4",
+                "`-bad` is not a Kubernetes label key ([prefix/]name, name of 1 to 63 of [A-Za-z0-9._-], alphanumeric at both ends)"
+            ),
+            (
+                "tenants.max_values_per_label",
+                "0 is out of range 1..=10000"
+            ),
+            (
+                "budget.0.per",
+                "`pod` would be the label `pod`, which Tally's series already use"
+            ),
+        ],
+        "{errors:#?}"
+    );
+    let ok = parse(
+        "[tenants]\nlabels = [\"example.com/team\"]\n\
+         [[budget]]\nname = \"b\"\nresource = \"cpu_seconds\"\nlimit = 1.0\nwindow = \"1m\"\nper = \"namespace\"\n",
+    )
+    .unwrap();
+    assert_eq!(ok.tenants.labels, ["example.com/team"]);
+    assert_eq!(ok.budget[0].per.as_deref(), Some("namespace"));
+}
