@@ -226,17 +226,8 @@ wait_quiet
 
 WORKDIR=$(mktemp -d /tmp/tally-ebpf-bench.XXXXXX)
 
-pick_port() {
-    local p i
-    for ((i = 0; i < 100; i++)); do
-        p=$((20000 + RANDOM % 30000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return 0
-        fi
-    done
-    die "no free port found"
-}
+# pick_port (and rmdir_all, wrk_pct_ms).
+source "$SCRIPT_DIR/lib.sh"
 
 wait_port() { # port pid what
     local i

@@ -65,25 +65,8 @@ stop_agent() {
     AGENT_PID=""
 }
 
-# rmdir each argument (in order), then retry the ones the kernel still holds busy (exiting
-# tasks) for up to ~10 s.
-rmdir_all() {
-    (($# > 0)) || return 0
-    rmdir -- "$@" 2>/dev/null || true
-    local try d left
-    for ((try = 0; try < 100; try++)); do
-        left=()
-        for d in "$@"; do
-            [[ -d $d ]] && left+=("$d")
-        done
-        ((${#left[@]} > 0)) || return 0
-        sleep 0.1
-        rmdir -- "${left[@]}" 2>/dev/null || true
-    done
-    for d in "${left[@]}"; do
-        log "warning: could not remove $d"
-    done
-}
+# rmdir_all, pick_port, wrk_pct_ms.
+source "$SCRIPT_DIR/lib.sh"
 
 cleanup() {
     local rc=$?
@@ -167,19 +150,6 @@ fi
 
 WORKDIR=$(mktemp -d /tmp/tally-bench.XXXXXX)
 
-# A free local port: nothing answers a connect on it.
-pick_port() {
-    local p i
-    for ((i = 0; i < 100; i++)); do
-        p=$((20000 + RANDOM % 30000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return 0
-        fi
-    done
-    die "no free port found"
-}
-
 # ---------------------------------------------------------------- workloads
 
 for root in "${ROOTS[@]}"; do
@@ -249,17 +219,6 @@ sched_ns() { # time on CPU of every thread, in ns (finer grained than clock tick
 status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
 now_s() { date +%s.%N; }
-
-# wrk's "Latency Distribution" percentile ($2: 50% or 99%) in ms.
-wrk_pct_ms() {
-    awk -v p="$2" '
-        $1 == p && seen {
-            v = $2; n = v + 0
-            if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n *= 1; else if (v ~ /s$/) n *= 1000
-            printf "%.3f\n", n; exit
-        }
-        /Latency Distribution/ { seen = 1 }' "$1"
-}
 
 run_wrk() { # output file, extra wrk args…
     local out=$1

@@ -126,23 +126,8 @@ stop_agent() {
     fi
 }
 
-rmdir_all() {
-    (($# > 0)) || return 0
-    rmdir -- "$@" 2>/dev/null || true
-    local try d left
-    for ((try = 0; try < 100; try++)); do
-        left=()
-        for d in "$@"; do
-            [[ -d $d ]] && left+=("$d")
-        done
-        ((${#left[@]} > 0)) || return 0
-        sleep 0.1
-        rmdir -- "${left[@]}" 2>/dev/null || true
-    done
-    for d in "${left[@]}"; do
-        log "warning: could not remove $d"
-    done
-}
+# rmdir_all, pick_port, wrk_pct_ms.
+source "$SCRIPT_DIR/lib.sh"
 
 cleanup() {
     local rc=$?
@@ -248,18 +233,6 @@ RAW=$WORKDIR/raw.txt
 AGENT_CG=$CG2/tally-peer-bench-$RUN_ID.scope
 mkdir "$AGENT_CG"
 
-pick_port() {
-    local p i
-    for ((i = 0; i < 100; i++)); do
-        p=$((20000 + RANDOM % 30000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return 0
-        fi
-    done
-    die "no free port found"
-}
-
 # ---------------------------------------------------------------- workloads
 
 for root in "${ROOTS[@]}"; do
@@ -350,16 +323,6 @@ tree_mem_kb() { # "rss pss" summed over the tree, in KiB
         pss=$((pss + ${s:-0}))
     done
     echo "$rss $pss"
-}
-
-wrk_pct_ms() {
-    awk -v p="$2" '
-        $1 == p && seen {
-            v = $2; n = v + 0
-            if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n *= 1; else if (v ~ /s$/) n *= 1000
-            printf "%.3f\n", n; exit
-        }
-        /Latency Distribution/ { seen = 1 }' "$1"
 }
 
 run_wrk() { # output file, extra wrk args…

@@ -66,23 +66,8 @@ stop_pid() {
     wait "$pid" 2>/dev/null || true
 }
 
-rmdir_all() {
-    (($# > 0)) || return 0
-    rmdir -- "$@" 2>/dev/null || true
-    local try d left
-    for ((try = 0; try < 100; try++)); do
-        left=()
-        for d in "$@"; do
-            [[ -d $d ]] && left+=("$d")
-        done
-        ((${#left[@]} > 0)) || return 0
-        sleep 0.1
-        rmdir -- "${left[@]}" 2>/dev/null || true
-    done
-    for d in "${left[@]}"; do
-        log "warning: could not remove $d"
-    done
-}
+# rmdir_all, pick_port, wrk_pct_ms.
+source "$SCRIPT_DIR/lib.sh"
 
 cleanup() {
     local rc=$?

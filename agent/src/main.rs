@@ -63,6 +63,9 @@ enum Command {
         /// Rows shown.
         #[arg(long, default_value_t = 30)]
         rows: usize,
+        /// Sum the rows by this label instead (`team`, a `[tenants]` label, or `namespace`).
+        #[arg(long)]
+        by: Option<String>,
     },
     /// Internal: thaws the cgroups the agent's freeze cycle may have frozen once the agent
     /// exits (started by the agent itself).
@@ -113,7 +116,8 @@ fn main() -> ExitCode {
             interval,
             once,
             rows,
-        } => match tally_agent::top::run(&agent, interval, once, rows) {
+            by,
+        } => match tally_agent::top::run(&agent, interval, once, rows, by.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tally top: {e:#}");

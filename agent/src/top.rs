@@ -1,15 +1,16 @@
 //! `tally top`: a live terminal view of a running agent, read from its `/metrics` endpoint (the
 //! same numbers Prometheus gets): workloads by GPU-seconds rate, with CPU, network, disk, GPU
-//! memory, their highest budget usage and the throttles in force.
+//! memory, cost, their highest budget usage and the throttles in force; or the same summed by
+//! one label (`--by team`, `--by namespace`) for showback.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read as _, Write as _};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::catalogue::{self, budget, workload};
+use crate::catalogue::{self, budget, cost, workload};
 
 /// One series: name, labels, value.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,9 +114,16 @@ pub struct Row {
     pub disk_bytes: f64,
     pub gpu_memory_bytes: f64,
     pub memory_bytes: f64,
+    /// What its use cost, in the configured currency (a rate per second in a view).
+    pub cost: f64,
+    /// Workloads summed into the row (1 without `--by`).
+    pub workloads: usize,
     pub budget_ratio: Option<f64>,
     pub throttles: Vec<String>,
 }
+
+/// The name of the group a label value stands for when a workload has none.
+pub const NO_VALUE: &str = "(none)";
 
 fn workload_name(labels: &BTreeMap<String, String>) -> Option<String> {
     let get = |k: &str| labels.get(k).map(String::as_str).unwrap_or("");
@@ -140,15 +148,37 @@ fn workload_name(labels: &BTreeMap<String, String>) -> Option<String> {
 
 /// Totals per workload from one scrape.
 pub fn rows(series: &[Series]) -> BTreeMap<String, Row> {
+    rows_by(series, None)
+}
+
+/// Totals per workload, or per value of the label `by` (workloads without it under
+/// [`NO_VALUE`]), from one scrape.
+pub fn rows_by(series: &[Series], by: Option<&str>) -> BTreeMap<String, Row> {
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    let mut members: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for s in series {
-        let Some(name) = workload_name(&s.labels) else {
+        let Some(workload) = workload_name(&s.labels) else {
             continue;
         };
+        let name = match by {
+            None => workload.clone(),
+            Some(label) => s
+                .labels
+                .get(label)
+                .filter(|v| !v.is_empty())
+                .cloned()
+                .unwrap_or_else(|| NO_VALUE.to_owned()),
+        };
         let row = rows.entry(name.clone()).or_insert_with(|| Row {
-            name,
+            name: name.clone(),
             ..Row::default()
         });
+        // Budget rows of shared and `per` budgets carry no workload's labels: not a workload.
+        if !s.name.starts_with("tally_budget_") && !s.name.starts_with("tally_enforcement_") {
+            let set = members.entry(name).or_default();
+            set.insert(workload);
+            row.workloads = set.len();
+        }
         let Some(metric) = catalogue::find(&s.name) else {
             continue;
         };
@@ -166,6 +196,8 @@ pub fn rows(series: &[Series]) -> BTreeMap<String, Row> {
             row.gpu_memory_bytes += s.value;
         } else if metric == &workload::MEMORY_BYTES {
             row.memory_bytes += s.value;
+        } else if metric == &cost::WORKLOAD_COST {
+            row.cost += s.value;
         } else if metric == &budget::USAGE_RATIO {
             row.budget_ratio = Some(row.budget_ratio.unwrap_or(0.0).max(s.value));
         } else if metric == &budget::ENFORCEMENT_ACTIVE && s.value >= 1.0 {
@@ -195,13 +227,15 @@ pub fn rates(before: &BTreeMap<String, Row>, after: &BTreeMap<String, Row>, secs
                 tx_bytes: rate(a.tx_bytes, b.tx_bytes),
                 rx_bytes: rate(a.rx_bytes, b.rx_bytes),
                 disk_bytes: rate(a.disk_bytes, b.disk_bytes),
+                cost: rate(a.cost, b.cost),
                 ..a.clone()
             }
         })
         .collect();
     out.sort_by(|x, y| {
-        y.gpu_seconds
-            .total_cmp(&x.gpu_seconds)
+        y.cost
+            .total_cmp(&x.cost)
+            .then(y.gpu_seconds.total_cmp(&x.gpu_seconds))
             .then(y.cpu_seconds.total_cmp(&x.cpu_seconds))
             .then(x.name.cmp(&y.name))
     });
@@ -221,10 +255,26 @@ fn bytes(v: f64) -> String {
 
 /// The view as text.
 pub fn render(rows: &[Row], limit: usize, agent: &str) -> String {
+    render_by(rows, limit, agent, None)
+}
+
+/// The view as text, its rows named by the label `by` when grouped.
+pub fn render_by(rows: &[Row], limit: usize, agent: &str, by: Option<&str>) -> String {
+    let (what, first) = match by {
+        None => ("workloads".to_owned(), "WORKLOAD".to_owned()),
+        Some(label) => (
+            format!(
+                "values of {label}, {} workloads",
+                rows.iter().map(|r| r.workloads).sum::<usize>()
+            ),
+            label.to_uppercase(),
+        ),
+    };
     let mut out = format!(
-        "tally top — {agent} — {} workloads\n{:<48} {:>7} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
+        "tally top — {agent} — {} {what}\n{:<48} {:>9} {:>7} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
         rows.len(),
-        "WORKLOAD",
+        first,
+        "COST/h",
         "GPU s/s",
         "CPU",
         "NET TX/s",
@@ -241,7 +291,8 @@ pub fn render(rows: &[Row], limit: usize, agent: &str) -> String {
             .budget_ratio
             .map_or_else(|| "-".to_owned(), |b| format!("{:.0}%", b * 100.0));
         out.push_str(&format!(
-            "{name:<48} {:>7.2} {:>6.2} {:>10} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
+            "{name:<48} {:>9.4} {:>7.2} {:>6.2} {:>10} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
+            r.cost * 3600.0,
             r.gpu_seconds,
             r.cpu_seconds,
             bytes(r.tx_bytes),
@@ -317,22 +368,33 @@ pub fn dechunk(body: &[u8]) -> Vec<u8> {
 }
 
 /// Runs the view until interrupted (or once).
-pub fn run(agent: &str, interval: f64, once: bool, limit: usize) -> anyhow::Result<()> {
+pub fn run(
+    agent: &str,
+    interval: f64,
+    once: bool,
+    limit: usize,
+    by: Option<&str>,
+) -> anyhow::Result<()> {
     if !interval.is_finite() {
         bail!("--interval must be a number of seconds (0.2 to 3600), not {interval}");
     }
+    if let Some(label) = by {
+        if label.is_empty() || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            bail!("--by must be a label name (letters, digits and _, e.g. team), not `{label}`");
+        }
+    }
     let interval = Duration::from_secs_f64(interval.clamp(0.2, 3600.0));
-    let mut previous = (Instant::now(), rows(&parse(&scrape(agent)?)));
+    let mut previous = (Instant::now(), rows_by(&parse(&scrape(agent)?), by));
     loop {
         std::thread::sleep(interval);
         let now = Instant::now();
-        let current = rows(&parse(&scrape(agent)?));
+        let current = rows_by(&parse(&scrape(agent)?), by);
         let view = rates(
             &previous.1,
             &current,
             now.duration_since(previous.0).as_secs_f64(),
         );
-        let text = render(&view, limit, agent);
+        let text = render_by(&view, limit, agent, by);
         let mut stdout = std::io::stdout().lock();
         if once {
             stdout.write_all(text.as_bytes())?;
@@ -358,7 +420,7 @@ mod tests {
 
     #[test]
     fn a_nan_interval_is_an_error_not_a_panic() {
-        let err = run("127.0.0.1:1", f64::NAN, true, 10).unwrap_err();
+        let err = run("127.0.0.1:1", f64::NAN, true, 10, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "--interval must be a number of seconds (0.2 to 3600), not NaN"
@@ -387,6 +449,52 @@ mod tests {
         let text = render(&view, 10, "a");
         assert!(text.contains("ml/train-0/main"), "{text}");
         assert!(text.contains("102%"), "{text}");
+    }
+
+    #[test]
+    fn grouped_by_a_label_rows_sum_their_workloads_and_cost() {
+        let series = |cpu_a: f64, cost_a: f64, cpu_b: f64, cost_b: f64| {
+            let w = |pod: &str, team: &str| {
+                format!(
+                    r#"namespace="ml",pod="{pod}",pod_uid="u-{pod}",container="main",container_id="c-{pod}",unit="",team="{team}""#
+                )
+            };
+            format!(
+                "tally_workload_cpu_seconds_total{{{a}}} {cpu_a}\n\
+                 tally_workload_cost_total{{{a},resource=\"cpu\"}} {cost_a}\n\
+                 tally_workload_cpu_seconds_total{{{b}}} {cpu_b}\n\
+                 tally_workload_cost_total{{{b},resource=\"cpu\"}} {cost_b}\n\
+                 tally_workload_cpu_seconds_total{{{c}}} 1\n\
+                 tally_budget_usage_ratio{{namespace=\"\",pod=\"\",pod_uid=\"\",container=\"\",container_id=\"\",unit=\"\",team=\"search\",budget=\"teams\",resource=\"cost\"}} 0.5\n",
+                a = w("a", "search"),
+                b = w("b", "search"),
+                c = w("c", ""),
+            )
+        };
+        let before = rows_by(&parse(&series(10.0, 1.0, 20.0, 2.0)), Some("team"));
+        let after = rows_by(&parse(&series(12.0, 1.5, 23.0, 2.25)), Some("team"));
+        let view = rates(&before, &after, 2.0);
+        let names: Vec<&str> = view.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["search", NO_VALUE]);
+        let search = &view[0];
+        assert_eq!(search.workloads, 2);
+        assert_eq!(search.cpu_seconds, 2.5);
+        assert_eq!(search.cost, 0.375);
+        assert_eq!(search.budget_ratio, Some(0.5));
+        assert_eq!((view[1].workloads, view[1].cost), (1, 0.0));
+        let text = render_by(&view, 10, "a", Some("team"));
+        assert!(text.contains("2 values of team, 3 workloads"), "{text}");
+        assert!(
+            text.lines().nth(1).is_some_and(|l| l.starts_with("TEAM ")),
+            "{text}"
+        );
+        // 0.375 a second is 1350 an hour.
+        assert!(text.contains("1350.0000"), "{text}");
+        let err = run("127.0.0.1:1", 1.0, true, 10, Some("te am")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--by must be a label name (letters, digits and _, e.g. team), not `te am`"
+        );
     }
 
     /// Found by fuzzing (`fuzz/fuzz_targets/top.rs`): a container id cut at byte 12, inside a

@@ -170,6 +170,7 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
     let sockets = tempfile::tempdir().unwrap();
     let agent = Agent::start(&format!(
         "[agent]\ntick_interval_ms = 200\n[paths]\nsys_root = \"{}\"\n[cri]\nendpoints = [\"{}\"]\n{}{}\
+         [prices]\ncpu_core_second = 0.001\n[tenants]\nlabels = [\"team\"]\n\
          [enforcement]\nstate_dir = \"{}\"\n\
          [alerts]\nalertmanager_urls = [\"http://127.0.0.1:{}\"]\ntimeout_ms = 500\nmax_attempts = 1\n{}{}{}",
         sysfs.root().display(),
@@ -258,7 +259,8 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
         let query = expr
             .replace("$__rate_interval", "1m")
             .replace("$instance", ".*")
-            .replace("$namespace", ".*");
+            .replace("$namespace", ".*")
+            .replace("$tenant", "team");
         assert!(!query.contains('$'), "{title}: unknown variable in {expr}");
         let result = server.query_until_found(&query, Duration::from_secs(15));
         eprintln!("{title}: {} series", result.len());
