@@ -9,6 +9,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use tally_exporters::Metric;
 
 use crate::catalogue::{self, budget, cost, workload};
 
@@ -122,6 +123,15 @@ pub struct Row {
     pub throttles: Vec<String>,
 }
 
+/// The budget families whose rows are a budget's subjects (one workload, or all those of a shared
+/// budget or of one `per` group).
+const SUBJECT_FAMILIES: [&Metric; 4] = [
+    &budget::USAGE_RATIO,
+    &budget::USAGE,
+    &budget::ENFORCEMENT_ACTIVE,
+    &budget::ENFORCEMENT_FREEZE_SHARE_RATIO,
+];
+
 /// The name of the group a label value stands for when a workload has none.
 pub const NO_VALUE: &str = "(none)";
 
@@ -173,15 +183,16 @@ pub fn rows_by(series: &[Series], by: Option<&str>) -> BTreeMap<String, Row> {
             name: name.clone(),
             ..Row::default()
         });
-        // Budget rows of shared and `per` budgets carry no workload's labels: not a workload.
-        if !s.name.starts_with("tally_budget_") && !s.name.starts_with("tally_enforcement_") {
+        let Some(metric) = catalogue::find(&s.name) else {
+            continue;
+        };
+        // A budget's rows are about its subjects: those of shared and `per` budgets carry no
+        // workload's labels, and are no workload.
+        if !SUBJECT_FAMILIES.contains(&metric) {
             let set = members.entry(name).or_default();
             set.insert(workload);
             row.workloads = set.len();
         }
-        let Some(metric) = catalogue::find(&s.name) else {
-            continue;
-        };
         if metric == &workload::GPU_SECONDS {
             row.gpu_seconds += s.value;
         } else if metric == &workload::CPU_SECONDS {

@@ -303,3 +303,58 @@ fn grows_with_the_kernel_counter(
     );
     after
 }
+
+/// A cgroup directory whose name has multibyte characters where a pod uid goes (anyone with a
+/// delegated subtree can make one) once panicked every tick for good: no tick completed, `/readyz`
+/// stayed 503 (or 200 on the last tick) and metering stopped on the whole node. With it present
+/// from the start, the agent gets ready, ticks on, meters the workload beside it, and no tick
+/// panics.
+#[test]
+fn a_multibyte_cgroup_name_never_stops_the_ticks() {
+    const TEST: &str = "a_multibyte_cgroup_name_never_stops_the_ticks";
+    if !require::root(TEST) {
+        return;
+    }
+    let Some(unified) = require::unified(TEST) else {
+        return;
+    };
+    let roots = vec![unified];
+    // The pod part is as long in bytes as a pod uid, with two of its characters two bytes each.
+    let odd_rel = format!(
+        "/kubepods/burstable/pod8d1f7c2\u{e9}4b5a4c3d9e8f0a1b2c3d4e5f0\u{e9}/{}",
+        random_hex(64)
+    );
+    let odd = TestCgroup::create(&roots, &odd_rel);
+    let unit = format!("tally-mb-{}.service", random_hex(8));
+    let mut beside = TestCgroup::create(&roots, &format!("/system.slice/{unit}"));
+    beside.burn();
+    let agent = Agent::start("[agent]\ntick_interval_ms = 200\n[cri]\nendpoints = []\n");
+    let unit_label = format!("unit=\"{unit}\"");
+    let first = agent.scrape_until(Duration::from_secs(10), "the unit's CPU", |t| {
+        sample(t, "tally_workload_cpu_seconds_total", &[&unit_label]).is_some_and(|v| v > 0.0)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let later = agent.scrape();
+    let ticks = |t: &str| sample(t, "tally_ticks_total", &[]).unwrap_or_default();
+    assert!(
+        ticks(&later) >= ticks(&first) + 3.0,
+        "ticks went from {} to {} in 1 s at 200 ms",
+        ticks(&first),
+        ticks(&later)
+    );
+    let cpu = |t: &str| sample(t, "tally_workload_cpu_seconds_total", &[&unit_label]);
+    assert!(cpu(&later) > cpu(&first), "{later}");
+    assert_eq!(
+        sample(
+            &later,
+            "tally_collector_errors_total",
+            &["collector=\"tick\""]
+        ),
+        None,
+        "{later}"
+    );
+    drop(agent);
+    drop(beside);
+    drop(odd);
+    remove_parents(&roots, &odd_rel, 3);
+}

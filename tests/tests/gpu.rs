@@ -9,7 +9,7 @@ use serde_json::json;
 use tally_tests::agent::{sample, Agent};
 use tally_tests::cgroup::{random_hex, TestCgroup};
 use tally_tests::fake_nvml::{FakeNvml, FULL, WITHOUT_PROCESS_UTILIZATION};
-use tally_tests::gpu::{assert_conserved, seconds, setup, total, unit, Unit, GPU};
+use tally_tests::gpu::{assert_conserved, seconds, setup, total, unit, Unit, GPU, HOST_ROW};
 use tally_tests::require;
 
 fn start(fake: &FakeNvml) -> Agent {
@@ -487,4 +487,50 @@ fn an_agent_in_its_own_cgroup_namespace_charges_processes_to_their_units() {
         "nothing for the host row"
     );
     assert_conserved(&text, GPU, 0.1);
+}
+
+/// The host row without eBPF: only the GPU source feeds it (a process no workload holds: here a
+/// pid that does not exist). It is live while it is charged — `state="running"` past the grace
+/// period — and its counter keeps counting up from where it was, never restarting from zero.
+#[test]
+fn the_host_row_fed_only_by_the_gpu_stays_running_and_keeps_counting() {
+    const TEST: &str = "the_host_row_fed_only_by_the_gpu_stays_running_and_keeps_counting";
+    if !require::root(TEST) {
+        return;
+    }
+    let ghost = 4_194_100;
+    let fake = FakeNvml::new(
+        FULL,
+        &json!({ "devices": [device(json!([
+            { "pid": ghost, "used_memory_bytes": 1_000_000_000u64, "sm_percent": 50 }
+        ]))] }),
+    );
+    let agent = Agent::start(&format!(
+        "[agent]\ntick_interval_ms = 200\n[ledger]\ngrace_period_secs = 1\n[cri]\nendpoints = []\n[ebpf]\nenabled = false\n{}pod_resources_socket = \"\"\n",
+        fake.config()
+    ));
+    let host_gpu = |t: &str| {
+        total(
+            t,
+            "tally_workload_gpu_seconds_total",
+            &[&format!("{HOST_ROW},gpu=")],
+        )
+    };
+    let first = agent.scrape_until(Duration::from_secs(15), "the host row's GPU time", |t| {
+        host_gpu(t) > 0.0
+    });
+    let running = format!(
+        "tally_workload_info{{{HOST_ROW},runtime=\"\",qos_class=\"\",state=\"running\"}} 1"
+    );
+    // Three grace periods later, still running, and still counting up.
+    std::thread::sleep(Duration::from_secs(3));
+    let later = agent.scrape();
+    for t in [&first, &later] {
+        assert!(t.contains(&running), "{running} in\n{t}");
+    }
+    let (before, after) = (host_gpu(&first), host_gpu(&later));
+    assert!(
+        after >= before + 1.0,
+        "the host row went from {before} s to {after} s in 3 s at 50 %"
+    );
 }
