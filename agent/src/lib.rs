@@ -10,6 +10,7 @@ pub mod budget;
 pub mod catalogue;
 pub mod cgroupfs;
 pub mod check;
+pub mod cluster;
 pub mod config;
 pub mod cost;
 pub mod errors;

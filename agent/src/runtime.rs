@@ -104,7 +104,9 @@ async fn serve(
             cancel.child_token(),
         )
     });
+    let cluster = crate::cluster::spawn(&config, cancel.child_token());
     let deps = Deps {
+        cluster: Some(cluster.clone()),
         cri,
         pod_resources,
         otlp: otlp_pusher.is_some().then_some(otlp_stats),
@@ -156,6 +158,7 @@ async fn serve(
                     if let Err(e) = alerts.update_config(crate::alerts::settings(&current)) {
                         tracing::error!(error = %e, "reload: keeping the previous alert targets");
                     }
+                    cluster.update(&current);
                     let _ = commands.send(Command::Reload(Box::new(current.clone())));
                 }
             }

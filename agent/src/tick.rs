@@ -34,6 +34,8 @@ pub struct Deps {
     pub otlp: Option<Arc<OtlpStats>>,
     /// Where budget alerts go.
     pub alerts: Option<AlertSender>,
+    /// The cluster budgets' answers.
+    pub cluster: Option<crate::cluster::ClusterHandle>,
     /// The soft open-file limit the runtime found (after raising it), which sizes how many
     /// cgroup files stay open; `None` when it could not be read.
     pub open_file_limit: Option<u64>,
@@ -90,6 +92,9 @@ impl Ticker {
         let mut budgets = crate::budget::Engine::new(config);
         if let Some(limits) = built.egress_limits {
             budgets.set_egress_map(Box::new(limits));
+        }
+        if let Some(cluster) = deps.cluster {
+            budgets.set_cluster(cluster);
         }
         let alert_stats = deps.alerts.map(|sender| {
             let stats = sender.stats().clone();

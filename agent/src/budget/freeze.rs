@@ -290,6 +290,16 @@ fn run_cycles(shared: &Shared) {
             if !sleep_until(shared, at) {
                 return;
             }
+            // Under the lock, and only while the cgroup is still cycled: a `remove` while this
+            // thread slept thawed it, and a freeze written after that thaw would hold it frozen
+            // for good (it is in no later plan, and the guard was told to forget it).
+            let cycle = shared
+                .cycle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !cycle.shares.contains_key(file) {
+                continue;
+            }
             match std::fs::write(file, frozen_value(file)) {
                 Ok(()) => {
                     frozen.insert(file.clone(), true);
@@ -298,6 +308,7 @@ fn run_cycles(shared: &Shared) {
                     failures.insert(file.clone(), CycleError::Freeze(e));
                 }
             }
+            drop(cycle);
         }
         if !failures.is_empty() {
             shared
@@ -381,5 +392,38 @@ pub fn guard_main() -> std::process::ExitCode {
         std::process::ExitCode::FAILURE
     } else {
         std::process::ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cgroup_removed_while_the_cycle_sleeps_is_never_frozen_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cgroup.freeze");
+        std::fs::write(&file, "0").unwrap();
+        let mut freezer = Freezer::new(Duration::from_millis(200));
+        // A guard that reads its stdin to the end and does nothing: this test's cgroup is a file.
+        let guard = dir.path().join("guard");
+        std::fs::write(&guard, "#!/bin/sh\nexec cat >/dev/null\n").unwrap();
+        std::fs::set_permissions(&guard, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        freezer.guard_program = guard;
+        // Each removal lands at some point of the cycle; half of them while the thread sleeps
+        // before the freeze it planned (share 0.5), which it must then not write.
+        for round in 0..10 {
+            freezer.set(&file, 0.5).unwrap();
+            std::thread::sleep(Duration::from_millis(30 + 17 * round));
+            freezer.remove(&file).unwrap();
+            std::thread::sleep(Duration::from_millis(250));
+            assert_eq!(
+                std::fs::read_to_string(&file).unwrap(),
+                "0",
+                "round {round}: frozen after its removal"
+            );
+        }
+        freezer.stop();
     }
 }

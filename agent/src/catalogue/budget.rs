@@ -82,3 +82,39 @@ pub static ENFORCEMENT_THROTTLES: Metric = Metric {
     per_workload: false,
     labels: &["action"],
 };
+
+pub static CLUSTER_AVAILABLE: Metric = Metric {
+    name: "tally_cluster_budget_available",
+    help: "Whether a cluster budget has an answer younger than cluster.max_staleness_secs (1) or does what on_unavailable says (0).",
+    kind: Kind::Gauge,
+    unit: "",
+    per_workload: false,
+    labels: &["budget", "on_unavailable"],
+};
+
+pub static CLUSTER_ANSWER_AGE: Metric = Metric {
+    name: "tally_cluster_budget_answer_age_seconds",
+    help: "Age of a cluster budget's last good answer from the query endpoint; absent before the first.",
+    kind: Kind::Gauge,
+    unit: "seconds",
+    per_workload: false,
+    labels: &["budget"],
+};
+
+pub static CLUSTER_QUERIES: Metric = Metric {
+    name: "tally_cluster_queries_total",
+    help: "Queries this agent sent for a cluster budget, answered or not.",
+    kind: Kind::Counter,
+    unit: "",
+    per_workload: false,
+    labels: &["budget"],
+};
+
+pub static CLUSTER_QUERY_FAILURES: Metric = Metric {
+    name: "tally_cluster_query_failures_total",
+    help: "Cluster budget queries that gave no usable answer, by reason.",
+    kind: Kind::Counter,
+    unit: "",
+    per_workload: false,
+    labels: &["budget", "reason"],
+};

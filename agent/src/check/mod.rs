@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 
+mod cluster;
 mod enforcement;
 mod host;
 mod mounts;
@@ -219,6 +220,7 @@ pub fn gather(config: &Config) -> Report {
         process_cgroups_item(&paths.proc_root),
         cri_item(&config.cri.endpoints),
         enforcement::enforcement_item(config),
+        cluster::cluster_item(config),
     ];
     items.splice(6..6, bpf_items(config));
     Report { items }

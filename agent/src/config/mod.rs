@@ -1,6 +1,7 @@
 //! The agent's configuration: one TOML file of serde structs, every field with a default, so an
 //! empty file (or none) runs the agent on its embedded defaults.
 
+pub mod cluster;
 pub mod labels;
 pub mod policy;
 mod validate;
@@ -51,6 +52,8 @@ pub struct Config {
     pub enforcement: EnforcementConfig,
     /// Where budget alerts go.
     pub alerts: AlertsConfig,
+    /// The Prometheus query API that `span = "cluster"` budgets read the cluster's usage from.
+    pub cluster: ClusterConfig,
     /// Prices for `cost` budgets (a policy file's `[prices]` replaces these).
     pub prices: policy::Prices,
     /// Budgets (`[[budget]]`), or those of `enforcement.policy_file`.
@@ -111,6 +114,52 @@ impl Default for AlertsConfig {
             timeout_ms: 5000,
             max_attempts: 5,
             resend_interval_secs: 60,
+        }
+    }
+}
+
+/// The query endpoint of cluster-wide budgets: Prometheus, or anything that serves its HTTP
+/// API (Thanos Query, Mimir, VictoriaMetrics). Credentials are read from files at each query,
+/// so a rotated token is used without a reload and no secret sits in this file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Base URL of the API, `http://` or `https://` (`/api/v1/query` is appended; include any
+    /// path prefix, e.g. Mimir's `/prometheus`). Empty: no cluster budgets.
+    pub query_url: String,
+    /// Seconds between evaluations of every cluster budget (1–3600).
+    pub interval_secs: u64,
+    /// Deadline of one query in milliseconds, connection and TLS included (10–60000).
+    pub timeout_ms: u64,
+    /// An answer older than this many seconds is no answer: the budget is unavailable and does
+    /// what its `on_unavailable` says (at least `interval_secs`).
+    pub max_staleness_secs: u64,
+    /// A file holding a bearer token sent as `Authorization: Bearer`.
+    pub bearer_token_file: Option<PathBuf>,
+    /// Basic auth user name; its password is read from `basic_auth_password_file`.
+    pub basic_auth_username: String,
+    pub basic_auth_password_file: Option<PathBuf>,
+    /// PEM certificates an `https://` server must chain to; the system's bundle when unset.
+    pub ca_file: Option<PathBuf>,
+    /// Largest answer read, in bytes (1 KiB–64 MiB); a larger one is a counted failure.
+    pub max_response_bytes: usize,
+}
+
+/// Where an `https://` server's certificate is verified when `cluster.ca_file` is unset.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            query_url: String::new(),
+            interval_secs: 30,
+            timeout_ms: 5000,
+            max_staleness_secs: 120,
+            bearer_token_file: None,
+            basic_auth_username: String::new(),
+            basic_auth_password_file: None,
+            ca_file: None,
+            max_response_bytes: 1 << 20,
         }
     }
 }
@@ -516,6 +565,19 @@ impl Config {
         self.budget = policy.budget;
         if let Some(prices) = policy.prices {
             self.prices = prices;
+        }
+        // What a cluster budget asks depends on this file's `[cluster]` and `[tenants]`.
+        let errors: Vec<ConfigError> = cluster::check(&self)
+            .into_iter()
+            .map(|(key, message)| ConfigError {
+                file: Some(path.clone()),
+                path: key,
+                line: None,
+                message,
+            })
+            .collect();
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
         }
         Ok(self)
     }

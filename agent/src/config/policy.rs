@@ -113,6 +113,19 @@ pub struct Budget {
     /// team to `limit` on its own. Workloads without a value are not selected. Implies `shared`.
     #[serde(default)]
     pub per: Option<String>,
+    /// Whose use counts: `node` (this node's workloads, metered here) or `cluster` (every
+    /// node's, as `[cluster]`'s Prometheus sums it). A cluster budget is enforced on this node's
+    /// selected workloads, shared among them (or per group with `per`).
+    #[serde(default)]
+    pub span: Span,
+    /// A cluster budget's PromQL, answering its usage in the resource's base unit: one series,
+    /// or one per value of `per` labelled with it. Built from the budget when unset.
+    #[serde(default)]
+    pub query: Option<String>,
+    /// What a cluster budget does while its query has no answer younger than
+    /// `cluster.max_staleness_secs`.
+    #[serde(default)]
+    pub on_unavailable: OnUnavailable,
     /// Which workloads the budget applies to; every field set must match.
     #[serde(default)]
     pub select: Selector,
@@ -164,6 +177,38 @@ impl Resource {
     /// A level rather than an amount: compared as it is, not summed over a window.
     pub fn is_gauge(self) -> bool {
         self == Resource::GpuMemoryBytes
+    }
+}
+
+/// Whose use a budget counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Span {
+    #[default]
+    Node,
+    Cluster,
+}
+
+/// A cluster budget's state while the cluster's usage is unknown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnavailable {
+    /// Keep enforcing, or not, as at the last answer.
+    #[default]
+    Hold,
+    /// Release: nothing is throttled without an answer that says so.
+    Open,
+    /// Enforce: nothing runs unthrottled without an answer that allows it.
+    Closed,
+}
+
+impl OnUnavailable {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnUnavailable::Hold => "hold",
+            OnUnavailable::Open => "open",
+            OnUnavailable::Closed => "closed",
+        }
     }
 }
 
@@ -439,6 +484,8 @@ pub fn check(budgets: &[(usize, Budget)], prices: &Prices) -> Vec<(String, Strin
                 at("period"),
                 "set either `window` (a rate) or `period` (a quota), not both".to_owned(),
             )),
+            // A cluster budget's own query says over what time it counts.
+            (None, None, false) if b.span == Span::Cluster && b.query.is_some() => {}
             (None, None, false) => errors.push((
                 at("window"),
                 format!(
@@ -489,6 +536,25 @@ pub fn check(budgets: &[(usize, Budget)], prices: &Prices) -> Vec<(String, Strin
                     ),
                 ));
             }
+        }
+        match (b.span, b.query.as_deref()) {
+            (Span::Node, Some(_)) => errors.push((
+                at("query"),
+                "`query` applies to `span = \"cluster\"` budgets only".to_owned(),
+            )),
+            (Span::Cluster, Some(q)) if q.trim().is_empty() => errors.push((
+                at("query"),
+                "an empty query: give PromQL, or leave `query` out to have it built".to_owned(),
+            )),
+            (Span::Cluster, None) if b.period.is_some() => errors.push((
+                at("period"),
+                "a cluster budget's built query counts over a `window`; give `query` for a calendar period".to_owned(),
+            )),
+            (Span::Cluster, None) if b.select.cgroup.is_some() => errors.push((
+                at("select.cgroup"),
+                "no series carries the cgroup path, so the cluster query cannot select on it; give `query`".to_owned(),
+            )),
+            _ => {}
         }
         if b.resource == Resource::Cost && prices.is_free() {
             errors.push((
@@ -630,15 +696,26 @@ pub enum TargetError {
     },
     #[error("`freeze` needs `throttle.share` unless the budget is a `window` rate")]
     NoFreezeShare,
+    /// A cluster budget's rate is the cluster's: it says nothing about what this node may use.
+    #[error("a cluster budget's `{}` action needs `throttle.{param}`: the cluster's rate says nothing about one node's share", action.as_str())]
+    ClusterSetting { action: Action, param: &'static str },
 }
 
 /// The actuator setting a budget enforces, or why it has none.
 pub fn actuator_target(b: &Budget) -> Result<Target, TargetError> {
-    let derived = |resources: &[Resource]| rate(b).filter(|_| resources.contains(&b.resource));
-    let need = |param: &'static str, what: &'static str| TargetError::NoSetting {
-        action: b.action,
-        param,
-        what,
+    let cluster = b.span == Span::Cluster;
+    let derived =
+        |resources: &[Resource]| rate(b).filter(|_| !cluster && resources.contains(&b.resource));
+    let need = |param: &'static str, what: &'static str| match cluster {
+        true => TargetError::ClusterSetting {
+            action: b.action,
+            param,
+        },
+        false => TargetError::NoSetting {
+            action: b.action,
+            param,
+            what,
+        },
     };
     Ok(match b.action {
         Action::Alert => Target::None,
@@ -669,7 +746,8 @@ pub fn actuator_target(b: &Budget) -> Result<Target, TargetError> {
         ),
         Action::Freeze => match (b.throttle.share, rate(b)) {
             (Some(share), _) => Target::FreezeShare(share),
-            (None, Some(rate)) if !b.resource.is_gauge() => Target::FreezeRate(rate),
+            (None, Some(rate)) if !b.resource.is_gauge() && !cluster => Target::FreezeRate(rate),
+            _ if cluster => return Err(need("share", "")),
             _ => return Err(TargetError::NoFreezeShare),
         },
     })

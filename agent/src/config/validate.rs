@@ -85,6 +85,7 @@ pub(super) fn parse(text: &str) -> Result<Config, ConfigErrors> {
         }
     }
     config.budget = budgets.into_iter().map(|(_, b)| b).collect();
+    semantic.extend(super::cluster::check(&config));
     errors.extend(located(semantic, &lines));
     if errors.is_empty() {
         Ok(config)
@@ -471,23 +472,13 @@ fn semantic_errors(config: &Config) -> Vec<(&'static str, String)> {
             format!("`{}` must start with http:// or https://", otlp.endpoint),
         ));
     }
-    for (name, value, range) in [
+    errors.extend(out_of_range([
         ("otlp.interval_secs", otlp.interval_secs, 1..=3600),
         ("otlp.timeout_ms", otlp.timeout_ms, 10..=60_000),
         ("otlp.queue_batches", otlp.queue_batches as u64, 1..=1000),
         ("otlp.max_attempts", u64::from(otlp.max_attempts), 1..=10),
-    ] {
-        if !range.contains(&value) {
-            errors.push((
-                name,
-                format!(
-                    "{value} is out of range {}..={}",
-                    range.start(),
-                    range.end()
-                ),
-            ));
-        }
-    }
+    ]));
+    errors.extend(cluster_errors(&config.cluster));
     if !(20..=10_000).contains(&config.enforcement.freeze_period_ms) {
         errors.push((
             "enforcement.freeze_period_ms",
@@ -554,6 +545,81 @@ fn semantic_errors(config: &Config) -> Vec<(&'static str, String)> {
         }
     }
     errors.extend(rdma_errors(&config.rdma));
+    errors
+}
+
+/// Each value outside its range, as `(key, message)`.
+fn out_of_range<const N: usize>(
+    checks: [(&'static str, u64, std::ops::RangeInclusive<u64>); N],
+) -> impl Iterator<Item = (&'static str, String)> {
+    checks
+        .into_iter()
+        .filter(|(_, value, range)| !range.contains(value))
+        .map(|(name, value, range)| {
+            (
+                name,
+                format!(
+                    "{value} is out of range {}..={}",
+                    range.start(),
+                    range.end()
+                ),
+            )
+        })
+}
+
+/// `[cluster]`: an endpoint that parses, one way to authenticate, and bounds.
+fn cluster_errors(cluster: &super::ClusterConfig) -> Vec<(&'static str, String)> {
+    let mut errors = Vec::new();
+    if !cluster.query_url.is_empty() {
+        if let Err(e) = super::cluster::endpoint(&cluster.query_url) {
+            errors.push(("cluster.query_url", e));
+        }
+    }
+    errors.extend(out_of_range([
+        ("cluster.interval_secs", cluster.interval_secs, 1..=3600),
+        ("cluster.timeout_ms", cluster.timeout_ms, 10..=60_000),
+        (
+            "cluster.max_response_bytes",
+            cluster.max_response_bytes as u64,
+            1024..=64 << 20,
+        ),
+    ]));
+    if cluster.timeout_ms > cluster.interval_secs.saturating_mul(1000) {
+        errors.push((
+            "cluster.timeout_ms",
+            format!(
+                "{} ms is longer than `cluster.interval_secs` ({} s)",
+                cluster.timeout_ms, cluster.interval_secs
+            ),
+        ));
+    }
+    if cluster.max_staleness_secs < cluster.interval_secs {
+        errors.push((
+            "cluster.max_staleness_secs",
+            format!(
+                "{} is shorter than `cluster.interval_secs` ({}): every answer would be stale before the next",
+                cluster.max_staleness_secs, cluster.interval_secs
+            ),
+        ));
+    }
+    if cluster.bearer_token_file.is_some() && cluster.basic_auth_password_file.is_some() {
+        errors.push((
+            "cluster.bearer_token_file",
+            "set a bearer token or basic auth, not both".to_owned(),
+        ));
+    }
+    if cluster.basic_auth_password_file.is_some() && cluster.basic_auth_username.is_empty() {
+        errors.push((
+            "cluster.basic_auth_username",
+            "basic auth needs a user name".to_owned(),
+        ));
+    }
+    if !cluster.basic_auth_username.is_empty() && cluster.basic_auth_password_file.is_none() {
+        errors.push((
+            "cluster.basic_auth_password_file",
+            "basic auth needs a password file".to_owned(),
+        ));
+    }
     errors
 }
 

@@ -99,6 +99,7 @@ fn deb_installs_runs_and_purges_cleanly() {
         "./etc/tally/tally.toml",
         "./usr/share/tally/grafana/tally.json",
         "./usr/share/tally/prometheus/rules.yml",
+        "./usr/share/tally/prometheus/cluster-budgets.yml",
     ] {
         assert!(
             contents.lines().any(|l| l.ends_with(path)),

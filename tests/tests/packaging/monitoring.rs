@@ -26,6 +26,17 @@ fn alert_rules_pass_promtool_and_the_prometheusrule_is_the_same() {
             .args(["test", "rules"])
             .arg(root().join("packaging/prometheus/rules_test.yml")),
     );
+    // The cluster budgets' recording rules, and the budget query the README builds on them.
+    run_ok(
+        Command::new(&promtool)
+            .args(["check", "rules"])
+            .arg(root().join("packaging/prometheus/cluster-budgets.yml")),
+    );
+    run_ok(
+        Command::new(&promtool)
+            .args(["test", "rules"])
+            .arg(root().join("packaging/prometheus/cluster-budgets_test.yml")),
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let rendered = kustomize(&kubectl, "packaging/kubernetes/base", dir.path());

@@ -115,7 +115,7 @@ impl Engine {
                 alert_labels.insert(name.to_owned(), value);
                 alert_labels.insert("workload".to_owned(), SHARED.to_owned());
             }
-            None if b.shared => {
+            None if c.grouped() => {
                 alert_labels.insert("workload".to_owned(), SHARED.to_owned());
             }
             None => {}

@@ -77,9 +77,15 @@ pub(super) struct Compiled {
 }
 
 impl Compiled {
-    /// Whether its usage is summed over workloads (`shared`, or one sum per group with `per`).
+    /// Whether its usage is summed over workloads (`shared`, one sum per group with `per`, or
+    /// the cluster's).
     pub fn grouped(&self) -> bool {
-        self.budget.shared || self.per.is_some()
+        self.budget.shared || self.per.is_some() || self.cluster()
+    }
+
+    /// Whether its usage is the cluster's, from `[cluster]`'s query endpoint.
+    pub fn cluster(&self) -> bool {
+        self.budget.span == policy::Span::Cluster
     }
 }
 

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use tally_exporters::LabelSet;
 
 use super::compiled::Metric;
-use super::keys::{SubjectId, SubjectKey, ThrottleKey, WorkloadKey};
+use super::keys::{SubjectId, SubjectKey, ThrottleKey, WorkloadKey, PER_PREFIX};
 use super::usage::Usage;
 use super::{empty_labels, Engine, Event, Placement};
 use crate::budget::window::Window;
-use crate::config::policy::{self, Action, Per, Target};
+use crate::cluster::Reading;
+use crate::config::policy::{self, Action, OnUnavailable, Per, Target};
 use crate::identity::{PathIdentity, Workload};
 
 /// Bounds of a steered freeze share, and how far one tick may move it.
@@ -39,6 +40,8 @@ pub(super) struct Subject {
     /// dropped its packets, or the freeze kept it below its demand): its usage then says
     /// nothing about its demand, and a low usage is no reason to release.
     pub binding: bool,
+    /// A cluster budget without a fresh answer: its `on_unavailable` decides.
+    pub unavailable: bool,
 }
 
 impl Subject {
@@ -55,6 +58,7 @@ impl Subject {
             freeze_share: 1.0,
             seen: false,
             binding: false,
+            unavailable: false,
         }
     }
 }
@@ -109,7 +113,7 @@ impl Engine {
                         // No value to group it by: not selected.
                         None => continue,
                     },
-                    None if c.budget.shared => (SubjectId::Shared, empty_labels()),
+                    None if c.grouped() => (SubjectId::Shared, empty_labels()),
                     None => (
                         SubjectId::Workload(w.key.clone()),
                         w.workload.labels().clone(),
@@ -168,6 +172,7 @@ impl Engine {
     pub(super) fn decide(&mut self, now: f64) -> Vec<(SubjectKey, Event)> {
         let mut events = Vec::new();
         let policy = &self.policy;
+        let cluster = self.cluster.as_ref();
         self.subjects.retain(|key, s| {
             let Some(c) = policy.get(&key.budget) else {
                 return false;
@@ -180,7 +185,57 @@ impl Engine {
                 return false;
             }
             let b = &c.budget;
-            s.usage = s.window.usage(now);
+            if c.cluster() {
+                let group = match &key.id {
+                    SubjectId::Group(name) => name.strip_prefix(PER_PREFIX).unwrap_or(name),
+                    _ => "",
+                };
+                let reading = cluster.map_or(Reading::Unavailable, |h| h.usage(&key.budget, group));
+                let answer = match reading {
+                    // Keeps its state, as restored or decided, until the first query finishes.
+                    Reading::Pending => return true,
+                    Reading::Fresh(total) => Some(total),
+                    Reading::Unavailable => None,
+                };
+                if answer.is_none() != s.unavailable {
+                    s.unavailable = answer.is_none();
+                    match s.unavailable {
+                        true => tracing::warn!(
+                            budget = %key.budget,
+                            subject = key.id.as_str(),
+                            on_unavailable = b.on_unavailable.as_str(),
+                            "cluster budget unavailable: no answer younger than cluster.max_staleness_secs"
+                        ),
+                        false => tracing::info!(
+                            budget = %key.budget,
+                            subject = key.id.as_str(),
+                            "cluster budget available again"
+                        ),
+                    }
+                }
+                let Some(total) = answer else {
+                    // The last known usage stays on show; the state is `on_unavailable`'s.
+                    let enforce = match b.on_unavailable {
+                        OnUnavailable::Hold => s.enforcing,
+                        OnUnavailable::Open => false,
+                        OnUnavailable::Closed => true,
+                    };
+                    if enforce != s.enforcing {
+                        s.enforcing = enforce;
+                        s.warning = enforce;
+                        s.freeze_share = 1.0;
+                        let event = if enforce { Event::Enforce } else { Event::Release };
+                        events.push((key.clone(), event));
+                    }
+                    return true;
+                };
+                s.usage = total;
+                // The cluster's total decides: what holds this node's share back says nothing
+                // about the others'.
+                s.binding = false;
+            } else {
+                s.usage = s.window.usage(now);
+            }
             s.ratio = s.usage / b.limit;
             if s.enforcing {
                 if s.ratio < b.release_below && !s.binding {

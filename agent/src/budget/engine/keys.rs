@@ -13,7 +13,7 @@ use crate::identity::PathIdentity;
 pub(super) const SHARED: &str = "shared";
 
 /// How the subject of one group of a `per` budget is named: `per:<value>`.
-const PER_PREFIX: &str = "per:";
+pub(super) const PER_PREFIX: &str = "per:";
 
 /// A workload's key in the state file and the engine's maps.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -139,9 +139,13 @@ impl Engine {
         for (action, n) in by_action {
             throttles.push_labeled(vec![("action", Arc::from(action))], n as f64);
         }
-        vec![
+        let mut families = vec![
             ratio, usage, limit, active, share, actions, latency, throttles,
-        ]
+        ];
+        if let Some(cluster) = &self.cluster {
+            families.extend(cluster.families());
+        }
+        families
     }
 }
 

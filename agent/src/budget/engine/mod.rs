@@ -32,6 +32,7 @@ use tally_exporters::{Family, Histogram, LabelSet};
 use super::actuator::{Actuators, EgressMap};
 use super::state::{self, Baseline, SavedWindow, State, Throttle};
 use crate::catalogue::budget::ENFORCEMENT_ERRORS;
+use crate::cluster::ClusterHandle;
 use crate::config::policy::{self, Action, Per, Target};
 use crate::config::Config;
 use crate::errors::ErrorCounts;
@@ -130,6 +131,8 @@ pub struct Engine {
     held_back: HashMap<ThrottleKey, u64>,
     /// Detection-to-throttle latency of the throttles first applied this tick, for the log.
     applied: HashMap<ThrottleKey, Duration>,
+    /// The cluster budgets' answers; without it every cluster budget is unavailable.
+    cluster: Option<ClusterHandle>,
 }
 
 fn unix_now() -> f64 {
@@ -167,6 +170,7 @@ impl Engine {
             unreadable_state: false,
             held_back: HashMap::new(),
             applied: HashMap::new(),
+            cluster: None,
         };
         let saved = match State::load(&engine.state_dir) {
             Ok(s) => s,
@@ -254,6 +258,11 @@ impl Engine {
                 (b.value, true),
             );
         }
+    }
+
+    /// Hands the engine the answers of the cluster budgets' query task.
+    pub fn set_cluster(&mut self, handle: ClusterHandle) {
+        self.cluster = Some(handle);
     }
 
     pub fn set_alerts(&mut self, sink: Box<dyn AlertSink>) {

@@ -426,3 +426,77 @@ fn a_cost_budget_charges_the_cost_counter_across_a_price_reload() {
     tick(&mut engine, &mut meter, 14.0);
     assert_eq!(engine.subjects[&key].usage, 3.0);
 }
+
+#[test]
+fn a_cluster_budget_follows_the_clusters_total_and_its_on_unavailable_without_one() {
+    for mode in ["hold", "open", "closed"] {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = layout(dir.path());
+        let text = format!(
+            "[cluster]\nquery_url = 'http://127.0.0.1:9'\ninterval_secs = 1\ntimeout_ms = 500\nmax_staleness_secs = 1\n\
+             [tenants]\nlabels = ['team']\n\
+             [[budget]]\nname = 'fleet'\nspan = 'cluster'\nresource = 'cpu_seconds'\nlimit = 100.0\nwindow = '1h'\nper = 'team'\non_unavailable = '{mode}'\n"
+        );
+        let mut config = Config::parse(&text).unwrap();
+        config.enforcement.state_dir = dir.path().join("state");
+        let mut engine = Engine::new(&config);
+        let cluster = crate::cluster::ClusterHandle::idle(&config);
+        engine.set_cluster(cluster.clone());
+        let mut ledger = Ledger::new(Duration::from_secs(60));
+        let a = unit("a.service", &[("team", "ml")]);
+        let b = unit("b.service", &[("team", "ml")]);
+        let mut cpu = 0.0;
+        let mut step = |engine: &mut Engine| {
+            // This node's own use is far under the limit: only the cluster's total counts.
+            cpu += 1.0;
+            tick(engine, &mut ledger, &layout, &[(&a, cpu), (&b, cpu)]);
+            let s = &engine.subjects[&("fleet".to_owned(), "per:ml".to_owned())];
+            (s.enforcing, s.usage, s.members.len())
+        };
+        // Not asked yet: nothing is known and nothing changes, in every mode.
+        assert_eq!(step(&mut engine), (false, 0.0, 2), "{mode}");
+        // Asked and unanswered.
+        cluster.answer(
+            "fleet",
+            Err(crate::cluster::Failure::Unreachable("refused".to_owned())),
+        );
+        assert_eq!(step(&mut engine), (mode == "closed", 0.0, 2), "{mode}");
+        cluster.answer(
+            "fleet",
+            Ok(vec![("ml".to_owned(), 120.0), ("web".to_owned(), 5.0)]),
+        );
+        assert_eq!(step(&mut engine), (true, 120.0, 2), "{mode}");
+        // Between release_below and the limit: still enforced.
+        cluster.answer("fleet", Ok(vec![("ml".to_owned(), 95.0)]));
+        assert_eq!(step(&mut engine), (true, 95.0, 2), "{mode}");
+        cluster.answer("fleet", Ok(vec![("ml".to_owned(), 80.0)]));
+        assert_eq!(step(&mut engine), (false, 80.0, 2), "{mode}");
+        cluster.answer("fleet", Ok(vec![("ml".to_owned(), 99.0)]));
+        assert_eq!(step(&mut engine), (false, 99.0, 2), "{mode}");
+        cluster.answer("fleet", Ok(vec![("ml".to_owned(), 100.0)]));
+        assert_eq!(step(&mut engine), (true, 100.0, 2), "{mode}");
+        // A failed query leaves the last answer in use while it is fresh.
+        cluster.answer("fleet", Err(crate::cluster::Failure::Empty));
+        assert_eq!(step(&mut engine), (true, 100.0, 2), "{mode}");
+        std::thread::sleep(Duration::from_millis(1100));
+        let (enforcing, usage, _) = step(&mut engine);
+        assert_eq!(enforcing, mode != "open", "{mode}");
+        assert_eq!(usage, 100.0, "{mode}: the last known usage stays on show");
+        let events = |event: &'static str| {
+            engine
+                .actions
+                .get(&("fleet".to_owned(), "alert", event))
+                .copied()
+        };
+        let (enforces, releases) = match mode {
+            "hold" => (2, 1),
+            "open" => (2, 2),
+            _ => (2, 1),
+        };
+        assert_eq!(
+            (events("enforce"), events("release")),
+            (Some(enforces), Some(releases)),
+            "{mode}"
+        );
+    }
+}
