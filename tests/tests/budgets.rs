@@ -358,7 +358,10 @@ fn an_egress_budget_of_10_mb_per_s_holds_and_sighup_raising_it_releases() {
     std::thread::sleep(Duration::from_secs(2));
     let rate = receiver.rate_over(6.0);
     eprintln!("egress under a 10 MB/s budget: {:.3} MB/s", rate / 1e6);
-    assert!((rate / 10e6 - 1.0).abs() <= 0.05, "{rate}");
+    // Never above the limit (5 % for the measurement); below it by what TCP gives up backing
+    // off from the bucket's drops: 3–4 % alone, 5–6 % measured late in a full suite run on this
+    // 2-core VM (9.43 and 9.48 MB/s), so 10 %.
+    assert!((0.90..=1.05).contains(&(rate / 10e6)), "{rate}");
 
     // Raise the budget far above what loopback carries and reload: released.
     std::fs::write(
@@ -622,4 +625,80 @@ fn a_disk_budget_sets_per_device_throttle_rules_and_releases_them() {
     assert!(!after.contains("2000000"), "rule left behind: {after}");
     cgroup.remove();
     let _ = std::fs::remove_file(file);
+}
+
+#[test]
+fn a_unit_starting_under_a_spent_budget_is_held_from_its_first_tick_and_released_with_it() {
+    const TEST: &str =
+        "a_unit_starting_under_a_spent_budget_is_held_from_its_first_tick_and_released_with_it";
+    let Some(roots) = hierarchies(TEST) else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let tag = random_hex(6);
+    // One shared budget over both units: 1 core-second in any 6 s, alert only, and new
+    // workloads held while it is spent.
+    let config = format!(
+        "[agent]\ntick_interval_ms = 200\n{}[[budget]]\nname = \"door\"\nresource = \"cpu_seconds\"\nlimit = 1.0\nwindow = \"6s\"\nshared = true\nadmission = \"deny\"\nselect.unit = \"tally-budget-adm{tag}-*\"\n",
+        state_config(state.path())
+    );
+    // Ready once its first tick is done: a, made now, is new to it.
+    let agent = Agent::start(&config);
+    let mut a = unit(&roots, &format!("adm{tag}-a"));
+    a.cgroup.burn();
+    agent.scrape_until(Duration::from_secs(20), "the budget spent", |t| {
+        active(t, "door")
+    });
+    // b starts burning while the budget is spent.
+    let mut b = unit(&roots, &format!("adm{tag}-b"));
+    b.cgroup.burn();
+    let text = agent.scrape_until(Duration::from_secs(10), "b held", |t| {
+        sample(
+            t,
+            "tally_admission_held",
+            &[&format!("unit=\"{}\"", b.name)],
+        ) == Some(1.0)
+    });
+    let decision = |text: &str, d: &str| {
+        sample(
+            text,
+            "tally_admission_decisions_total",
+            &["budget=\"door\"", &format!("decision=\"{d}\"")],
+        )
+    };
+    // a started after the agent, under budget: admitted; b held.
+    assert_eq!(decision(&text, "admit"), Some(1.0));
+    assert_eq!(decision(&text, "hold"), Some(1.0));
+    assert!(frozen(&b), "b held but not frozen");
+    // What b used: what it burned before the first tick that saw it froze it, at most one
+    // tick (200 ms) and the time to apply (the burner is one thread: at most one core).
+    let before = cpu_seconds(&b);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = cpu_seconds(&b);
+    eprintln!(
+        "b used {before:.3} s before its hold, {:.4} s in 2 s held",
+        after - before
+    );
+    assert!(before <= 0.35, "b ran {before} s before it was held");
+    assert!(
+        after - before < 0.01,
+        "b ran {} s while held",
+        after - before
+    );
+
+    // The budget frees up once a stops: b is released and runs.
+    a.cgroup.remove();
+    let text = agent.scrape_until(Duration::from_secs(15), "b released", |t| {
+        !active(t, "door")
+            && sample(
+                t,
+                "tally_admission_held",
+                &[&format!("unit=\"{}\"", b.name)],
+            )
+            .is_none()
+    });
+    assert_eq!(decision(&text, "hold"), Some(1.0));
+    let share = share_over(&[&b], 1.0)[0];
+    assert!(share > 0.5, "b runs at {share} cores once released");
+    assert!(!frozen(&b));
 }

@@ -25,6 +25,12 @@ pub enum FreezeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("freezing {} for a hold", path.display())]
+    Hold {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("starting the freeze thread")]
     StartThread(#[source] std::io::Error),
     #[error("starting the freeze guard ({} freeze-guard)", program.display())]
@@ -125,9 +131,19 @@ impl Freezer {
         if !known {
             self.tell_guard(&format!("+{}", file.display()))?;
         }
-        self.lock()
-            .shares
-            .insert(file.to_path_buf(), share.clamp(0.0, 1.0));
+        let share = share.clamp(0.0, 1.0);
+        {
+            let mut cycle = self.lock();
+            cycle.shares.insert(file.to_path_buf(), share);
+            // A hold freezes now, not when the cycle thread next wakes; under the lock, so a
+            // `remove` cannot come between.
+            if share <= 0.0 {
+                std::fs::write(file, frozen_value(file)).map_err(|source| FreezeError::Hold {
+                    path: file.to_owned(),
+                    source,
+                })?;
+            }
+        }
         self.ensure_thread()?;
         self.shared.wake.notify_all();
         Ok(())
@@ -269,8 +285,9 @@ fn run_cycles(shared: &Shared) {
         };
         frozen.retain(|f, _| plan.iter().any(|(p, _)| p == f));
         let mut failures = HashMap::new();
-        for (file, _) in &plan {
-            if frozen.get(file).copied().unwrap_or(true) {
+        for (file, share) in &plan {
+            // A share of 0 is a hold: frozen for the whole of every cycle, never thawed.
+            if *share > 0.0 && frozen.get(file).copied().unwrap_or(true) {
                 match std::fs::write(file, thawed_value(file)) {
                     Ok(()) => {
                         frozen.insert(file.clone(), false);
@@ -283,7 +300,7 @@ fn run_cycles(shared: &Shared) {
         }
         plan.sort_by(|a, b| a.1.total_cmp(&b.1));
         for (file, share) in &plan {
-            if *share >= 1.0 {
+            if *share >= 1.0 || (*share <= 0.0 && frozen.get(file) == Some(&true)) {
                 continue;
             }
             let at = start + period.mul_f64(*share);

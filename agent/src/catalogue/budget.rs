@@ -118,3 +118,21 @@ pub static CLUSTER_QUERY_FAILURES: Metric = Metric {
     per_workload: false,
     labels: &["budget", "reason"],
 };
+
+pub static ADMISSION_HELD: Metric = Metric {
+    name: "tally_admission_held",
+    help: "1 while a workload that started under a spent admission = \"deny\" budget is held frozen, until the budget is released.",
+    kind: Kind::Gauge,
+    unit: "",
+    per_workload: true,
+    labels: &["budget"],
+};
+
+pub static ADMISSION_DECISIONS: Metric = Metric {
+    name: "tally_admission_decisions_total",
+    help: "New workloads under admission = \"deny\" budgets, admitted or held at start.",
+    kind: Kind::Counter,
+    unit: "",
+    per_workload: false,
+    labels: &["budget", "decision"],
+};

@@ -92,6 +92,8 @@ pub static ALL: &[&Metric] = &[
     &budget::ENFORCEMENT_ERRORS,
     &budget::ENFORCEMENT_LATENCY_SECONDS,
     &budget::ENFORCEMENT_THROTTLES,
+    &budget::ADMISSION_HELD,
+    &budget::ADMISSION_DECISIONS,
     &budget::CLUSTER_AVAILABLE,
     &budget::CLUSTER_ANSWER_AGE,
     &budget::CLUSTER_QUERIES,

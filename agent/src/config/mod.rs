@@ -76,6 +76,9 @@ pub struct EnforcementConfig {
     /// Length of one freeze duty cycle in milliseconds (20–10000). A cgroup is never left
     /// frozen longer than this after the agent dies.
     pub freeze_period_ms: u64,
+    /// Namespaces whose workloads `admission = "deny"` budgets never hold (system pods must
+    /// start whatever a tenant spent); the agent's own, from `POD_NAMESPACE`, is added.
+    pub admission_exempt_namespaces: Vec<String>,
 }
 
 impl Default for EnforcementConfig {
@@ -85,6 +88,7 @@ impl Default for EnforcementConfig {
             policy_file: None,
             state_dir: PathBuf::from("/var/lib/tally"),
             freeze_period_ms: 100,
+            admission_exempt_namespaces: vec!["kube-system".to_owned()],
         }
     }
 }

@@ -126,6 +126,11 @@ pub struct Budget {
     /// `cluster.max_staleness_secs`.
     #[serde(default)]
     pub on_unavailable: OnUnavailable,
+    /// What happens to a workload that starts while its shared, `per` or cluster budget is
+    /// enforced: `none` (it is throttled with the others from its first tick) or `deny` (held
+    /// frozen from its first tick until the budget is released).
+    #[serde(default)]
+    pub admission: Admission,
     /// Which workloads the budget applies to; every field set must match.
     #[serde(default)]
     pub select: Selector,
@@ -178,6 +183,16 @@ impl Resource {
     pub fn is_gauge(self) -> bool {
         self == Resource::GpuMemoryBytes
     }
+}
+
+/// Whether a spent budget lets new workloads start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Admission {
+    #[default]
+    None,
+    /// Hold at start: frozen from the first tick that sees it while the budget is enforced.
+    Deny,
 }
 
 /// Whose use a budget counts.
@@ -556,6 +571,13 @@ pub fn check(budgets: &[(usize, Budget)], prices: &Prices) -> Vec<(String, Strin
             )),
             _ => {}
         }
+        let grouped = b.shared || b.per.is_some() || b.span == Span::Cluster;
+        if b.admission == Admission::Deny && !grouped {
+            errors.push((
+                at("admission"),
+                "a budget per workload starts each workload with a fresh window, so nothing is spent when it starts: `admission` needs `shared`, `per` or `span = \"cluster\"`".to_owned(),
+            ));
+        }
         if b.resource == Resource::Cost && prices.is_free() {
             errors.push((
                 at("resource"),
@@ -644,17 +666,24 @@ fn conflicts(budgets: &[(usize, Budget)]) -> Vec<(String, String)> {
     let mut errors = Vec::new();
     for (n, (_, a)) in budgets.iter().enumerate() {
         for (j, b) in budgets.iter().skip(n + 1) {
-            if a.dry_run || b.dry_run || !a.action.actuates() || a.action != b.action {
+            // A hold at start freezes: it drives the freeze actuator as `freeze` does.
+            let freezes = |x: &Budget| x.action == Action::Freeze || x.admission == Admission::Deny;
+            let same = (a.action.actuates() && a.action == b.action) || (freezes(a) && freezes(b));
+            if a.dry_run || b.dry_run || !same {
                 continue;
             }
             if a.select.may_overlap(&b.select) {
+                let what = if a.action.actuates() && a.action == b.action {
+                    a.action.as_str()
+                } else {
+                    Action::Freeze.as_str()
+                };
                 errors.push((
                     format!("budget.{j}.action"),
                     format!(
-                        "budgets `{}` and `{}` both enforce `{}` on selectors that can match the same workload; make the selectors disjoint, merge them, or set `dry_run` on one",
+                        "budgets `{}` and `{}` both enforce `{what}` on selectors that can match the same workload; make the selectors disjoint, merge them, or set `dry_run` on one",
                         a.name,
                         b.name,
-                        a.action.as_str()
                     ),
                 ));
             }
@@ -851,6 +880,37 @@ mod tests {
             "{errors:#?}"
         );
         assert!(errors[3].1.contains("`a` and `b`"), "{}", errors[3].1);
+    }
+
+    #[test]
+    fn admission_needs_a_group_and_holds_as_a_freeze_does() {
+        let messages = |texts: &[&str]| -> Vec<String> {
+            let budgets: Vec<(usize, Budget)> =
+                texts.iter().map(|t| budget(t)).enumerate().collect();
+            check(&budgets, &Prices::default())
+                .into_iter()
+                .map(|(path, message)| format!("{path}: {message}"))
+                .collect()
+        };
+        let base = "resource='cpu_seconds'\nlimit=1.0\nwindow='10s'\nadmission='deny'";
+        assert_eq!(
+            messages(&[&format!("name='a'\n{base}")]),
+            ["budget.0.admission: a budget per workload starts each workload with a fresh window, so nothing is spent when it starts: `admission` needs `shared`, `per` or `span = \"cluster\"`"]
+        );
+        assert!(messages(&[&format!("name='a'\n{base}\nper='team'")]).is_empty());
+        // Its hold and another budget's freeze would both drive one workload's freezer.
+        assert_eq!(
+            messages(&[
+                &format!("name='a'\n{base}\nshared=true"),
+                "name='b'\nresource='cpu_seconds'\nlimit=1.0\nwindow='10s'\naction='freeze'",
+            ]),
+            ["budget.1.action: budgets `a` and `b` both enforce `freeze` on selectors that can match the same workload; make the selectors disjoint, merge them, or set `dry_run` on one"]
+        );
+        assert!(messages(&[
+            &format!("name='a'\n{base}\nshared=true\nselect.unit='a*'"),
+            "name='b'\nresource='cpu_seconds'\nlimit=1.0\nwindow='10s'\naction='freeze'\nselect.unit='b*'",
+        ])
+        .is_empty());
     }
 
     #[test]

@@ -24,13 +24,7 @@ impl Engine {
             .actions
             .entry((b.name.clone(), b.action.as_str(), event.as_str()))
             .or_default() += 1;
-        let label = |name: &str| {
-            labels
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map_or("", |(_, v)| v.as_ref())
-                .to_owned()
-        };
+        let label = |name: &str| label_value(&labels, name);
         let enforced = self.enforce && !b.dry_run && b.action.actuates();
         // For a shared budget (or one group of a `per` budget), the slowest of its workloads'
         // throttles.

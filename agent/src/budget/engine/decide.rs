@@ -13,7 +13,7 @@ use super::usage::Usage;
 use super::{empty_labels, Engine, Event, Placement};
 use crate::budget::window::Window;
 use crate::cluster::Reading;
-use crate::config::policy::{self, Action, OnUnavailable, Per, Target};
+use crate::config::policy::{self, Action, Admission, OnUnavailable, Per, Target};
 use crate::identity::{PathIdentity, Workload};
 
 /// Bounds of a steered freeze share, and how far one tick may move it.
@@ -100,8 +100,12 @@ impl Engine {
         }
         let mut levels: HashMap<SubjectKey, f64> = HashMap::new();
         let mut present: HashSet<&WorkloadKey> = HashSet::new();
+        // New workloads under spent `admission = "deny"` budgets, decided after the loop.
+        let mut arrivals: Vec<(ThrottleKey, SubjectKey, bool, LabelSet)> = Vec::new();
         for w in &usage.workloads {
             present.insert(&w.key);
+            // Running when the agent started: admitted before it.
+            let new = w.live && !self.first_tick && !self.known.contains(&w.key);
             let mut deltas: HashMap<Metric, f64> = HashMap::new();
             for c in &self.policy.budgets {
                 if !matches(&c.budget.select, w.workload, w.placement) {
@@ -143,8 +147,19 @@ impl Engine {
                 };
                 let subject = self
                     .subjects
-                    .entry(key)
+                    .entry(key.clone())
                     .or_insert_with(|| Subject::new(Window::for_budget(&c.budget), labels.clone()));
+                if new && w.placement.is_some() && c.budget.admission == Admission::Deny {
+                    arrivals.push((
+                        ThrottleKey {
+                            budget: c.name.clone(),
+                            workload: w.key.clone(),
+                        },
+                        key,
+                        subject.enforcing,
+                        w.workload.labels().clone(),
+                    ));
+                }
                 subject.labels = labels;
                 subject.seen = true;
                 subject.window.add(now, amount);
@@ -163,6 +178,15 @@ impl Engine {
                 s.window.set_level(level);
             }
         }
+        for (key, subject, enforced, labels) in arrivals {
+            self.admit(key, subject, enforced, &labels, now);
+        }
+        self.known = usage
+            .workloads
+            .iter()
+            .filter(|w| w.live)
+            .map(|w| w.key.clone())
+            .collect();
         self.tracked.extend(self.policy.metrics.iter().copied());
         // Workloads the ledger forgot (their grace period ended) lose their baselines.
         self.baselines.retain(|(w, _), _| present.contains(w));
@@ -303,7 +327,14 @@ impl Engine {
             if b.dry_run || !b.action.actuates() || !s.enforcing || s.members.is_empty() {
                 continue;
             }
-            let n = s.members.len() as f64;
+            // Held members are frozen whole (below); the others share the throttle.
+            let held = |m: &Member| {
+                self.holds.contains_key(&ThrottleKey {
+                    budget: c.name.clone(),
+                    workload: m.workload.clone(),
+                })
+            };
+            let n = s.members.iter().filter(|m| !held(m)).count().max(1) as f64;
             let setting = match c.target {
                 Target::CpuCores(v) | Target::EgressBytesPerSec(v) | Target::DiskBytesPerSec(v) => {
                     v / n
@@ -323,6 +354,27 @@ impl Engine {
                         setting,
                         member: member.clone(),
                         scope: c.scope,
+                    },
+                );
+            }
+        }
+        // Holds at start: frozen for the whole of every cycle, whatever the budget's action.
+        for (key, hold) in &self.holds {
+            let Some(c) = self.policy.get(&key.budget) else {
+                continue;
+            };
+            let member = self
+                .subjects
+                .get(&hold.subject)
+                .and_then(|s| s.members.iter().find(|m| m.workload == key.workload));
+            if let (false, Some(member)) = (c.budget.dry_run, member) {
+                want.insert(
+                    key.clone(),
+                    Wanted {
+                        action: Action::Freeze,
+                        setting: 0.0,
+                        member: member.clone(),
+                        scope: None,
                     },
                 );
             }

@@ -139,8 +139,35 @@ impl Engine {
         for (action, n) in by_action {
             throttles.push_labeled(vec![("action", Arc::from(action))], n as f64);
         }
+        let mut held = Family::new(&catalogue::budget::ADMISSION_HELD);
+        for (key, hold) in &self.holds {
+            held.samples.push(sample(
+                &hold.labels,
+                vec![("budget", Arc::from(&*key.budget))],
+                1.0,
+            ));
+        }
+        let mut decisions = Family::new(&catalogue::budget::ADMISSION_DECISIONS);
+        // Every admission budget's decisions from zero.
+        let mut counts: BTreeMap<(String, &'static str), u64> = self
+            .policy
+            .budgets
+            .iter()
+            .filter(|c| c.budget.admission == policy::Admission::Deny)
+            .flat_map(|c| admission::DECISIONS.map(|d| ((c.budget.name.clone(), d), 0)))
+            .collect();
+        counts.extend(self.admissions.iter().map(|(k, v)| (k.clone(), *v)));
+        for ((budget, decision), n) in counts {
+            decisions.push_labeled(
+                vec![
+                    ("budget", Arc::from(budget.as_str())),
+                    ("decision", Arc::from(decision)),
+                ],
+                n as f64,
+            );
+        }
         let mut families = vec![
-            ratio, usage, limit, active, share, actions, latency, throttles,
+            ratio, usage, limit, active, share, actions, latency, throttles, held, decisions,
         ];
         if let Some(cluster) = &self.cluster {
             families.extend(cluster.families());

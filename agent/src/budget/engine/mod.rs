@@ -11,6 +11,7 @@
 //! (`decide`: no I/O), then makes the wanted throttles the ones in force through the actuators
 //! (`throttles`), recording each in the state file before it is applied.
 
+mod admission;
 mod announce;
 mod compiled;
 mod decide;
@@ -133,6 +134,14 @@ pub struct Engine {
     applied: HashMap<ThrottleKey, Duration>,
     /// The cluster budgets' answers; without it every cluster budget is unavailable.
     cluster: Option<ClusterHandle>,
+    /// Workloads seen live at the last evaluation: one missing here is new.
+    known: HashSet<WorkloadKey>,
+    /// New workloads held at start by a spent `admission = "deny"` budget.
+    holds: BTreeMap<ThrottleKey, admission::Hold>,
+    /// Admission decisions by budget and decision.
+    admissions: BTreeMap<(String, &'static str), u64>,
+    /// Namespaces never held at start.
+    exempt: HashSet<String>,
 }
 
 fn unix_now() -> f64 {
@@ -171,6 +180,10 @@ impl Engine {
             held_back: HashMap::new(),
             applied: HashMap::new(),
             cluster: None,
+            known: HashSet::new(),
+            holds: BTreeMap::new(),
+            admissions: BTreeMap::new(),
+            exempt: exempt_namespaces(config),
         };
         let saved = match State::load(&engine.state_dir) {
             Ok(s) => s,
@@ -280,6 +293,7 @@ impl Engine {
     pub fn reconfigure(&mut self, config: &Config) {
         self.enforce = config.enforcement.enabled;
         self.policy = Policy::compile(config);
+        self.exempt = exempt_namespaces(config);
         self.actuators.reconfigure(config);
         let policy = &self.policy;
         self.subjects.retain(|key, s| {
@@ -327,6 +341,7 @@ impl Engine {
         self.charge(&usage, now);
         self.find_binding();
         let events = self.decide(now);
+        self.settle_holds(now);
         self.steer_freeze(elapsed);
         self.reconcile(inputs.layout, inputs.tick_started, now, errors);
         for (key, event) in events {
@@ -413,6 +428,29 @@ impl Engine {
 
 fn first_field(s: &str) -> Option<&str> {
     s.split_whitespace().next()
+}
+
+/// `enforcement.admission_exempt_namespaces`, and the agent's own namespace (`POD_NAMESPACE`).
+fn exempt_namespaces(config: &Config) -> HashSet<String> {
+    let own = std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|n| !n.is_empty());
+    config
+        .enforcement
+        .admission_exempt_namespaces
+        .iter()
+        .cloned()
+        .chain(own)
+        .collect()
+}
+
+/// The value of the label `name` in `labels`, empty where it has none.
+fn label_value(labels: &LabelSet, name: &str) -> String {
+    labels
+        .iter()
+        .find(|(k, _)| *k == name)
+        .map_or("", |(_, v)| v.as_ref())
+        .to_owned()
 }
 
 /// The per-workload label names with empty values (the label set of a shared budget's row).

@@ -1,5 +1,6 @@
 use super::*;
 use crate::errors::ErrorCounts;
+
 use crate::ledger::Key;
 use crate::source::Facts;
 
@@ -499,4 +500,82 @@ fn a_cluster_budget_follows_the_clusters_total_and_its_on_unavailable_without_on
             "{mode}"
         );
     }
+}
+
+#[test]
+fn a_workload_starting_under_a_spent_deny_budget_is_held_until_the_budget_is_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = layout(dir.path());
+    let mut engine = engine(
+        "[[budget]]\nname = 'team'\nresource = 'cpu_seconds'\nlimit = 10.0\nwindow = '2s'\nshared = true\nadmission = 'deny'\nselect.labels = { team = 'ml' }\n",
+        &dir.path().join("state"),
+    );
+    let mut ledger = Ledger::new(Duration::from_secs(60));
+    let a = unit("a.service", &[("team", "ml")]);
+    let b = unit("b.service", &[("team", "ml")]);
+    let c = unit("c.service", &[("team", "ml")]);
+    let web = unit("web.service", &[("team", "web")]);
+    // A system pod of the same team: exempt by its namespace.
+    let system = Arc::new(Workload::new(
+        PathIdentity::Unit("coredns.service".into()),
+        Names {
+            namespace: "kube-system".into(),
+            ..unit("x", &[("team", "ml")]).names.clone()
+        },
+    ));
+    let decisions = |engine: &Engine| {
+        admission::DECISIONS.map(|d| {
+            engine
+                .admissions
+                .get(&("team".to_owned(), d))
+                .copied()
+                .unwrap_or(0)
+        })
+    };
+    let held = |engine: &Engine| -> Vec<String> {
+        engine
+            .holds
+            .keys()
+            .map(|k| k.workload.to_string())
+            .collect()
+    };
+    // Running when the agent starts: never a decision, whatever the budget says later.
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 100.0)]);
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 111.0)]);
+    assert!(engine.subjects[&("team".to_owned(), SHARED.to_owned())].enforcing);
+    assert_eq!(decisions(&engine), [0, 0, 0]);
+    // b starts while the budget is spent: held. A workload of another team is no decision, and
+    // one of kube-system is exempt.
+    tick(
+        &mut engine,
+        &mut ledger,
+        &layout,
+        &[(&a, 111.0), (&b, 1.0), (&web, 1.0), (&system, 0.0)],
+    );
+    assert_eq!(held(&engine), ["unit:b.service"]);
+    assert_eq!(decisions(&engine), [0, 1, 1]);
+    // Its hold is a whole freeze; a's throttle (alert only here) is not touched.
+    let want = engine.desired();
+    let hold = &want[&ThrottleKey {
+        budget: Arc::from("team"),
+        workload: WorkloadKey::from("unit:b.service"),
+    }];
+    assert_eq!((hold.action, hold.setting), (Action::Freeze, 0.0));
+    assert_eq!(want.len(), 1);
+    // Still held while the budget is enforced; lifted once the window lets it go.
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 111.0), (&b, 1.0)]);
+    assert_eq!(held(&engine), ["unit:b.service"]);
+    std::thread::sleep(Duration::from_millis(2100));
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 111.0), (&b, 1.0)]);
+    assert!(!engine.subjects[&("team".to_owned(), SHARED.to_owned())].enforcing);
+    assert!(held(&engine).is_empty());
+    // A workload starting now, the budget released, is admitted.
+    tick(
+        &mut engine,
+        &mut ledger,
+        &layout,
+        &[(&a, 111.0), (&b, 1.0), (&c, 0.5)],
+    );
+    assert!(held(&engine).is_empty());
+    assert_eq!(decisions(&engine), [1, 1, 1]);
 }

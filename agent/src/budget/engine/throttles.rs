@@ -63,12 +63,12 @@ impl Engine {
         errors: &mut ErrorCounts,
     ) {
         let want = self.desired();
-        // Release what is no longer wanted.
+        // Release what is no longer wanted, or wanted through another actuator now.
         let stale: Vec<ThrottleKey> = self
             .throttles
-            .keys()
-            .filter(|k| !want.contains_key(*k))
-            .cloned()
+            .iter()
+            .filter(|(k, t)| want.get(*k).is_none_or(|w| w.action != t.action))
+            .map(|(k, _)| k.clone())
             .collect();
         let mut changed = !stale.is_empty();
         for key in stale {
