@@ -669,7 +669,12 @@ fn a_unit_starting_under_a_spent_budget_is_held_from_its_first_tick_and_released
     // a started after the agent, under budget: admitted; b held.
     assert_eq!(decision(&text, "admit"), Some(1.0));
     assert_eq!(decision(&text, "hold"), Some(1.0));
-    assert!(frozen(&b), "b held but not frozen");
+    // `frozen 1` once every task has stopped, which the kernel reports a moment after the write.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !frozen(&b) {
+        assert!(Instant::now() < deadline, "b held but not frozen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // What b used: what it burned before the first tick that saw it froze it, at most one
     // tick (200 ms) and the time to apply (the burner is one thread: at most one core).
     let before = cpu_seconds(&b);

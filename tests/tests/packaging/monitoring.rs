@@ -59,7 +59,7 @@ fn alert_rules_pass_promtool_and_the_prometheusrule_is_the_same() {
             .args(["check", "rules"])
             .arg(&extracted),
     );
-    assert!(checked.contains("SUCCESS: 8 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 9 rules found"), "{checked}");
 }
 
 /// Sends one HTTP request to the agent and reads the answer: traffic both ways.
@@ -164,8 +164,8 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
         ..Script::default()
     });
     // Budgets, on a second unit that burns a CPU: one enforced (a freeze throttle, so the
-    // throttle, latency and freeze share families), one alert-only (dry_run="true"), and one
-    // whose action cannot work here — a disk limit on a node whose sysfs (the RDMA fixture)
+    // throttle, latency and freeze share families), one alert-only (dry_run="true"), a cluster
+    // budget whose query endpoint is down, and one whose action cannot work here — a disk limit on a node whose sysfs (the RDMA fixture)
     // lists no block devices — for the enforcement errors. Their alerts go to an Alertmanager
     // nobody listens on: failed deliveries. Windows are an hour long, so nothing is released
     // while the test looks.
@@ -183,16 +183,24 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
         "[agent]\ntick_interval_ms = 200\n[paths]\nsys_root = \"{}\"\n[cri]\nendpoints = [\"{}\"]\n{}{}\
          [prices]\ncpu_core_second = 0.001\n[tenants]\nlabels = [\"team\"]\n\
          [enforcement]\nstate_dir = \"{}\"\n\
-         [alerts]\nalertmanager_urls = [\"http://127.0.0.1:{}\"]\ntimeout_ms = 500\nmax_attempts = 1\n{}{}{}",
+         [alerts]\nalertmanager_urls = [\"http://127.0.0.1:{}\"]\ntimeout_ms = 500\nmax_attempts = 1\n\
+         [cluster]\nquery_url = \"http://127.0.0.1:{}\"\ninterval_secs = 1\ntimeout_ms = 500\nmax_staleness_secs = 1\n{}{}{}{}",
         sysfs.root().display(),
         sockets.path().join("no-runtime.sock").display(),
         nvml.config(),
         responder.config(true),
         state.path().display(),
         free_port(),
+        free_port(),
         budget("pkg-freeze", "freeze", "throttle.share = 0.5\n"),
         budget("pkg-alert", "alert", ""),
         budget("pkg-no-disk", "disk", "throttle.disk_bytes_per_sec = 1000000.0\n"),
+        // A cluster budget whose query endpoint nobody serves: blind.
+        budget(
+            "pkg-cluster",
+            "alert",
+            "span = \"cluster\"\nquery = \"vector(1)\"\n"
+        ),
     ));
     let out = cg.run(
         &python.display().to_string(),
@@ -243,7 +251,13 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
             )
             .is_some()
             && sample(t, "tally_alert_requests_total", &["result=\"failed\""])
-                .is_some_and(|n| n >= 1.0);
+                .is_some_and(|n| n >= 1.0)
+            && sample(
+                t,
+                "tally_cluster_query_failures_total",
+                &["budget=\"pkg-cluster\"", "reason=\"unreachable\""],
+            )
+            .is_some_and(|n| n >= 1.0);
         network && gpu && rdma && budgets
     };
     agent.scrape_until(
@@ -291,6 +305,7 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
         ("TallyBudgetEnforced", "budget", "pkg-freeze"),
         ("TallyEnforcementErrors", "budget", "pkg-no-disk"),
         ("TallyAlertDeliveryFailing", "result", "failed"),
+        ("TallyClusterBudgetBlind", "budget", "pkg-cluster"),
     ] {
         let expr = rules
             .iter()
