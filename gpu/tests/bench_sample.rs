@@ -52,9 +52,19 @@ fn sample_cost_8_gpus_50_processes() {
         // utilization samples, 15 before the MPS client query), plus accounting stats for at
         // most 32 pids when accounting is on.
         let bound = if accounting { 51 * 8 } else { 18 * 8 };
+        // A sample the driver adds between a list's count probe and its fetch costs that list
+        // two more calls (device and process utilization samples, each at most once per GPU);
+        // the fake's samples follow the wall clock as a driver's do, so a slow moment between
+        // the two calls does it now and then (a CI run saw 410 of 408).
+        let retries = 2 * 2 * 8;
         assert!(
-            steady_calls.iter().all(|&c| c <= bound),
-            "NVML calls per sample {steady_calls:?} exceed {bound}"
+            steady_calls.iter().all(|&c| c <= bound + retries),
+            "NVML calls per sample {steady_calls:?} exceed {bound} and its retries"
+        );
+        let without_retry = steady_calls.iter().filter(|&&c| c <= bound).count();
+        assert!(
+            without_retry * 2 > steady_calls.len(),
+            "most samples need no retry: {steady_calls:?} against {bound}"
         );
         let mut steady_times: Vec<Duration> = times[1..].to_vec();
         steady_times.sort();
