@@ -19,6 +19,7 @@ pub mod health;
 pub mod host;
 pub mod identity;
 pub mod ledger;
+pub mod nri;
 pub mod otlp;
 pub mod rdma;
 pub mod registry;

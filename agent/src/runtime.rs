@@ -105,8 +105,14 @@ async fn serve(
         )
     });
     let cluster = crate::cluster::spawn(&config, cancel.child_token());
+    let board = crate::nri::Settings::of(&config).map(|_| {
+        let board = Arc::new(crate::budget::verdict::Board::default());
+        crate::nri::spawn(&config, board.clone(), cancel.child_token());
+        board
+    });
     let deps = Deps {
         cluster: Some(cluster.clone()),
+        board,
         cri,
         pod_resources,
         otlp: otlp_pusher.is_some().then_some(otlp_stats),
@@ -154,6 +160,9 @@ async fn serve(
             _ = int.recv() => break,
             _ = hup.recv() => {
                 if let Some(next) = reload(&current, &options) {
+                    if crate::nri::Settings::of(&next) != crate::nri::Settings::of(&current) {
+                        tracing::warn!("`[admission]` changed: the NRI plugin takes it at the next restart");
+                    }
                     current = next;
                     if let Err(e) = alerts.update_config(crate::alerts::settings(&current)) {
                         tracing::error!(error = %e, "reload: keeping the previous alert targets");

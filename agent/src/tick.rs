@@ -36,6 +36,8 @@ pub struct Deps {
     pub alerts: Option<AlertSender>,
     /// The cluster budgets' answers.
     pub cluster: Option<crate::cluster::ClusterHandle>,
+    /// Where the engine publishes admission verdicts for the NRI plugin.
+    pub board: Option<Arc<crate::budget::verdict::Board>>,
     /// The soft open-file limit the runtime found (after raising it), which sizes how many
     /// cgroup files stay open; `None` when it could not be read.
     pub open_file_limit: Option<u64>,
@@ -95,6 +97,9 @@ impl Ticker {
         }
         if let Some(cluster) = deps.cluster {
             budgets.set_cluster(cluster);
+        }
+        if let Some(board) = deps.board {
+            budgets.set_board(board);
         }
         let alert_stats = deps.alerts.map(|sender| {
             let stats = sender.stats().clone();

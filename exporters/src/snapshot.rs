@@ -22,6 +22,28 @@ pub struct Histogram {
     pub count: u64,
 }
 
+impl Histogram {
+    /// An empty histogram with these upper bounds (ascending).
+    pub fn with_bounds(bounds: &[f64]) -> Histogram {
+        Histogram {
+            buckets: bounds.iter().map(|b| (*b, 0)).collect(),
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    /// Counts one observation.
+    pub fn observe(&mut self, value: f64) {
+        for (bound, count) in &mut self.buckets {
+            if value <= *bound {
+                *count += 1;
+            }
+        }
+        self.sum += value;
+        self.count += 1;
+    }
+}
+
 /// One series: a label set and its value at the end of the tick.
 #[derive(Debug, Clone)]
 pub struct Sample {

@@ -7,6 +7,7 @@ pub mod engine;
 pub mod freeze;
 pub mod salvage;
 pub mod state;
+pub mod verdict;
 pub mod window;
 
 pub use engine::{AlertSink, Engine, Inputs, Placement};

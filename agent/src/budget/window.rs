@@ -144,6 +144,40 @@ impl Window {
     }
 }
 
+impl Window {
+    /// Seconds from `now` until the usage, with no further use, falls below `threshold`: when a
+    /// spent budget lets go. `None` for a level, which falls when the workload lets go of it.
+    pub fn release_in(&self, now: f64, threshold: f64) -> Option<f64> {
+        let mut w = self.clone();
+        if w.usage(now) < threshold {
+            return Some(0.0);
+        }
+        match self {
+            Window::Level { .. } => None,
+            Window::Calendar { period, .. } => {
+                let end = (now.max(0.0) as u64 / period + 1) * period;
+                Some(end as f64 - now)
+            }
+            Window::Sliding { length, bucket, .. } => {
+                // Without new use the usage only falls: bisect to a tenth of a second.
+                let (mut lo, mut hi) = (now, now + (*length + *bucket) as f64);
+                if w.usage(hi) >= threshold {
+                    return None;
+                }
+                while hi - lo > 0.1 {
+                    let mid = (lo + hi) / 2.0;
+                    if w.usage(mid) < threshold {
+                        hi = mid;
+                    } else {
+                        lo = mid;
+                    }
+                }
+                Some(hi - now)
+            }
+        }
+    }
+}
+
 /// Starts a new calendar period when `now` is past the current one.
 fn roll(period: u64, start: &mut u64, consumed: &mut f64, now: u64) {
     let current = now - now % period;
@@ -162,6 +196,27 @@ mod tests {
             "name='b'\nresource='cpu_seconds'\nlimit=1.0\n{window}"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn release_is_when_the_window_has_shed_enough() {
+        // 60 s in 1 s buckets, 1 unit in each of the last 60 s: usage 60. Below 30 after the
+        // older half has left, 30 s from now.
+        let mut w = Window::for_budget(&budget("window='60s'"));
+        let t0 = 1_000_000.0;
+        for i in 0..60 {
+            w.add(t0 + f64::from(i), 1.0);
+        }
+        let now = t0 + 60.0;
+        let r = w.release_in(now, 30.0).unwrap();
+        assert!((r - 30.0).abs() <= 0.2, "{r}");
+        assert_eq!(w.release_in(now, 100.0), Some(0.0));
+        // A calendar day: at its end, whatever the threshold.
+        let mut day = Window::for_budget(&budget("period='day'"));
+        day.add(86_400.0 * 3.0 + 100.0, 5.0);
+        assert_eq!(day.release_in(86_400.0 * 3.0 + 400.0, 1.0), Some(86_000.0));
+        let level = Window::Level { value: 5.0 };
+        assert_eq!(level.release_in(0.0, 1.0), None);
     }
 
     #[test]

@@ -130,9 +130,36 @@ pub static ADMISSION_HELD: Metric = Metric {
 
 pub static ADMISSION_DECISIONS: Metric = Metric {
     name: "tally_admission_decisions_total",
-    help: "New workloads under admission = \"deny\" budgets, admitted or held at start.",
+    help: "Admission decisions by budget: containers refused (deny) or started throttled (throttle) at creation through NRI, and new workloads admitted, held or exempt at the first tick that sees them.",
     kind: Kind::Counter,
     unit: "",
     per_workload: false,
     labels: &["budget", "decision"],
+};
+
+pub static ADMISSION_NRI_CONNECTED: Metric = Metric {
+    name: "tally_admission_nri_connected",
+    help: "1 while the NRI plugin is registered with the container runtime; 0 means the runtime creates containers without asking Tally (it fails open).",
+    kind: Kind::Gauge,
+    unit: "",
+    per_workload: false,
+    labels: &[],
+};
+
+pub static ADMISSION_NRI_DECISIONS: Metric = Metric {
+    name: "tally_admission_nri_decisions_total",
+    help: "The container runtime's CreateContainer calls, by what Tally answered: admit, exempt, unknown (verdicts too old; admission.on_unknown decided), throttle or deny.",
+    kind: Kind::Counter,
+    unit: "",
+    per_workload: false,
+    labels: &["decision"],
+};
+
+pub static ADMISSION_DECISION_SECONDS: Metric = Metric {
+    name: "tally_admission_decision_seconds",
+    help: "Time from a CreateContainer call read off the NRI socket to its answer being written.",
+    kind: Kind::Histogram,
+    unit: "seconds",
+    per_workload: false,
+    labels: &[],
 };

@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 
+mod admission;
 mod cluster;
 mod enforcement;
 mod host;
@@ -221,6 +222,7 @@ pub fn gather(config: &Config) -> Report {
         cri_item(&config.cri.endpoints),
         enforcement::enforcement_item(config),
         cluster::cluster_item(config),
+        admission::admission_item(config),
     ];
     items.splice(6..6, bpf_items(config));
     Report { items }

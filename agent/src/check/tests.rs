@@ -93,7 +93,7 @@ fn full_v2_fixture_is_ready() {
         let expected = match item.name {
             "bpf network" | "bpf tcp" | "bpf disk" => Status::NotChecked,
             // No budgets in the fixture's configuration.
-            "enforcement" | "cluster budgets" => Status::NotChecked,
+            "enforcement" | "cluster budgets" | "admission (NRI)" => Status::NotChecked,
             "nvml" => Status::Absent,
             _ => Status::Ok,
         };

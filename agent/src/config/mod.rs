@@ -1,6 +1,7 @@
 //! The agent's configuration: one TOML file of serde structs, every field with a default, so an
 //! empty file (or none) runs the agent on its embedded defaults.
 
+pub mod admission;
 pub mod cluster;
 pub mod labels;
 pub mod policy;
@@ -54,6 +55,9 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// The Prometheus query API that `span = "cluster"` budgets read the cluster's usage from.
     pub cluster: ClusterConfig,
+    /// The container runtime's admission hook (NRI): spent budgets refuse or throttle new
+    /// containers at creation.
+    pub admission: admission::AdmissionConfig,
     /// Prices for `cost` budgets (a policy file's `[prices]` replaces these).
     pub prices: policy::Prices,
     /// Budgets (`[[budget]]`), or those of `enforcement.policy_file`.

@@ -127,8 +127,9 @@ pub struct Budget {
     #[serde(default)]
     pub on_unavailable: OnUnavailable,
     /// What happens to a workload that starts while its shared, `per` or cluster budget is
-    /// enforced: `none` (it is throttled with the others from its first tick) or `deny` (held
-    /// frozen from its first tick until the budget is released).
+    /// enforced: `none` (it is throttled with the others from its first tick), `deny` (refused
+    /// by the NRI plugin, or held frozen from its first tick until the budget is released) or
+    /// `throttle` (an `action = "cpu"` budget: created under its CPU throttle through NRI).
     #[serde(default)]
     pub admission: Admission,
     /// Which workloads the budget applies to; every field set must match.
@@ -191,8 +192,12 @@ impl Resource {
 pub enum Admission {
     #[default]
     None,
-    /// Hold at start: frozen from the first tick that sees it while the budget is enforced.
+    /// Refused at creation where the NRI plugin runs (`admission.nri_socket`); held frozen from
+    /// the first tick that sees it otherwise, while the budget is enforced.
     Deny,
+    /// Created under the budget's CPU throttle where the NRI plugin runs (its share of the
+    /// budget's cores, as `cpu.max` from the start); throttled from the first tick otherwise.
+    Throttle,
 }
 
 /// Whose use a budget counts.
@@ -572,10 +577,16 @@ pub fn check(budgets: &[(usize, Budget)], prices: &Prices) -> Vec<(String, Strin
             _ => {}
         }
         let grouped = b.shared || b.per.is_some() || b.span == Span::Cluster;
-        if b.admission == Admission::Deny && !grouped {
+        if b.admission != Admission::None && !grouped {
             errors.push((
                 at("admission"),
                 "a budget per workload starts each workload with a fresh window, so nothing is spent when it starts: `admission` needs `shared`, `per` or `span = \"cluster\"`".to_owned(),
+            ));
+        }
+        if b.admission == Admission::Throttle && b.action != Action::Cpu {
+            errors.push((
+                at("admission"),
+                "`admission = \"throttle\"` starts a container under the budget's CPU throttle: it needs `action = \"cpu\"`".to_owned(),
             ));
         }
         if b.resource == Resource::Cost && prices.is_free() {

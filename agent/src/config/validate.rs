@@ -86,6 +86,7 @@ pub(super) fn parse(text: &str) -> Result<Config, ConfigErrors> {
     }
     config.budget = budgets.into_iter().map(|(_, b)| b).collect();
     semantic.extend(super::cluster::check(&config));
+    semantic.extend(super::admission::check(&config));
     errors.extend(located(semantic, &lines));
     if errors.is_empty() {
         Ok(config)

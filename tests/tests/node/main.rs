@@ -10,6 +10,7 @@
     reason = "test helpers: a command or file that fails is a failed test"
 )]
 
+mod vm_admission;
 mod vm_cri;
 mod vm_daemonset;
 mod vm_enforcement;

@@ -59,7 +59,7 @@ fn alert_rules_pass_promtool_and_the_prometheusrule_is_the_same() {
             .args(["check", "rules"])
             .arg(&extracted),
     );
-    assert!(checked.contains("SUCCESS: 9 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 10 rules found"), "{checked}");
 }
 
 /// Sends one HTTP request to the agent and reads the answer: traffic both ways.
@@ -184,7 +184,8 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
          [prices]\ncpu_core_second = 0.001\n[tenants]\nlabels = [\"team\"]\n\
          [enforcement]\nstate_dir = \"{}\"\n\
          [alerts]\nalertmanager_urls = [\"http://127.0.0.1:{}\"]\ntimeout_ms = 500\nmax_attempts = 1\n\
-         [cluster]\nquery_url = \"http://127.0.0.1:{}\"\ninterval_secs = 1\ntimeout_ms = 500\nmax_staleness_secs = 1\n{}{}{}{}",
+         [cluster]\nquery_url = \"http://127.0.0.1:{}\"\ninterval_secs = 1\ntimeout_ms = 500\nmax_staleness_secs = 1\n{}{}{}{}\
+         [[budget]]\nname = \"pkg-door\"\nresource = \"cpu_seconds\"\nlimit = 1.0\nwindow = \"1h\"\nshared = true\nadmission = \"deny\"\nselect.unit = \"tally-pkg-door-*\"\n",
         sysfs.root().display(),
         sockets.path().join("no-runtime.sock").display(),
         nvml.config(),

@@ -33,8 +33,13 @@ impl Engine {
 
     /// The engine's metric families; none on a node without budgets (nor throttles left).
     pub fn families(&self) -> Vec<Family> {
+        let nri = self
+            .board
+            .as_ref()
+            .map(|b| b.families())
+            .unwrap_or_default();
         if self.policy.is_empty() && self.throttles.is_empty() {
-            return Vec::new();
+            return nri;
         }
         let mut ratio = Family::new(&catalogue::budget::USAGE_RATIO);
         let mut usage = Family::new(&catalogue::budget::USAGE);
@@ -153,10 +158,27 @@ impl Engine {
             .policy
             .budgets
             .iter()
-            .filter(|c| c.budget.admission == policy::Admission::Deny)
-            .flat_map(|c| admission::DECISIONS.map(|d| ((c.budget.name.clone(), d), 0)))
+            .filter(|c| c.budget.admission != policy::Admission::None)
+            .flat_map(|c| {
+                let at_creation = match c.budget.admission {
+                    policy::Admission::Throttle => "throttle",
+                    _ => "deny",
+                };
+                admission::DECISIONS
+                    .into_iter()
+                    .chain([at_creation])
+                    .map(|d| ((c.budget.name.clone(), d), 0))
+            })
             .collect();
         counts.extend(self.admissions.iter().map(|(k, v)| (k.clone(), *v)));
+        if let Some(board) = &self.board {
+            counts.extend(
+                board
+                    .by_budget()
+                    .into_iter()
+                    .map(|((budget, d), n)| ((budget.to_string(), d), n)),
+            );
+        }
         for ((budget, decision), n) in counts {
             decisions.push_labeled(
                 vec![
@@ -172,6 +194,7 @@ impl Engine {
         if let Some(cluster) = &self.cluster {
             families.extend(cluster.families());
         }
+        families.extend(nri);
         families
     }
 }

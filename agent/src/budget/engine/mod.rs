@@ -32,6 +32,7 @@ use tally_exporters::{Family, Histogram, LabelSet};
 
 use super::actuator::{Actuators, EgressMap};
 use super::state::{self, Baseline, SavedWindow, State, Throttle};
+use super::verdict::{Board, BudgetVerdict, Spent, Verdicts};
 use crate::catalogue::budget::ENFORCEMENT_ERRORS;
 use crate::cluster::ClusterHandle;
 use crate::config::policy::{self, Action, Per, Target};
@@ -142,6 +143,8 @@ pub struct Engine {
     admissions: BTreeMap<(String, &'static str), u64>,
     /// Namespaces never held at start.
     exempt: HashSet<String>,
+    /// Where the admission verdicts go after each evaluation (the NRI plugin reads them).
+    board: Option<Arc<Board>>,
 }
 
 fn unix_now() -> f64 {
@@ -168,11 +171,7 @@ impl Engine {
             alerts: None,
             node: config.node_name(),
             actions: BTreeMap::new(),
-            latency: Histogram {
-                buckets: LATENCY_BOUNDS.iter().map(|b| (*b, 0)).collect(),
-                sum: 0.0,
-                count: 0,
-            },
+            latency: Histogram::with_bounds(&LATENCY_BOUNDS),
             last_save: 0.0,
             last_tick: None,
             state_error: None,
@@ -184,6 +183,7 @@ impl Engine {
             holds: BTreeMap::new(),
             admissions: BTreeMap::new(),
             exempt: exempt_namespaces(config),
+            board: None,
         };
         let saved = match State::load(&engine.state_dir) {
             Ok(s) => s,
@@ -278,6 +278,11 @@ impl Engine {
         self.cluster = Some(handle);
     }
 
+    /// Hands the engine the board it publishes admission verdicts on.
+    pub fn set_board(&mut self, board: Arc<Board>) {
+        self.board = Some(board);
+    }
+
     pub fn set_alerts(&mut self, sink: Box<dyn AlertSink>) {
         self.alerts = Some(sink);
     }
@@ -335,6 +340,7 @@ impl Engine {
             errors.count(&ENFORCEMENT_ERRORS, &["", "state", "unreadable"]);
         }
         if self.is_idle() {
+            self.publish(inputs.tick_started, now);
             return;
         }
         let usage = usage::read(&inputs, &self.policy.metrics);
@@ -342,6 +348,7 @@ impl Engine {
         self.find_binding();
         let events = self.decide(now);
         self.settle_holds(now);
+        self.publish(inputs.tick_started, now);
         self.steer_freeze(elapsed);
         self.reconcile(inputs.layout, inputs.tick_started, now, errors);
         for (key, event) in events {
@@ -423,6 +430,73 @@ impl Engine {
             self.save(unix_now(), errors);
         }
         throttles.len()
+    }
+}
+
+impl Engine {
+    /// Publishes what the last evaluation says of a container that would start now: each
+    /// enforced `admission` budget's spent subjects. A dry-run budget, or a node with enforcement
+    /// off, refuses and throttles nothing.
+    fn publish(&self, at: Instant, now: f64) {
+        let Some(board) = &self.board else {
+            return;
+        };
+        let budgets = self
+            .policy
+            .budgets
+            .iter()
+            .filter(|c| {
+                c.budget.admission != policy::Admission::None && self.enforce && !c.budget.dry_run
+            })
+            .map(|c| {
+                let spent = self
+                    .subjects
+                    .iter()
+                    .filter(|(key, s)| key.budget == c.name && s.enforcing)
+                    .filter_map(|(key, s)| {
+                        let subject = match &key.id {
+                            SubjectId::Shared => String::new(),
+                            SubjectId::Group(name) => name
+                                .strip_prefix(keys::PER_PREFIX)
+                                .unwrap_or(name)
+                                .to_owned(),
+                            SubjectId::Workload(_) => return None,
+                        };
+                        let threshold = c.budget.release_below * c.budget.limit;
+                        // A cluster total falls when the cluster's use does: nobody here knows when.
+                        let release_in = (!c.cluster())
+                            .then(|| s.window.release_in(now, threshold))
+                            .flatten();
+                        Some((
+                            subject,
+                            Spent {
+                                usage: s.usage,
+                                release_in,
+                                members: s.members.len(),
+                            },
+                        ))
+                    })
+                    .collect();
+                BudgetVerdict {
+                    name: c.name.clone(),
+                    admission: c.budget.admission,
+                    select: c.budget.select.clone(),
+                    per: c.per.clone(),
+                    resource: c.budget.resource,
+                    limit: c.budget.limit,
+                    cpu_cores: match c.target {
+                        Target::CpuCores(cores) => Some(cores),
+                        _ => None,
+                    },
+                    spent,
+                }
+            })
+            .collect();
+        board.publish(Verdicts {
+            at: Some(at),
+            exempt: self.exempt.clone(),
+            budgets,
+        });
     }
 }
 

@@ -229,13 +229,6 @@ impl Engine {
     }
 
     pub(super) fn observe_latency(&mut self, latency: Duration) {
-        let s = latency.as_secs_f64();
-        for (bound, count) in &mut self.latency.buckets {
-            if s <= *bound {
-                *count += 1;
-            }
-        }
-        self.latency.sum += s;
-        self.latency.count += 1;
+        self.latency.observe(latency.as_secs_f64());
     }
 }
