@@ -157,7 +157,7 @@ pub static ADMISSION_NRI_DECISIONS: Metric = Metric {
 
 pub static ADMISSION_DECISION_SECONDS: Metric = Metric {
     name: "tally_admission_decision_seconds",
-    help: "Time from a CreateContainer call read off the NRI socket to its answer being written.",
+    help: "Time the agent takes to decide a CreateContainer call over NRI, from the decoded request to the answer.",
     kind: Kind::Histogram,
     unit: "seconds",
     per_workload: false,
