@@ -107,7 +107,7 @@ async fn serve(
     let cluster = crate::cluster::spawn(&config, cancel.child_token());
     let board = crate::nri::Settings::of(&config).map(|_| {
         let board = Arc::new(crate::budget::verdict::Board::default());
-        crate::nri::spawn(&config, board.clone(), cancel.child_token());
+        crate::nri::spawn(&config, board.clone(), cri.clone(), cancel.child_token());
         board
     });
     let deps = Deps {

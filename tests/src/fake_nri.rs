@@ -190,6 +190,17 @@ impl Session {
         pod: &str,
         labels: &[(&str, &str)],
     ) -> Answer {
+        self.create_container_with_id(namespace, pod, &format!("container-{pod}"), labels)
+    }
+
+    /// As [`Session::create_container`], for a container of id `id` named `main`.
+    pub fn create_container_with_id(
+        &mut self,
+        namespace: &str,
+        pod: &str,
+        id: &str,
+        labels: &[(&str, &str)],
+    ) -> Answer {
         let request = proto::CreateContainerRequest {
             pod: Some(proto::PodSandbox {
                 id: format!("sandbox-{pod}"),
@@ -203,7 +214,7 @@ impl Session {
                 annotations: HashMap::new(),
             }),
             container: Some(proto::Container {
-                id: format!("container-{pod}"),
+                id: id.to_owned(),
                 pod_sandbox_id: format!("sandbox-{pod}"),
                 name: "main".to_owned(),
                 labels: HashMap::new(),

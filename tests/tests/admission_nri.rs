@@ -9,10 +9,12 @@
 //! datagram's IP length), so the refusal's text is known in advance.
 
 use std::net::UdpSocket;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tally_tests::agent::{sample, Agent};
-use tally_tests::cgroup::{random_hex, remove_parents, TestCgroup};
+use tally_tests::alertmanager::WebhookSink;
+use tally_tests::cgroup::{random_hex, random_uid, remove_parents, TestCgroup};
+use tally_tests::fake_cri::FakeCri;
 use tally_tests::fake_nri::{Answer, FakeRuntime};
 use tally_tests::require;
 
@@ -36,6 +38,30 @@ fn decision(text: &str, d: &str) -> Option<f64> {
     )
 }
 
+/// The `TallyAdmissionDenied` alerts the webhook got in posts of `status`, once there is one
+/// (within 10 s).
+fn denied_alerts(hooks: &WebhookSink, status: &str) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let alerts: Vec<serde_json::Value> = hooks
+            .posts("/hook")
+            .into_iter()
+            .filter(|p| p["status"] == status)
+            .flat_map(|p| p["alerts"].as_array().cloned().unwrap_or_default())
+            .filter(|a| a["labels"]["alertname"] == "TallyAdmissionDenied")
+            .collect();
+        if !alerts.is_empty() {
+            return alerts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {status} TallyAdmissionDenied alert: {:?}",
+            hooks.posts("/hook")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_spent_budget_refuses_containers_at_creation_and_a_throttle_budget_starts_them_throttled() {
     const TEST: &str =
@@ -55,6 +81,7 @@ fn a_spent_budget_refuses_containers_at_creation_and_a_throttle_budget_starts_th
     let port = sink.local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
     let runtime = FakeRuntime::listen(dir.path());
+    let hooks = WebhookSink::start();
     let budget = |name: &str, admission: &str, action: &str| {
         format!(
             "[[budget]]\nname = '{name}'\nresource = 'network_egress_bytes'\nlimit = {LIMIT}\nwindow = '60s'\nshared = true\n\
@@ -64,10 +91,12 @@ fn a_spent_budget_refuses_containers_at_creation_and_a_throttle_budget_starts_th
     let config = |budgets: &str| {
         format!(
             "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n\
-             [enforcement]\nstate_dir = \"{}\"\n[admission]\nnri_socket = \"{}\"\n{budgets}",
+             [enforcement]\nstate_dir = \"{}\"\n[admission]\nnri_socket = \"{}\"\n\
+             [alerts]\nwebhook_urls = [\"{}\"]\n{budgets}",
             unified.join(&scope).display(),
             dir.path().join("state").display(),
             runtime.socket.display(),
+            hooks.url("/hook"),
         )
     };
     let door = budget("door", "deny", "action = 'alert'\n");
@@ -82,8 +111,8 @@ fn a_spent_budget_refuses_containers_at_creation_and_a_throttle_budget_starts_th
         (session.name.as_str(), session.index.as_str()),
         ("tally", "50")
     );
-    // CreateContainer only: bit 1 << (4 - 1).
-    assert_eq!(session.events, 0x8);
+    // RunPodSandbox and CreateContainer: bits 1 << (1 - 1) and 1 << (4 - 1).
+    assert_eq!(session.events, 0x9);
     agent.scrape_until(Duration::from_secs(10), "registered", |t| {
         sample(t, "tally_admission_nri_connected", &[]) == Some(1.0)
     });
@@ -172,6 +201,21 @@ fn a_spent_budget_refuses_containers_at_creation_and_a_throttle_budget_starts_th
         denials[0]
     );
 
+    // One alert for the refused pod, with the refusal as its summary.
+    let firing = denied_alerts(&hooks, "firing");
+    assert_eq!(firing.len(), 1, "{firing:?}");
+    let alert = &firing[0];
+    for (label, value) in [
+        ("budget", "door"),
+        ("namespace", "team-a"),
+        ("pod", "after"),
+        ("container", "main"),
+        ("severity", "warning"),
+    ] {
+        assert_eq!(alert["labels"][label], value, "{alert}");
+    }
+    assert_eq!(alert["annotations"]["summary"], message.as_str());
+
     // Without the deny budget (a reload keeps the other's window): created under `slow`'s CPU
     // throttle, 0.5 cores shared by the one workload and the new container.
     std::fs::write(&agent.config, {
@@ -186,6 +230,11 @@ fn a_spent_budget_refuses_containers_at_creation_and_a_throttle_budget_starts_th
     assert_eq!(
         session.create_container("team-a", "throttled", &[]),
         Answer::Admitted(Some((25_000, 100_000)))
+    );
+    // The budget that refused the pod is gone: its alert resolved.
+    assert_eq!(
+        denied_alerts(&hooks, "resolved")[0]["labels"]["pod"],
+        "after"
     );
     let text = agent.scrape_until(Duration::from_secs(5), "the throttle counted", |t| {
         decision(t, "throttle") == Some(1.0)
@@ -223,4 +272,65 @@ fn a_spent_budget_refuses_containers_at_creation_and_a_throttle_budget_starts_th
         &format!("/{scope}/system.slice/x"),
         2,
     );
+}
+
+/// NRI tells the agent a container's pod and name as the runtime creates it, before any CRI
+/// listing has it: the workload is named from the first tick that sees its cgroup, although the
+/// runtime's CRI listing never shows it.
+#[test]
+fn a_container_is_named_from_the_runtimes_announcement_before_any_listing() {
+    const TEST: &str = "a_container_is_named_from_the_runtimes_announcement_before_any_listing";
+    if !require::root(TEST) {
+        return;
+    }
+    let Some(unified) = require::unified(TEST) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A CRI that answers, and lists nothing.
+    let cri = FakeCri::start(dir.path().join("cri.sock"), Vec::new()).unwrap();
+    let runtime = FakeRuntime::listen(dir.path());
+    let scope = format!("tally-nri-{}", random_hex(8));
+    // The agent's root exists first; the container's cgroup comes after the announcement, as
+    // the runtime creates it after CreateContainer.
+    std::fs::create_dir_all(unified.join(&scope)).unwrap();
+    let agent = Agent::start(&format!(
+        "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = [\"{}\"]\n\
+         [enforcement]\nstate_dir = \"{}\"\n[admission]\nnri_socket = \"{}\"\n",
+        unified.join(&scope).display(),
+        cri.socket().display(),
+        dir.path().join("state").display(),
+        runtime.socket.display(),
+    ));
+    let mut session = runtime.accept(Duration::from_secs(20));
+    let (uid, id) = (random_uid(), random_hex(64));
+    assert_eq!(
+        session.create_container_with_id("team-n", "named-by-nri", &id, &[("team", "n")]),
+        Answer::Admitted(None)
+    );
+    let rel = format!(
+        "/{scope}/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{id}.scope",
+        uid.replace('-', "_")
+    );
+    let mut container = TestCgroup::create(std::slice::from_ref(&unified), &rel);
+    container.spawn("exec sleep 600");
+    let id_label = format!("container_id=\"{id}\"");
+    let text = agent.scrape_until(Duration::from_secs(10), "the container's row", |t| {
+        sample(t, "tally_workload_cpu_seconds_total", &[&id_label]).is_some()
+    });
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("tally_workload_cpu_seconds_total{") && l.contains(&id_label))
+        .unwrap();
+    assert!(
+        row.contains(&format!(
+            "namespace=\"team-n\",pod=\"named-by-nri\",pod_uid=\"{uid}\",container=\"main\""
+        )),
+        "{row}"
+    );
+    // The runtime's listing never had it: the names are NRI's.
+    assert!(cri.list_containers_calls() >= 1);
+    drop(agent);
+    drop(container);
+    remove_parents(std::slice::from_ref(&unified), &rel, 5);
 }

@@ -39,6 +39,29 @@ struct NriStats {
     /// Denials and throttles, by budget.
     by_budget: BTreeMap<(Arc<str>, &'static str), u64>,
     latency: Option<Histogram>,
+    /// Refusals since the engine last looked, for its alerts.
+    new_denials: Vec<Denial>,
+    /// Refused pods whose alert fires, by alert key: the budget and subject that refused them.
+    denied: BTreeMap<String, (Arc<str>, String)>,
+}
+
+/// One refused container, as alerted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Denial {
+    pub budget: Arc<str>,
+    /// The spent subject: `""` or the group's value.
+    pub subject: String,
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub message: String,
+}
+
+impl Denial {
+    /// Its alert's key: one alert per budget and pod, however often the kubelet retries.
+    pub fn key(&self) -> String {
+        format!("denied/{}/{}/{}", self.budget, self.namespace, self.pod)
+    }
 }
 
 impl Board {
@@ -72,9 +95,24 @@ impl Board {
         self.stats().connected = connected;
     }
 
-    /// Counts one `CreateContainer` decision and how long it took.
-    pub fn record(&self, decision: &Decision, took: Duration) {
+    /// Counts one `CreateContainer` decision about `candidate` and how long it took.
+    pub fn record(&self, decision: &Decision, candidate: &Candidate, took: Duration) {
         let mut stats = self.stats();
+        if let Decision::Deny {
+            budget,
+            subject,
+            message,
+        } = decision
+        {
+            stats.new_denials.push(Denial {
+                budget: budget.clone(),
+                subject: subject.clone(),
+                namespace: candidate.namespace.clone(),
+                pod: candidate.pod.clone(),
+                container: candidate.container.clone(),
+                message: message.clone(),
+            });
+        }
         *stats.decisions.entry(decision.as_str()).or_default() += 1;
         if let Some(budget) = decision.budget() {
             *stats
@@ -86,6 +124,35 @@ impl Board {
             .latency
             .get_or_insert_with(|| Histogram::with_bounds(&DECISION_BOUNDS))
             .observe(took.as_secs_f64());
+    }
+
+    /// What the engine alerts about as it publishes `verdicts`: the refusals of pods not alerted
+    /// yet, and the keys of alerts whose budget no longer refuses their pod (released, removed,
+    /// or no longer enforced).
+    pub fn settle_denials(&self, verdicts: &Verdicts) -> (Vec<Denial>, Vec<String>) {
+        let mut stats = self.stats();
+        let mut fired = Vec::new();
+        for d in std::mem::take(&mut stats.new_denials) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = stats.denied.entry(d.key()) {
+                slot.insert((d.budget.clone(), d.subject.clone()));
+                fired.push(d);
+            }
+        }
+        let spent = |budget: &str, subject: &str| {
+            verdicts
+                .budgets
+                .iter()
+                .any(|b| &*b.name == budget && b.spent.contains_key(subject))
+        };
+        let mut lifted = Vec::new();
+        stats.denied.retain(|key, (budget, subject)| {
+            let keep = spent(budget, subject);
+            if !keep {
+                lifted.push(key.clone());
+            }
+            keep
+        });
+        (fired, lifted)
     }
 
     /// Denials and throttles at creation, by budget (for `tally_admission_decisions_total`).
@@ -179,8 +246,12 @@ pub enum Decision {
         quota_us: i64,
         period_us: u64,
     },
-    /// Refuse it.
-    Deny { budget: Arc<str>, message: String },
+    /// Refuse it: `budget`'s `subject` (`""`, or its group's value) is spent.
+    Deny {
+        budget: Arc<str>,
+        subject: String,
+        message: String,
+    },
 }
 
 impl Decision {
@@ -234,6 +305,7 @@ impl Verdicts {
                 Admission::Deny => {
                     return Decision::Deny {
                         budget: b.name.clone(),
+                        subject: subject.to_owned(),
                         message: deny_message(b, subject, spent),
                     }
                 }
@@ -387,6 +459,7 @@ mod tests {
             v.decide(&candidate("team-a", &[]), now, AGE),
             Decision::Deny {
                 budget: Arc::from("gpu-hours"),
+                subject: String::new(),
                 message: "tally: budget gpu-hours is spent (123.457 cpu_seconds of 100); it releases in about 5 min".to_owned(),
             }
         );
@@ -513,5 +586,70 @@ mod tests {
         assert_eq!(human_secs(119.0), "119 s");
         assert_eq!(human_secs(120.5), "3 min");
         assert_eq!(human_secs(7300.0), "3 h");
+    }
+}
+
+#[cfg(test)]
+mod denial_tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_refused_again_is_alerted_once_and_lifted_when_its_budget_lets_go() {
+        let board = Board::default();
+        let spent = |yes: bool| Verdicts {
+            at: Some(Instant::now()),
+            exempt: HashSet::new(),
+            budgets: vec![BudgetVerdict {
+                name: Arc::from("door"),
+                admission: Admission::Deny,
+                select: Selector::default(),
+                per: None,
+                resource: Resource::CpuSeconds,
+                limit: 1.0,
+                cpu_cores: None,
+                spent: if yes {
+                    HashMap::from([(
+                        String::new(),
+                        Spent {
+                            usage: 2.0,
+                            release_in: None,
+                            members: 1,
+                        },
+                    )])
+                } else {
+                    HashMap::new()
+                },
+            }],
+        };
+        let deny = Decision::Deny {
+            budget: Arc::from("door"),
+            subject: String::new(),
+            message: "m".to_owned(),
+        };
+        let pod = |name: &str| Candidate {
+            namespace: "a".to_owned(),
+            pod: name.to_owned(),
+            container: "main".to_owned(),
+            labels: HashMap::new(),
+        };
+        // Two refusals of p (the kubelet retries) and one of q: two alerts.
+        board.record(&deny, &pod("p"), Duration::ZERO);
+        board.record(&deny, &pod("p"), Duration::ZERO);
+        board.record(&deny, &pod("q"), Duration::ZERO);
+        let (fired, lifted) = board.settle_denials(&spent(true));
+        let keys: Vec<String> = fired.iter().map(Denial::key).collect();
+        assert_eq!(keys, ["denied/door/a/p", "denied/door/a/q"]);
+        assert!(lifted.is_empty());
+        // Refused again while firing: nothing new.
+        board.record(&deny, &pod("p"), Duration::ZERO);
+        assert_eq!(board.settle_denials(&spent(true)), (Vec::new(), Vec::new()));
+        // Released: both lifted, once.
+        let (fired, lifted) = board.settle_denials(&spent(false));
+        assert!(fired.is_empty());
+        assert_eq!(lifted, ["denied/door/a/p", "denied/door/a/q"]);
+        assert_eq!(
+            board.settle_denials(&spent(false)),
+            (Vec::new(), Vec::new())
+        );
     }
 }

@@ -52,7 +52,7 @@ pub(super) fn admission_item(config: &Config) -> Item {
 fn register(settings: Settings) -> Result<String, String> {
     let mut stream =
         UnixStream::connect(&settings.socket).map_err(|e| format!("cannot connect: {e}"))?;
-    let mut plugin = Plugin::new(settings, Arc::new(Board::default()));
+    let mut plugin = Plugin::new(settings, Arc::new(Board::default()), None);
     stream
         .write_all(&plugin.register())
         .map_err(|e| format!("cannot write: {e}"))?;

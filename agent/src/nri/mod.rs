@@ -32,11 +32,13 @@ use tokio_util::sync::CancellationToken;
 use crate::budget::verdict::{Board, Candidate, Decision, CPU_PERIOD_US};
 use crate::config::admission::OnUnknown;
 use crate::config::Config;
+use crate::identity::cri::{pod_labels, CriHandle, SANDBOX_CONTAINER};
+use crate::identity::Names;
 use proto::{
     event_mask, ConfigureRequest, ConfigureResponse, ContainerAdjustment, CreateContainerRequest,
     CreateContainerResponse, Empty, LinuxContainerAdjustment, LinuxCpu, LinuxResources, NoUpdates,
-    OptionalInt64, OptionalUInt64, RegisterPluginRequest, Request, Response, Status,
-    SynchronizeRequest, SynchronizeResponse,
+    OptionalInt64, OptionalUInt64, PodSandbox, RegisterPluginRequest, Request, Response,
+    StateChangeEvent, Status, SynchronizeRequest, SynchronizeResponse,
 };
 use wire::{Demux, Message, PLUGIN_CONN, RUNTIME_CONN, TYPE_REQUEST, TYPE_RESPONSE};
 
@@ -112,21 +114,33 @@ impl SessionError {
 
 /// Starts the plugin task when `admission.nri_socket` is set, until `cancel` fires. It
 /// reconnects (1 s, doubling to 30 s) whenever the runtime is away or drops it.
-pub fn spawn(config: &Config, board: Arc<Board>, cancel: CancellationToken) {
+/// The runtime's announcements of pods and containers go to `cri`, where identity finds them
+/// before the next CRI listing has them.
+pub fn spawn(
+    config: &Config,
+    board: Arc<Board>,
+    cri: Option<CriHandle>,
+    cancel: CancellationToken,
+) {
     let Some(settings) = Settings::of(config) else {
         return;
     };
     board.enable_nri();
-    tokio::spawn(run(settings, board, cancel));
+    tokio::spawn(run(settings, board, cri, cancel));
 }
 
-async fn run(settings: Settings, board: Arc<Board>, cancel: CancellationToken) {
+async fn run(
+    settings: Settings,
+    board: Arc<Board>,
+    cri: Option<CriHandle>,
+    cancel: CancellationToken,
+) {
     let mut backoff = FIRST_RETRY;
     let mut last_failure: Option<&'static str> = None;
     loop {
         let result = tokio::select! {
             () = cancel.cancelled() => return,
-            r = session(&settings, &board) => r,
+            r = session(&settings, &board, cri.clone()) => r,
         };
         board.set_connected(false);
         match result {
@@ -159,14 +173,18 @@ async fn run(settings: Settings, board: Arc<Board>, cancel: CancellationToken) {
 }
 
 /// One connection to the runtime, until it closes (`Ok`) or fails.
-async fn session(settings: &Settings, board: &Arc<Board>) -> Result<(), SessionError> {
+async fn session(
+    settings: &Settings,
+    board: &Arc<Board>,
+    cri: Option<CriHandle>,
+) -> Result<(), SessionError> {
     let mut stream = tokio::net::UnixStream::connect(&settings.socket)
         .await
         .map_err(|source| SessionError::Connect {
             path: settings.socket.display().to_string(),
             source,
         })?;
-    let mut plugin = Plugin::new(settings.clone(), board.clone());
+    let mut plugin = Plugin::new(settings.clone(), board.clone(), cri);
     stream.write_all(&plugin.register()).await?;
     let deadline = tokio::time::Instant::now() + REGISTRATION_TIMEOUT;
     let mut demux = Demux::default();
@@ -195,16 +213,19 @@ async fn session(settings: &Settings, board: &Arc<Board>) -> Result<(), SessionE
 pub struct Plugin {
     settings: Settings,
     board: Arc<Board>,
+    /// Where pod and container names the runtime announces go.
+    cri: Option<CriHandle>,
     registered: bool,
     /// The runtime's name and version, once it configured the plugin.
     runtime: Option<String>,
 }
 
 impl Plugin {
-    pub fn new(settings: Settings, board: Arc<Board>) -> Plugin {
+    pub fn new(settings: Settings, board: Arc<Board>, cri: Option<CriHandle>) -> Plugin {
         Plugin {
             settings,
             board,
+            cri,
             registered: false,
             runtime: None,
         }
@@ -297,11 +318,15 @@ impl Plugin {
                     "registered with the container runtime over NRI: CreateContainer calls are decided from the budgets"
                 );
                 ConfigureResponse {
-                    events: event_mask(&[proto::EVENT_CREATE_CONTAINER]),
+                    events: event_mask(&[
+                        proto::EVENT_RUN_POD_SANDBOX,
+                        proto::EVENT_CREATE_CONTAINER,
+                    ]),
                 }
                 .encode_to_vec()
             })),
             "Synchronize" => answer(SynchronizeRequest::decode(payload).map(|s| {
+                self.announce_all(&s);
                 tracing::info!(
                     pods = s.pods.len(),
                     containers = s.containers.len(),
@@ -314,7 +339,13 @@ impl Plugin {
                 Err(e) => answer(Err(e)),
             },
             "UpdateContainer" | "StopContainer" => answer(Ok(NoUpdates::default().encode_to_vec())),
-            "StateChange" | "Shutdown" => answer(Ok(Empty::default().encode_to_vec())),
+            "StateChange" => answer(StateChangeEvent::decode(payload).map(|e| {
+                if let (proto::EVENT_RUN_POD_SANDBOX_I32, Some(pod)) = (e.event, &e.pod) {
+                    self.announce_pod(pod);
+                }
+                Empty::default().encode_to_vec()
+            })),
+            "Shutdown" => answer(Ok(Empty::default().encode_to_vec())),
             other => failure(
                 proto::CODE_UNIMPLEMENTED,
                 format!("tally: no method {other}"),
@@ -327,6 +358,8 @@ impl Plugin {
         let started = Instant::now();
         let pod = create.pod.unwrap_or_default();
         let container = create.container.unwrap_or_default();
+        self.announce_pod(&pod);
+        self.announce(container.id.clone(), &pod, &container.name);
         let candidate = Candidate {
             namespace: pod.namespace,
             pod: pod.name,
@@ -366,9 +399,11 @@ impl Plugin {
                 failure(proto::CODE_PERMISSION_DENIED, message.clone())
             }
         };
-        self.board.record(&decision, started.elapsed());
+        self.board.record(&decision, &candidate, started.elapsed());
         match &decision {
-            Decision::Deny { budget, message } => tracing::warn!(
+            Decision::Deny {
+                budget, message, ..
+            } => tracing::warn!(
                 budget = %budget,
                 namespace = %candidate.namespace,
                 pod = %candidate.pod,
@@ -396,6 +431,43 @@ impl Plugin {
             Decision::Admit | Decision::Exempt => {}
         }
         response
+    }
+}
+
+impl Plugin {
+    /// Every pod and container the runtime has, at `Synchronize`.
+    fn announce_all(&self, s: &SynchronizeRequest) {
+        let pods: std::collections::HashMap<&str, &PodSandbox> =
+            s.pods.iter().map(|p| (p.id.as_str(), p)).collect();
+        for pod in &s.pods {
+            self.announce_pod(pod);
+        }
+        for c in &s.containers {
+            if let Some(pod) = pods.get(c.pod_sandbox_id.as_str()) {
+                self.announce(c.id.clone(), pod, &c.name);
+            }
+        }
+    }
+
+    /// A pod sandbox (its pause container's cgroup is named by the sandbox id).
+    fn announce_pod(&self, pod: &PodSandbox) {
+        self.announce(pod.id.clone(), pod, SANDBOX_CONTAINER);
+    }
+
+    fn announce(&self, id: String, pod: &PodSandbox, container: &str) {
+        let Some(cri) = &self.cri else { return };
+        if id.is_empty() {
+            return;
+        }
+        cri.announce(
+            id,
+            Names {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                container: container.to_owned(),
+                labels: Arc::new(pod_labels(&pod.labels)),
+            },
+        );
     }
 }
 

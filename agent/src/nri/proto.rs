@@ -13,11 +13,11 @@ pub const PLUGIN_SERVICE: &str = "nri.pkg.api.v1alpha1.Plugin";
 
 /// `Event` enum values: an event `e` is bit `1 << (e - 1)` of `ConfigureResponse.events`.
 pub const EVENT_RUN_POD_SANDBOX: u32 = 1;
+/// The same, as `StateChangeEvent.event` carries it.
+pub const EVENT_RUN_POD_SANDBOX_I32: i32 = 1;
 pub const EVENT_CREATE_CONTAINER: u32 = 4;
-pub const EVENT_REMOVE_POD_SANDBOX: u32 = 3;
 
-/// The event mask Tally subscribes to: a new container, and pods coming and going (their
-/// metadata, fresher than the CRI listing). Zero would mean every event.
+/// An event mask: each event's bit. Zero would mean every event.
 pub const fn event_mask(events: &[u32]) -> i32 {
     let mut mask = 0i32;
     let mut i = 0;

@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::*;
 use crate::budget::verdict::{BudgetVerdict, Spent, Verdicts};
 use crate::config::policy::{Admission, Resource, Selector};
+use crate::identity::cri::CriHandle;
 
 /// Concatenates byte strings and text, as the golden frames are written.
 fn bytes(parts: &[&[u8]]) -> Vec<u8> {
@@ -62,7 +63,7 @@ fn board() -> Arc<Board> {
 
 #[test]
 fn register_plugin_is_framed_as_the_runtime_reads_it() {
-    let plugin = Plugin::new(settings(), board());
+    let plugin = Plugin::new(settings(), board(), None);
     let golden = bytes(&[
         // Trunk: connection 2 (the runtime's service), 69 bytes.
         &[0, 0, 0, 2, 0, 0, 0, 69],
@@ -121,9 +122,9 @@ fn reply(plugin: &mut Plugin, stream: u32, input: &[u8]) -> Vec<u8> {
 }
 
 #[test]
-fn configure_subscribes_to_create_container_only() {
+fn configure_subscribes_to_new_pods_and_containers() {
     let board = board();
-    let mut plugin = Plugin::new(settings(), board.clone());
+    let mut plugin = Plugin::new(settings(), board.clone(), None);
     let request = ConfigureRequest {
         config: String::new(),
         runtime_name: "containerd".to_owned(),
@@ -134,8 +135,9 @@ fn configure_subscribes_to_create_container_only() {
         1,
         &call(1, "Configure", &request.encode_to_vec()),
     );
-    // Response{status{} (OK), payload = ConfigureResponse{events (field 2) = 1 << (4 - 1)}}.
-    assert_eq!(payload, [0x0a, 0x00, 0x12, 0x02, 0x10, 0x08]);
+    // Response{status{} (OK), payload = ConfigureResponse{events (field 2) = RunPodSandbox
+    // 1 << (1 - 1) | CreateContainer 1 << (4 - 1)}}.
+    assert_eq!(payload, [0x0a, 0x00, 0x12, 0x02, 0x10, 0x09]);
     assert!(plugin.registered);
     assert_eq!(connected(&board), 1.0);
 }
@@ -171,7 +173,7 @@ fn create(namespace: &str) -> Vec<u8> {
 #[test]
 fn create_container_admits_throttles_and_denies_in_the_protos_bytes() {
     let board = board();
-    let mut plugin = Plugin::new(settings(), board.clone());
+    let mut plugin = Plugin::new(settings(), board.clone(), None);
     // Admit: OK and an empty CreateContainerResponse.
     assert_eq!(
         reply(
@@ -251,7 +253,7 @@ fn stale_verdicts_follow_on_unknown() {
         at: Some(Instant::now() - Duration::from_secs(60)),
         ..Verdicts::default()
     });
-    let mut plugin = Plugin::new(settings(), board.clone());
+    let mut plugin = Plugin::new(settings(), board.clone(), None);
     assert_eq!(
         reply(&mut plugin, 1, &call(1, "CreateContainer", &create("x"))),
         [0x0a, 0x00]
@@ -262,6 +264,7 @@ fn stale_verdicts_follow_on_unknown() {
             ..settings()
         },
         board,
+        None,
     );
     let denied = Response::decode(
         reply(&mut strict, 1, &call(1, "CreateContainer", &create("x"))).as_slice(),
@@ -283,7 +286,7 @@ fn stale_verdicts_follow_on_unknown() {
 
 #[test]
 fn unknown_methods_and_garbage_are_answered_not_fatal() {
-    let mut plugin = Plugin::new(settings(), board());
+    let mut plugin = Plugin::new(settings(), board(), None);
     let unknown =
         Response::decode(reply(&mut plugin, 1, &call(1, "PostStart", &[])).as_slice()).unwrap();
     assert_eq!(
@@ -319,7 +322,7 @@ fn unknown_methods_and_garbage_are_answered_not_fatal() {
 
 #[test]
 fn a_refused_registration_ends_the_session_with_the_runtimes_reason() {
-    let mut plugin = Plugin::new(settings(), board());
+    let mut plugin = Plugin::new(settings(), board(), None);
     let refused = Response {
         status: Some(Status {
             code: 2,
@@ -419,7 +422,7 @@ async fn a_session_registers_decides_and_ends_when_the_runtime_closes() {
             ..settings()
         };
         let board = board.clone();
-        tokio::spawn(async move { session(&settings, &board).await })
+        tokio::spawn(async move { session(&settings, &board, None).await })
     };
     let (mut runtime, _) = listener.accept().await.unwrap();
     let mut demux = Demux::default();
@@ -472,4 +475,94 @@ async fn a_session_registers_decides_and_ends_when_the_runtime_closes() {
     assert_eq!(connected(&board), 1.0);
     drop(runtime);
     task.await.unwrap().unwrap();
+}
+
+#[test]
+fn announced_pods_and_containers_are_named_before_any_listing() {
+    let cri = CriHandle::default();
+    let mut plugin = Plugin::new(settings(), board(), Some(cri.clone()));
+    let pod = |id: &str, name: &str| proto::PodSandbox {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        namespace: "team-a".to_owned(),
+        labels: HashMap::from([
+            ("team".to_owned(), "search".to_owned()),
+            ("io.kubernetes.pod.name".to_owned(), name.to_owned()),
+        ]),
+        ..proto::PodSandbox::default()
+    };
+    let sync = SynchronizeRequest {
+        pods: vec![pod("sb-old", "old-0")],
+        containers: vec![proto::Container {
+            id: "c-old".to_owned(),
+            pod_sandbox_id: "sb-old".to_owned(),
+            name: "server".to_owned(),
+            ..proto::Container::default()
+        }],
+    };
+    reply(
+        &mut plugin,
+        1,
+        &call(1, "Synchronize", &sync.encode_to_vec()),
+    );
+    let started = StateChangeEvent {
+        event: proto::EVENT_RUN_POD_SANDBOX_I32,
+        pod: Some(pod("sb-new", "new-0")),
+        container: None,
+    };
+    reply(
+        &mut plugin,
+        3,
+        &call(3, "StateChange", &started.encode_to_vec()),
+    );
+    reply(
+        &mut plugin,
+        5,
+        &call(5, "CreateContainer", &create("other")),
+    );
+    let names = |id: &str| {
+        cri.lookup(id).map(|n| {
+            (
+                n.namespace,
+                n.pod,
+                n.container,
+                n.labels.get("team").cloned(),
+                n.labels.len(),
+            )
+        })
+    };
+    let search = Some("search".to_owned());
+    assert_eq!(
+        names("c-old"),
+        Some((
+            "team-a".into(),
+            "old-0".into(),
+            "server".into(),
+            search.clone(),
+            1
+        ))
+    );
+    assert_eq!(
+        names("sb-old"),
+        Some((
+            "team-a".into(),
+            "old-0".into(),
+            "POD".into(),
+            search.clone(),
+            1
+        ))
+    );
+    assert_eq!(
+        names("sb-new"),
+        Some(("team-a".into(), "new-0".into(), "POD".into(), search, 1))
+    );
+    assert_eq!(
+        names("c1"),
+        Some(("other".into(), "train-0".into(), "main".into(), None, 0))
+    );
+    assert_eq!(
+        names("sb1"),
+        Some(("other".into(), "train-0".into(), "POD".into(), None, 0))
+    );
+    assert_eq!(names("unknown"), None);
 }

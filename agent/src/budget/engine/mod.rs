@@ -492,11 +492,38 @@ impl Engine {
                 }
             })
             .collect();
-        board.publish(Verdicts {
+        let verdicts = Verdicts {
             at: Some(at),
             exempt: self.exempt.clone(),
             budgets,
-        });
+        };
+        let (denied, lifted) = board.settle_denials(&verdicts);
+        board.publish(verdicts);
+        let Some(alerts) = &self.alerts else {
+            return;
+        };
+        for d in denied {
+            let mut labels = BTreeMap::from([
+                ("alertname".to_owned(), "TallyAdmissionDenied".to_owned()),
+                ("severity".to_owned(), "warning".to_owned()),
+                ("budget".to_owned(), d.budget.to_string()),
+                ("node".to_owned(), self.node.clone()),
+            ]);
+            for (name, value) in [
+                ("namespace", &d.namespace),
+                ("pod", &d.pod),
+                ("container", &d.container),
+            ] {
+                if !value.is_empty() {
+                    labels.insert(name.to_owned(), value.clone());
+                }
+            }
+            let annotations = BTreeMap::from([("summary".to_owned(), d.message.clone())]);
+            alerts.fire(d.key(), labels, annotations);
+        }
+        for key in lifted {
+            alerts.resolve(key);
+        }
     }
 }
 

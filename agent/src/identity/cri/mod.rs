@@ -320,7 +320,7 @@ pub fn join_names(
 }
 
 /// A sandbox's labels are the pod's, plus the kubelet's own (`io.kubernetes.*`), left out.
-fn pod_labels(labels: &HashMap<String, String>) -> std::collections::BTreeMap<String, String> {
+pub fn pod_labels(labels: &HashMap<String, String>) -> std::collections::BTreeMap<String, String> {
     labels
         .iter()
         .filter(|(k, _)| !k.starts_with("io.kubernetes."))
@@ -338,7 +338,14 @@ struct Shared {
     endpoint: RwLock<Option<PathBuf>>,
     refresh: Notify,
     listings: AtomicU64,
+    /// Names the runtime announced over NRI before a listing had them (a container being
+    /// created), by id; dropped once a listing has them.
+    announced: RwLock<HashMap<String, Names>>,
 }
+
+/// Announced names kept at most; beyond, the oldest listing's worth is forgotten (they are in
+/// the next listing).
+const MAX_ANNOUNCED: usize = 65_536;
 
 /// Shared view of what the runtime reported, cheap to clone. The default handle is down and
 /// knows no names.
@@ -348,9 +355,31 @@ pub struct CriHandle {
 }
 
 impl CriHandle {
-    /// Names of a container or pod sandbox id, from the last successful listing.
+    /// Names of a container or pod sandbox id, from the last successful listing, or else as the
+    /// runtime announced them over NRI.
     pub fn lookup(&self, container_id: &str) -> Option<Names> {
-        self.snapshot().get(container_id).cloned()
+        self.snapshot().get(container_id).cloned().or_else(|| {
+            self.shared
+                .announced
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(container_id)
+                .cloned()
+        })
+    }
+
+    /// Takes names the runtime announced (NRI) for a container or sandbox the last listing may
+    /// not have yet: they are known from the first tick that sees its cgroup, without a listing.
+    pub fn announce(&self, id: String, names: Names) {
+        let mut announced = self
+            .shared
+            .announced
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if announced.len() >= MAX_ANNOUNCED {
+            announced.clear();
+        }
+        announced.insert(id, names);
     }
 
     /// The whole map of the last successful listing.
@@ -404,6 +433,11 @@ impl CriHandle {
     }
 
     fn publish(&self, names: HashMap<String, Names>) {
+        self.shared
+            .announced
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|id, _| !names.contains_key(id));
         *self
             .shared
             .names
