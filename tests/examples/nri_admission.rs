@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tally_tests::agent::{sample, Agent};
-use tally_tests::cgroup::{random_hex, random_uid, TestCgroup};
+use tally_tests::cgroup::{random_hex, random_uid, remove_parents, TestCgroup};
 use tally_tests::fake_nri::{Answer, FakeRuntime};
 
 fn env(name: &str, default: usize) -> usize {
@@ -32,6 +32,7 @@ fn main() {
         .expect("a cgroup2 mount");
     let scope = format!("tally-bench-nri-{}", random_hex(6));
     let mut cgroups = Vec::with_capacity(workloads + 1);
+    let mut rels = Vec::with_capacity(workloads + 1);
     for _ in 0..workloads {
         let uid = random_uid();
         let rel = format!(
@@ -42,6 +43,7 @@ fn main() {
         let mut c = TestCgroup::create(std::slice::from_ref(&unified), &rel);
         c.spawn("exec sleep 3600");
         cgroups.push(c);
+        rels.push(rel);
     }
     // One burner spends the budget that selects everything.
     let mut burner = TestCgroup::create(
@@ -119,4 +121,9 @@ fn main() {
     }
     drop(agent);
     drop(cgroups);
+    // The pod slices, their parents and the scope: nothing left for the next agent to walk.
+    rels.push(format!("/{scope}/system.slice/bench-burner.service"));
+    for rel in &rels {
+        remove_parents(std::slice::from_ref(&unified), rel, 5);
+    }
 }
