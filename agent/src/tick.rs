@@ -270,6 +270,8 @@ impl Ticker {
                     (f.identity.clone(), placement)
                 })
                 .collect();
+            self.budgets
+                .set_namespace_labels(self.identity.namespace_labels());
             self.budgets.tick(
                 crate::budget::Inputs {
                     ledger: &self.ledger,
@@ -280,6 +282,10 @@ impl Ticker {
                 },
                 &mut self.errors,
             );
+        } else {
+            // Nothing to decide, but the admission verdicts must stay fresh: "no budget is
+            // spent", not "unknown".
+            self.budgets.publish_idle(started);
         }
         self.facts.budgeted = if self.budgets.is_idle() {
             HashSet::new()

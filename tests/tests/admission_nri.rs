@@ -308,6 +308,12 @@ fn a_container_is_named_from_the_runtimes_announcement_before_any_listing() {
         session.create_container_with_id("team-n", "named-by-nri", &id, &[("team", "n")]),
         Answer::Admitted(None)
     );
+    // No budgets: the verdict is current all the same (admit, not unknown).
+    let text = agent.scrape_until(Duration::from_secs(5), "the decision counted", |t| {
+        sample(t, "tally_admission_decision_seconds_count", &[]) == Some(1.0)
+    });
+    assert_eq!(decision(&text, "admit"), Some(1.0));
+    assert_eq!(decision(&text, "unknown"), Some(0.0));
     let rel = format!(
         "/{scope}/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{id}.scope",
         uid.replace('-', "_")

@@ -183,6 +183,10 @@ impl Board {
     }
 }
 
+/// Promoted namespace labels (`[tenants]`), by namespace: a pod without one of these keys takes
+/// its namespace's value, as in the ledger.
+pub type NamespaceLabels = Arc<HashMap<String, BTreeMap<String, String>>>;
+
 /// Everything a `CreateContainer` decision needs, as of one tick.
 #[derive(Debug, Default, Clone)]
 pub struct Verdicts {
@@ -192,6 +196,7 @@ pub struct Verdicts {
     pub exempt: HashSet<String>,
     /// Every budget with `admission` other than `none`.
     pub budgets: Vec<BudgetVerdict>,
+    pub namespace_labels: NamespaceLabels,
 }
 
 /// One admission budget and which of its subjects are spent.
@@ -290,11 +295,20 @@ impl Verdicts {
             _ => return Decision::Unknown,
         }
         let mut throttle: Option<(Arc<str>, f64)> = None;
+        let namespace = self.namespace_labels.get(&candidate.namespace);
+        // A pod label, or else its namespace's promoted one.
+        let label = |key: &str| {
+            candidate
+                .labels
+                .get(key)
+                .or_else(|| namespace.and_then(|labels| labels.get(key)))
+                .map(String::as_str)
+        };
         for b in &self.budgets {
-            if !selects(&b.select, candidate) {
+            if !selects(&b.select, candidate, &label) {
                 continue;
             }
-            let Some(subject) = subject_of(b.per.as_ref(), candidate) else {
+            let Some(subject) = subject_of(b.per.as_ref(), candidate, &label) else {
                 continue;
             };
             let Some(spent) = b.spent.get(subject) else {
@@ -334,7 +348,7 @@ impl Verdicts {
 /// Whether a selector selects a container at creation. A container is never a systemd unit;
 /// its cgroup path is the runtime's to choose, so a `cgroup` selector is decided by the first
 /// tick instead (hold at start), never here.
-fn selects(select: &Selector, c: &Candidate) -> bool {
+fn selects<'a>(select: &Selector, c: &Candidate, label: &impl Fn(&str) -> Option<&'a str>) -> bool {
     let exact = |want: &Option<String>, have: &str| want.as_ref().is_none_or(|w| w == have);
     select.unit.is_none()
         && select.cgroup.is_none()
@@ -347,16 +361,20 @@ fn selects(select: &Selector, c: &Candidate) -> bool {
         && select
             .labels
             .iter()
-            .all(|(k, v)| c.labels.get(k).is_some_and(|have| have == v))
+            .all(|(k, v)| label(k) == Some(v.as_str()))
 }
 
 /// The subject a container would join: `""` for a budget without `per`, its group's value
 /// otherwise; `None` where it has no value (not selected).
-fn subject_of<'a>(per: Option<&Per>, c: &'a Candidate) -> Option<&'a str> {
+fn subject_of<'a>(
+    per: Option<&Per>,
+    c: &'a Candidate,
+    label: &impl Fn(&str) -> Option<&'a str>,
+) -> Option<&'a str> {
     let value = match per {
         None => return Some(""),
         Some(Per::Namespace) => c.namespace.as_str(),
-        Some(Per::Label { key, .. }) => c.labels.get(key).map_or("", String::as_str),
+        Some(Per::Label { key, .. }) => label(key).unwrap_or(""),
     };
     (!value.is_empty()).then_some(value)
 }
@@ -443,6 +461,7 @@ mod tests {
             at: Some(now),
             exempt: HashSet::from(["kube-system".to_owned()]),
             budgets,
+            namespace_labels: NamespaceLabels::default(),
         };
         (v, now)
     }
@@ -568,7 +587,7 @@ mod tests {
             labels: BTreeMap::from([("team".to_owned(), "a".to_owned())]),
             ..Selector::default()
         };
-        let (v, now) = fresh(vec![b]);
+        let (mut v, now) = fresh(vec![b]);
         assert_eq!(
             v.decide(&candidate("x", &[("team", "a")]), now, AGE)
                 .as_str(),
@@ -578,6 +597,17 @@ mod tests {
             v.decide(&candidate("x", &[("team", "b")]), now, AGE),
             Decision::Admit
         );
+        // A namespace's promoted label stands in for the pod's, never over it.
+        v.namespace_labels = Arc::new(HashMap::from([(
+            "x".to_owned(),
+            BTreeMap::from([("team".to_owned(), "a".to_owned())]),
+        )]));
+        assert_eq!(v.decide(&candidate("x", &[]), now, AGE).as_str(), "deny");
+        assert_eq!(
+            v.decide(&candidate("x", &[("team", "b")]), now, AGE),
+            Decision::Admit
+        );
+        assert_eq!(v.decide(&candidate("y", &[]), now, AGE), Decision::Admit);
     }
 
     #[test]
@@ -599,6 +629,7 @@ mod denial_tests {
         let spent = |yes: bool| Verdicts {
             at: Some(Instant::now()),
             exempt: HashSet::new(),
+            namespace_labels: NamespaceLabels::default(),
             budgets: vec![BudgetVerdict {
                 name: Arc::from("door"),
                 admission: Admission::Deny,

@@ -155,6 +155,14 @@ impl Identity {
     }
 
     /// Reads the namespace labels file again when it changed.
+    /// The namespace labels `[tenants]` promotes, by namespace.
+    pub fn namespace_labels(
+        &self,
+    ) -> std::sync::Arc<std::collections::HashMap<String, std::collections::BTreeMap<String, String>>>
+    {
+        self.tenants.promoted_by_namespace()
+    }
+
     pub fn refresh_tenants(&mut self) -> Result<(), NamespaceFileError> {
         self.tenants.refresh()
     }

@@ -82,6 +82,8 @@ pub struct Tenants {
     /// The file's modification time and length when last read (read again when either changes).
     read_stamp: Option<(SystemTime, u64)>,
     namespaces: HashMap<String, BTreeMap<String, String>>,
+    /// `namespaces` with the promoted keys only, shared with the admission verdicts.
+    promoted_by_namespace: Arc<HashMap<String, BTreeMap<String, String>>>,
     empty: Option<Arc<str>>,
 }
 
@@ -115,6 +117,31 @@ impl Tenants {
             self.read_stamp = None;
             self.namespaces.clear();
         }
+        self.promote_namespaces();
+    }
+
+    /// The promoted labels of each namespace that has any, for budgets that select on them
+    /// before a workload exists (admission).
+    pub fn promoted_by_namespace(&self) -> Arc<HashMap<String, BTreeMap<String, String>>> {
+        self.promoted_by_namespace.clone()
+    }
+
+    fn promote_namespaces(&mut self) {
+        let keys: HashSet<&str> = self.labels.iter().map(|p| p.key.as_str()).collect();
+        self.promoted_by_namespace = Arc::new(
+            self.namespaces
+                .iter()
+                .map(|(ns, labels)| {
+                    let promoted: BTreeMap<String, String> = labels
+                        .iter()
+                        .filter(|(k, _)| keys.contains(k.as_str()))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    (ns.clone(), promoted)
+                })
+                .filter(|(_, promoted)| !promoted.is_empty())
+                .collect(),
+        );
     }
 
     /// Whether any label is promoted.
@@ -149,6 +176,7 @@ impl Tenants {
         };
         self.read_stamp = Some(stamp);
         self.namespaces = read_namespaces(&path)?;
+        self.promote_namespaces();
         Ok(())
     }
 

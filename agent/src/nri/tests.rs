@@ -52,6 +52,7 @@ fn board() -> Arc<Board> {
     board.publish(Verdicts {
         at: Some(Instant::now() + Duration::from_secs(3600)),
         exempt: HashSet::from(["kube-system".to_owned()]),
+        namespace_labels: Default::default(),
         budgets: vec![
             budget("gpu", "spent", Admission::Deny, Resource::GpuSeconds),
             budget("slow", "slow", Admission::Throttle, Resource::CpuSeconds),

@@ -32,7 +32,7 @@ use tally_exporters::{Family, Histogram, LabelSet};
 
 use super::actuator::{Actuators, EgressMap};
 use super::state::{self, Baseline, SavedWindow, State, Throttle};
-use super::verdict::{Board, BudgetVerdict, Spent, Verdicts};
+use super::verdict::{Board, BudgetVerdict, NamespaceLabels, Spent, Verdicts};
 use crate::catalogue::budget::ENFORCEMENT_ERRORS;
 use crate::cluster::ClusterHandle;
 use crate::config::policy::{self, Action, Per, Target};
@@ -145,6 +145,8 @@ pub struct Engine {
     exempt: HashSet<String>,
     /// Where the admission verdicts go after each evaluation (the NRI plugin reads them).
     board: Option<Arc<Board>>,
+    /// Promoted namespace labels, by namespace, as identity last read them.
+    namespace_labels: NamespaceLabels,
 }
 
 fn unix_now() -> f64 {
@@ -184,6 +186,7 @@ impl Engine {
             admissions: BTreeMap::new(),
             exempt: exempt_namespaces(config),
             board: None,
+            namespace_labels: NamespaceLabels::default(),
         };
         let saved = match State::load(&engine.state_dir) {
             Ok(s) => s,
@@ -434,6 +437,17 @@ impl Engine {
 }
 
 impl Engine {
+    /// Publishes the verdicts of an engine with nothing to evaluate (no budgets): every
+    /// container is admitted, and the plugin knows the verdict is current.
+    pub fn publish_idle(&self, at: Instant) {
+        self.publish(at, unix_now());
+    }
+
+    /// The namespace labels `[tenants]` promotes, for budgets that select on them at admission.
+    pub fn set_namespace_labels(&mut self, labels: NamespaceLabels) {
+        self.namespace_labels = labels;
+    }
+
     /// Publishes what the last evaluation says of a container that would start now: each
     /// enforced `admission` budget's spent subjects. A dry-run budget, or a node with enforcement
     /// off, refuses and throttles nothing.
@@ -496,6 +510,7 @@ impl Engine {
             at: Some(at),
             exempt: self.exempt.clone(),
             budgets,
+            namespace_labels: self.namespace_labels.clone(),
         };
         let (denied, lifted) = board.settle_denials(&verdicts);
         board.publish(verdicts);

@@ -59,6 +59,22 @@ fn the_pods_label_wins_then_the_namespaces_then_empty() {
     let (labels, selectable) = t.resolve("bare", &pod(&[]));
     assert_eq!(pairs(&labels), [("team", ""), ("cost_center", "")]);
     assert!(selectable.is_empty());
+    // What admission selects on before a pod exists: the promoted keys of each namespace.
+    let by_namespace = t.promoted_by_namespace();
+    assert_eq!(by_namespace.len(), 1);
+    assert_eq!(
+        by_namespace["search"],
+        BTreeMap::from([
+            ("cost-center".to_owned(), "cc-7".to_owned()),
+            ("team".to_owned(), "search".to_owned())
+        ])
+    );
+    // A key no longer promoted is no longer offered.
+    t.configure(&config(&["team"], Some(&file), 10));
+    assert_eq!(
+        t.promoted_by_namespace()["search"],
+        BTreeMap::from([("team".to_owned(), "search".to_owned())])
+    );
 }
 
 #[test]
