@@ -211,13 +211,25 @@ fn readiness_is_503_until_the_first_tick_and_the_port_is_configurable_by_env() {
     assert_eq!(poll("serving", 503), 503);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(poll("still held", 503), 503);
-    // Let the tick read its file: ready.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fifo)
-        .unwrap()
-        .write_all(b"usage_usec 1000000\n")
-        .unwrap();
+    // Let the tick read its file: ready. A tick that gave up on the FIFO between our open and
+    // our write leaves no reader (EPIPE): write again to the next one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo)
+            .and_then(|mut f| f.write_all(b"usage_usec 1000000\n"));
+        match written {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no reader kept the FIFO open"
+                );
+            }
+            Err(e) => panic!("writing {}: {e}", fifo.display()),
+        }
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while poll("released", 200) != 200 {
         assert!(
