@@ -112,12 +112,7 @@ pub struct ClusterHandle {
 /// Starts the query task, until `cancel` fires. It idles while no budget is a cluster budget,
 /// and takes reloads through [`ClusterHandle::update`].
 pub fn spawn(config: &Config, cancel: CancellationToken) -> ClusterHandle {
-    let (tx, rx) = watch::channel(Arc::new(Settings::of(config)));
-    let handle = ClusterHandle {
-        state: Arc::default(),
-        settings: Arc::new(tx),
-    };
-    handle.adopt(&Settings::of(config));
+    let (handle, rx) = ClusterHandle::new(config);
     tokio::spawn(run(handle.clone(), rx, cancel));
     handle
 }
@@ -152,13 +147,20 @@ async fn run(
 impl ClusterHandle {
     /// A handle no task fills: every cluster budget stays unavailable (`tally check`, tests).
     pub fn idle(config: &Config) -> ClusterHandle {
-        let (tx, _) = watch::channel(Arc::new(Settings::of(config)));
+        ClusterHandle::new(config).0
+    }
+
+    /// A handle with the configuration's questions, and the receiving end of its settings.
+    fn new(config: &Config) -> (ClusterHandle, watch::Receiver<Arc<Settings>>) {
+        // One `Settings::of`: it loads the TLS roots.
+        let settings = Arc::new(Settings::of(config));
+        let (tx, rx) = watch::channel(settings.clone());
         let handle = ClusterHandle {
             state: Arc::default(),
             settings: Arc::new(tx),
         };
-        handle.adopt(&Settings::of(config));
-        handle
+        handle.adopt(&settings);
+        (handle, rx)
     }
 
     /// Applies a reloaded configuration; the task asks again at once.
