@@ -292,6 +292,9 @@ impl GpuSource {
                 .mig_instance
                 .as_deref()
                 .map_or_else(|| uuid.clone(), Arc::from);
+            // Listed by the driver (or holding an assigned device), so it runs: live whether or
+            // not this tick's samples charge it anything.
+            ledger.touch(&keys[h.workload]);
             memory.push((keys[h.workload].clone(), gpu, h.memory_bytes));
         }
         if let (Some(last_at), Some(last)) = (state.last_at, &state.last) {
