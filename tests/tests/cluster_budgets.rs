@@ -508,6 +508,8 @@ fn tls_is_verified_and_every_bad_answer_is_counted_with_the_budget_on_unavailabl
     ];
     let text = agent.scrape_until(Duration::from_secs(20), "every budget asked", |t| {
         sample(t, "tally_cluster_budget_available", &["budget=\"good\""]) == Some(1.0)
+            // The tick takes the answer after the query task recorded it.
+            && sample(t, "tally_budget_usage", &["budget=\"good\""]) == Some(42.0)
             && reasons.iter().all(|(budget, reason)| {
                 sample(
                     t,
