@@ -18,6 +18,7 @@ pub mod gpu;
 pub mod health;
 pub mod host;
 pub mod identity;
+pub mod inference;
 pub mod ledger;
 pub mod nri;
 pub mod otlp;

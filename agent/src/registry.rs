@@ -30,6 +30,7 @@ pub fn build(config: &Config, layout: &Layout, open_file_limit: Option<u64>) -> 
             Box::new(bpf),
             Box::new(crate::gpu::GpuSource::start(config, config.tick_interval())),
             Box::new(crate::rdma::RdmaSource::start(config)),
+            Box::new(crate::inference::InferenceSource::start(config)),
         ],
         egress_limits,
     }

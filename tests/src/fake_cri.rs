@@ -35,6 +35,8 @@ pub struct FakePod {
     pub devices: Vec<(String, Vec<String>)>,
     /// The pod's own labels, which the kubelet puts on its sandbox (not on its containers).
     pub labels: Vec<(String, String)>,
+    /// The pod's annotations, which the kubelet puts on its sandbox.
+    pub annotations: Vec<(String, String)>,
 }
 
 impl FakePod {
@@ -51,6 +53,7 @@ impl FakePod {
                 .collect(),
             devices: Vec::new(),
             labels: Vec::new(),
+            annotations: Vec::new(),
         }
     }
 
@@ -149,7 +152,7 @@ impl State {
                 }),
                 state: proto::PodSandboxState::SandboxReady as i32,
                 labels: pod.labels().into_iter().chain(pod.labels.clone()).collect(),
-                annotations: HashMap::new(),
+                annotations: pod.annotations.iter().cloned().collect(),
             })
             .collect();
         proto::ListPodSandboxResponse { items }

@@ -15,6 +15,7 @@ pub mod fake_nri;
 pub mod fake_nvml;
 pub mod fake_rdma;
 pub mod gpu;
+pub mod llama;
 pub mod module_graph;
 pub mod otlp_receiver;
 pub mod prometheus;

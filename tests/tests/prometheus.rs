@@ -43,6 +43,7 @@ fn prometheus_scrapes_named_per_workload_series() {
         containers: vec![(id.clone(), "pytorch".into())],
         devices: Vec::new(),
         labels: Vec::new(),
+        annotations: Vec::new(),
     };
     let _cri = FakeCri::start(&socket, vec![pod]).unwrap();
     let agent = Agent::start(&format!(

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod budget;
 pub mod cost;
 pub mod gpu;
+pub mod inference;
 pub mod rdma;
 pub mod workload;
 
@@ -80,6 +81,14 @@ pub static ALL: &[&Metric] = &[
     &rdma::PORT_HW_COUNTERS,
     &rdma::PORT_PER_PROCESS,
     &rdma::QP_COUNTERS,
+    &inference::TOKENS,
+    &inference::REQUESTS,
+    &inference::KV_CACHE_USAGE_RATIO,
+    &inference::KV_CACHE_CAPACITY_TOKENS,
+    &inference::PREFIX_CACHE_HIT_TOKENS,
+    &inference::SERVERS,
+    &inference::INTERVAL_SECONDS,
+    &inference::ROUND_SECONDS,
     &cost::WORKLOAD_COST,
     &cost::PRICE,
     &workload::INFO,

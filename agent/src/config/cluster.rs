@@ -2,7 +2,7 @@
 //! from it so every node asks the same thing of the same series) and the query endpoint's URL.
 //! Checked with the rest of the configuration; `crate::cluster` asks.
 
-use crate::catalogue::{cost, workload};
+use crate::catalogue::{cost, inference, workload};
 use crate::config::labels::label_name;
 use crate::config::policy::{self, Budget, Per, Resource, Span};
 use crate::config::{Config, TenantsConfig};
@@ -94,6 +94,14 @@ pub fn build(b: &Budget, tenants: &TenantsConfig) -> Result<String, (String, Str
         Resource::DiskReadBytes => (workload::DISK_READ_BYTES.name, Some(cgroupfs())),
         Resource::DiskWriteBytes => (workload::DISK_WRITE_BYTES.name, Some(cgroupfs())),
         Resource::DiskBytes => ("", Some(cgroupfs())),
+        Resource::Tokens => (
+            inference::TOKENS.name,
+            Some(match b.kind.as_deref() {
+                Some(kind) => exact("kind", kind),
+                None => "kind=~\"prompt|generation\"".to_owned(),
+            }),
+        ),
+        Resource::KvCacheRatio => (inference::KV_CACHE_USAGE_RATIO.name, None),
     };
     if b.resource == Resource::DiskBytes {
         matchers.push(format!(
@@ -140,6 +148,9 @@ pub fn build(b: &Budget, tenants: &TenantsConfig) -> Result<String, (String, Str
         _ => String::new(),
     };
     let selector = format!("{selector_name}{{{}}}", matchers.join(","));
+    if b.resource == Resource::KvCacheRatio {
+        return Ok(format!("max{by} ({selector})"));
+    }
     if b.resource.is_gauge() {
         return Ok(format!("sum{by} ({selector})"));
     }

@@ -43,6 +43,8 @@ pub struct Config {
     pub gpu: GpuConfig,
     /// RDMA: port counters from sysfs, per-process QP counters through RDMA netlink.
     pub rdma: RdmaConfig,
+    /// Inference servers inside workloads: tokens, requests and KV cache per model.
+    pub inference: InferenceConfig,
     /// eBPF sources: which load, and their map sizes.
     pub ebpf: EbpfConfig,
     /// Destination scopes of network traffic.
@@ -471,6 +473,45 @@ impl Default for RdmaConfig {
             allow_qp_counter_auto_mode: false,
             qp_optional_counters: false,
         }
+    }
+}
+
+/// `[inference]`: finding the inference servers inside workloads and reading their metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Find and scrape inference servers at all. Off: no inference families.
+    pub enabled: bool,
+    /// Seconds between two rounds of discovery and scrapes (1–3600): one request per server
+    /// per round, off the tick.
+    pub interval_secs: u64,
+    /// Deadline of one scrape, connect to last byte, in milliseconds (10–60000).
+    pub timeout_ms: u64,
+    /// Largest metrics body read (1 KiB–256 MiB); a larger one is refused and counted.
+    pub max_body_bytes: u64,
+    /// Scrapes in flight at once (1–64), each on its own thread.
+    pub max_concurrent: usize,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_secs: 5,
+            timeout_ms: 2000,
+            max_body_bytes: 4 << 20,
+            max_concurrent: 8,
+        }
+    }
+}
+
+impl InferenceConfig {
+    pub fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.interval_secs)
+    }
+
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.timeout_ms)
     }
 }
 

@@ -87,6 +87,10 @@ pub struct Budget {
     /// For `network_egress_bytes`: only traffic to this destination scope; all scopes when unset.
     #[serde(default)]
     pub scope: Option<String>,
+    /// For `tokens`: only tokens of this kind (`prompt`, `generation`, `cached`); prompt and
+    /// generation tokens when unset (cached ones are part of the prompt).
+    #[serde(default)]
+    pub kind: Option<String>,
     /// The budget, in the resource's base unit (seconds, bytes, joules, currency).
     pub limit: f64,
     /// A sliding window (`"60s"`, `"5m"`, `"1h"`): `limit` per window, a rate.
@@ -167,6 +171,11 @@ pub enum Resource {
     DiskWriteBytes,
     /// Priced from `[prices]`.
     Cost,
+    /// Tokens the workloads' inference servers processed (`kind`: one kind; prompt and
+    /// generation tokens when unset).
+    Tokens,
+    /// The fullest KV cache of the workloads' inference servers, a fraction (a level).
+    KvCacheRatio,
 }
 
 impl Resource {
@@ -181,12 +190,23 @@ impl Resource {
             Resource::DiskReadBytes => "disk_read_bytes",
             Resource::DiskWriteBytes => "disk_write_bytes",
             Resource::Cost => "cost",
+            Resource::Tokens => "tokens",
+            Resource::KvCacheRatio => "kv_cache_ratio",
         }
     }
 
     /// A level rather than an amount: compared as it is, not summed over a window.
     pub fn is_gauge(self) -> bool {
-        self == Resource::GpuMemoryBytes
+        matches!(self, Resource::GpuMemoryBytes | Resource::KvCacheRatio)
+    }
+
+    /// The names a budget's sub-selection may take: `scope` of egress, `kind` of tokens.
+    pub fn parts(self) -> &'static [&'static str] {
+        match self {
+            Resource::NetworkEgressBytes => &SCOPES,
+            Resource::Tokens => &crate::inference::engines::TOKEN_KINDS,
+            _ => &[],
+        }
     }
 }
 

@@ -513,6 +513,14 @@ impl Row<'_> {
         }
     }
 
+    /// Removes a gauge whose source went away while the workload runs on.
+    pub fn unset(&mut self, key: &Key) {
+        debug_assert_eq!(key.metric.kind, Kind::Gauge, "{}", key.metric.name);
+        if let Some(entry) = &mut self.0 {
+            entry.values.remove(key);
+        }
+    }
+
     /// Adds one increment of a histogram from a source that reports deltas.
     pub fn add_observed(&mut self, key: &Key, observed: Observed<'_>) {
         debug_assert_eq!(key.metric.kind, Kind::Histogram, "{}", key.metric.name);

@@ -11,8 +11,8 @@ use serde::Deserialize as _;
 use crate::config::policy::{self, Budget, Resource, Target};
 use crate::config::Config;
 
-/// What a budget counts: its resource and, for an egress budget limited to one destination
-/// scope, that scope's index.
+/// What a budget counts: its resource and, where it counts part of it (an egress budget's
+/// destination scope, a token budget's kind), that part's index in [`Resource::parts`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct Metric {
     pub resource: Resource,
@@ -21,44 +21,54 @@ pub(super) struct Metric {
 
 impl Metric {
     fn of(b: &Budget) -> Metric {
-        let scope = match b.resource {
-            Resource::NetworkEgressBytes => scope_index(b),
+        let part = match b.resource {
+            Resource::NetworkEgressBytes => b.scope.as_deref(),
+            Resource::Tokens => b.kind.as_deref(),
             _ => None,
         };
         Metric {
             resource: b.resource,
-            scope,
+            scope: part.and_then(|p| index_of(b.resource, p)),
         }
     }
 
-    /// Its name in the state file's baselines: the resource, with `:<scope>` for a scoped
-    /// egress budget.
+    /// Its name in the state file's baselines: the resource, with `:<part>` for a budget of
+    /// one scope or kind.
     pub fn name(self) -> String {
-        match self.scope.and_then(|s| policy::SCOPES.get(s as usize)) {
-            Some(scope) => format!("{}:{scope}", self.resource.as_str()),
+        match self.part() {
+            Some(part) => format!("{}:{part}", self.resource.as_str()),
             None => self.resource.as_str().to_owned(),
         }
     }
 
+    /// The scope or kind it counts, when only one.
+    pub fn part(self) -> Option<&'static str> {
+        self.resource.parts().get(self.scope? as usize).copied()
+    }
+
     /// The metric a state file's name stands for; `None` for a name this agent never writes.
     pub fn parse(name: &str) -> Option<Metric> {
-        let (resource, scope) = match name.split_once(':') {
-            Some((r, s)) => (r, Some(policy::SCOPES.iter().position(|x| *x == s)? as u32)),
+        let (resource, part) = match name.split_once(':') {
+            Some((r, p)) => (r, Some(p)),
             None => (name, None),
         };
         let resource = Resource::deserialize(resource.into_deserializer())
             .map_err(|_: serde::de::value::Error| ())
             .ok()?;
+        let scope = match part {
+            Some(p) => Some(index_of(resource, p)?),
+            None => None,
+        };
         Some(Metric { resource, scope })
     }
 }
 
-/// The network scope index a budget names, when it names one.
-fn scope_index(b: &Budget) -> Option<u32> {
-    let scope = b.scope.as_deref()?;
-    policy::SCOPES
+/// The index of a scope or kind among those of `resource`.
+fn index_of(resource: Resource, part: &str) -> Option<u32> {
+    resource
+        .parts()
         .iter()
-        .position(|x| *x == scope)
+        .position(|x| *x == part)
         .map(|i| i as u32)
 }
 
@@ -111,7 +121,10 @@ impl Policy {
                     name: Arc::from(b.name.as_str()),
                     target,
                     metric: Metric::of(b),
-                    scope: scope_index(b),
+                    scope: b
+                        .scope
+                        .as_deref()
+                        .and_then(|s| index_of(Resource::NetworkEgressBytes, s)),
                     per: b.per.as_deref().and_then(|p| policy::per_label(p).ok()),
                 })
             })

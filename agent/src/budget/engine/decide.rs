@@ -128,7 +128,9 @@ impl Engine {
                     id,
                 };
                 let amount = if c.budget.resource.is_gauge() {
-                    *levels.entry(key.clone()).or_default() += w.gpu_memory;
+                    let (level, combine) = w.level(c.budget.resource);
+                    let slot = levels.entry(key.clone()).or_default();
+                    *slot = combine(*slot, level);
                     0.0
                 } else if let Some(d) = deltas.get(&c.metric) {
                     *d

@@ -26,11 +26,22 @@ pub(super) struct WorkloadUsage<'a> {
     pub live: bool,
     /// GPU memory it holds now, in bytes.
     pub gpu_memory: f64,
+    /// The fullest KV cache of its inference servers now, a fraction (0 without one).
+    pub kv_cache: f64,
     /// Its cumulative value of each metric the policy counts, where the ledger has one.
     cumulative: Vec<(Metric, f64)>,
 }
 
 impl WorkloadUsage<'_> {
+    /// Its level of a level resource, and how levels of several workloads combine: GPU memory
+    /// adds up; a KV-cache ratio does not (a shared budget's is its fullest cache).
+    pub fn level(&self, resource: Resource) -> (f64, fn(f64, f64) -> f64) {
+        match resource {
+            Resource::KvCacheRatio => (self.kv_cache, f64::max),
+            _ => (self.gpu_memory, |a, b| a + b),
+        }
+    }
+
     pub fn cumulative(&self, metric: Metric) -> Option<f64> {
         self.cumulative
             .iter()
@@ -58,6 +69,10 @@ pub(super) fn read<'a>(inputs: &Inputs<'a>, metrics: &[Metric]) -> Usage<'a> {
                     .get(identity)
                     .copied()
                     .unwrap_or(0.0),
+                kv_cache: entry
+                    .series(&catalogue::inference::KV_CACHE_USAGE_RATIO)
+                    .map(|(_, v)| v)
+                    .fold(0.0, f64::max),
                 cumulative: metrics
                     .iter()
                     .filter_map(|m| Some((*m, cumulative(entry, *m)?)))
@@ -96,8 +111,21 @@ fn cumulative(entry: &Entry, metric: Metric) -> Option<f64> {
             (None, None) => None,
             (r, w) => Some(r.unwrap_or(0.0) + w.unwrap_or(0.0)),
         },
-        // A level, read as one (`WorkloadUsage::gpu_memory`).
-        Resource::GpuMemoryBytes => None,
+        Resource::Tokens => {
+            let want = |kind: Option<&str>| match metric.part() {
+                Some(part) => kind == Some(part),
+                None => matches!(kind, Some("prompt" | "generation")),
+            };
+            let mut total = None;
+            for (key, v) in entry.series(&catalogue::inference::TOKENS) {
+                if want(key.label("kind")) {
+                    *total.get_or_insert(0.0) += v;
+                }
+            }
+            total
+        }
+        // Levels, read as such (`WorkloadUsage::level`).
+        Resource::GpuMemoryBytes | Resource::KvCacheRatio => None,
         // Accrued tick by tick at the prices in force then (`cost::Meter`): a reload that
         // changes a price changes what later use costs, not what a window was charged.
         Resource::Cost => entry.total(&catalogue::cost::WORKLOAD_COST),

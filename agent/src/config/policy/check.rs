@@ -84,6 +84,22 @@ pub fn check(budgets: &[(usize, Budget)], prices: &Prices) -> Vec<(String, Strin
                 format!("{} is out of range (0, 1)", b.release_below),
             ));
         }
+        if let Some(kind) = &b.kind {
+            if b.resource != Resource::Tokens {
+                errors.push((
+                    at("kind"),
+                    "`kind` applies to `tokens` budgets only".to_owned(),
+                ));
+            } else if !Resource::Tokens.parts().contains(&kind.as_str()) {
+                errors.push((
+                    at("kind"),
+                    format!(
+                        "unknown token kind `{kind}`, expected one of {}",
+                        Resource::Tokens.parts().join(", ")
+                    ),
+                ));
+            }
+        }
         if let Some(scope) = &b.scope {
             if b.resource != Resource::NetworkEgressBytes {
                 errors.push((

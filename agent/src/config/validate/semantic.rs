@@ -193,6 +193,7 @@ pub(super) fn semantic_errors(config: &Config) -> Vec<(&'static str, String)> {
         }
     }
     errors.extend(rdma_errors(&config.rdma));
+    errors.extend(inference_errors(&config.inference));
     errors
 }
 
@@ -267,6 +268,32 @@ fn cluster_errors(cluster: &crate::config::ClusterConfig) -> Vec<(&'static str, 
             "cluster.basic_auth_password_file",
             "basic auth needs a password file".to_owned(),
         ));
+    }
+    errors
+}
+
+fn inference_errors(inference: &crate::config::InferenceConfig) -> Vec<(&'static str, String)> {
+    let mut errors = Vec::new();
+    let ranges: [(&'static str, u64, u64, u64); 4] = [
+        ("inference.interval_secs", inference.interval_secs, 1, 3600),
+        ("inference.timeout_ms", inference.timeout_ms, 10, 60_000),
+        (
+            "inference.max_body_bytes",
+            inference.max_body_bytes,
+            1024,
+            256 << 20,
+        ),
+        (
+            "inference.max_concurrent",
+            inference.max_concurrent as u64,
+            1,
+            64,
+        ),
+    ];
+    for (key, value, low, high) in ranges {
+        if !(low..=high).contains(&value) {
+            errors.push((key, format!("{value} is out of range {low}..={high}")));
+        }
     }
     errors
 }

@@ -286,17 +286,22 @@ pub fn join_names(
                 pod: or_label(&meta.name, &sandbox.labels, proto::LABEL_POD_NAME),
                 container: SANDBOX_CONTAINER.to_owned(),
                 labels: Arc::new(pod_labels(&sandbox.labels)),
+                annotations: Arc::new(tally_annotations(&sandbox.annotations)),
             },
         );
     }
     for container in containers {
-        let (namespace, pod, labels) = match names.get(&container.pod_sandbox_id) {
-            Some(pod) if !container.pod_sandbox_id.is_empty() => {
-                (pod.namespace.clone(), pod.pod.clone(), pod.labels.clone())
-            }
+        let (namespace, pod, labels, annotations) = match names.get(&container.pod_sandbox_id) {
+            Some(pod) if !container.pod_sandbox_id.is_empty() => (
+                pod.namespace.clone(),
+                pod.pod.clone(),
+                pod.labels.clone(),
+                pod.annotations.clone(),
+            ),
             _ => (
                 label(&container.labels, proto::LABEL_NAMESPACE).to_owned(),
                 label(&container.labels, proto::LABEL_POD_NAME).to_owned(),
+                Arc::default(),
                 Arc::default(),
             ),
         };
@@ -313,10 +318,25 @@ pub fn join_names(
                 pod,
                 container: container_name,
                 labels,
+                annotations,
             },
         );
     }
     names
+}
+
+/// The prefix of the pod annotations Tally reads (`tally.io/inference`).
+pub const ANNOTATION_PREFIX: &str = "tally.io/";
+
+/// A sandbox's annotations that are Tally's own.
+pub fn tally_annotations(
+    annotations: &HashMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    annotations
+        .iter()
+        .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// A sandbox's labels are the pod's, plus the kubelet's own (`io.kubernetes.*`), left out.
