@@ -545,8 +545,19 @@ impl Engine {
                 }
             }
         }
+        // What a body's label values or sums make of nothing sensible is no reading at all.
+        let sane = |v: &mut Option<f64>| {
+            if v.is_some_and(|x| !x.is_finite() || x < 0.0) {
+                *v = None;
+            }
+        };
         for r in out.values_mut() {
+            r.tokens.iter_mut().for_each(sane);
+            sane(&mut r.kv_capacity);
+            sane(&mut r.prefix_hits);
+            sane(&mut r.kv_usage);
             r.kv_usage = r.kv_usage.map(|u| u.clamp(0.0, 1.0));
+            r.requests.retain(|_, v| v.is_finite());
         }
         out
     }
