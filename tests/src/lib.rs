@@ -11,6 +11,7 @@ pub mod catalogue;
 pub mod cgroup;
 pub mod cri_client;
 pub mod fake_cri;
+pub mod fake_engine;
 pub mod fake_nri;
 pub mod fake_nvml;
 pub mod fake_rdma;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tally_tests::agent::{free_port, sample, Agent};
 use tally_tests::cgroup::{random_hex, TestCgroup};
+use tally_tests::fake_engine::{kill, llamacpp_body, vllm_body, write_body, Mode};
 use tally_tests::require;
 
 const FAKE_ENGINE: &str = env!("CARGO_BIN_EXE_fake-engine");
@@ -41,72 +42,9 @@ fn setup(test: &str) -> Option<PathBuf> {
     require::unified(test)
 }
 
-/// How a fake server behaves.
-#[derive(Clone, Copy, PartialEq)]
-enum Mode {
-    Serve,
-    Hang,
-    Huge,
-    Garbage,
-}
-
-impl Mode {
-    fn as_str(self) -> &'static str {
-        match self {
-            Mode::Serve => "serve",
-            Mode::Hang => "hang",
-            Mode::Huge => "huge",
-            Mode::Garbage => "garbage",
-        }
-    }
-}
-
-/// Starts a fake server in `u` whose command line is `argv` (argv[0] the engine's program),
-/// serving `body`; with `netns`, inside a network namespace of its own where only loopback is
-/// up. Returns its pid once it listens.
+/// Starts a fake server in `u` (see [`tally_tests::fake_engine::start`]).
 fn start_server(u: &mut Unit, argv: &[&str], body: &Path, mode: Mode, netns: bool) -> u32 {
-    let dir = body.parent().unwrap();
-    let ready = dir.join(format!("ready-{}", random_hex(6)));
-    let quoted: Vec<String> = argv[1..].iter().map(|a| format!("'{a}'")).collect();
-    let script = format!(
-        "{lo}export FAKE_ENGINE_BODY='{body}' FAKE_ENGINE_MODE={mode} FAKE_ENGINE_READY='{ready}'; exec -a '{argv0}' '{fake}' {args}",
-        lo = if netns { "ip link set lo up && " } else { "" },
-        body = body.display(),
-        mode = mode.as_str(),
-        ready = ready.display(),
-        argv0 = argv[0],
-        fake = FAKE_ENGINE,
-        args = quoted.join(" "),
-    );
-    let pid = if netns {
-        u.cgroup.start("unshare", &["--net", "bash", "-c", &script])
-    } else {
-        u.cgroup.start("bash", &["-c", &script])
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "server {argv:?} never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    pid
-}
-
-fn kill(pid: u32) {
-    // SAFETY: kill(2) on a test child's pid; no memory is involved.
-    unsafe {
-        libc::kill(pid as i32, libc::SIGKILL);
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    }) {
-        assert!(Instant::now() < deadline, "{pid} did not die");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    tally_tests::fake_engine::start(FAKE_ENGINE, &mut u.cgroup, argv, body, mode, netns)
 }
 
 fn config(extra: &str) -> String {
@@ -130,36 +68,6 @@ fn tokens(text: &str, unit: &str, engine: &str, model: &str, kind: &str) -> Opti
         unit,
         &[("engine", engine), ("model", model), ("kind", kind)],
     )
-}
-
-fn vllm_body(models: &[(&str, f64, f64, f64, f64)]) -> String {
-    let mut s = String::from("# TYPE vllm:prompt_tokens_total counter\n");
-    for (m, prompt, generation, hits, kv) in models {
-        s += &format!(
-            "vllm:prompt_tokens_total{{engine=\"0\",model_name=\"{m}\"}} {prompt}\n\
-             vllm:generation_tokens_total{{engine=\"0\",model_name=\"{m}\"}} {generation}\n\
-             vllm:prefix_cache_hits_total{{engine=\"0\",model_name=\"{m}\"}} {hits}\n\
-             vllm:request_success_total{{engine=\"0\",finished_reason=\"stop\",model_name=\"{m}\"}} 3\n\
-             vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"{m}\"}} {kv}\n\
-             vllm:cache_config_info{{block_size=\"16\",engine=\"0\",model_name=\"{m}\",num_gpu_blocks=\"100\"}} 1\n"
-        );
-    }
-    s
-}
-
-fn llamacpp_body(prompt: f64, cached: f64, predicted: f64) -> String {
-    format!(
-        "# TYPE llamacpp:prompt_tokens_total counter\nllamacpp:prompt_tokens_total {prompt}\n\
-         # TYPE llamacpp:prompt_tokens_cached_total counter\nllamacpp:prompt_tokens_cached_total {cached}\n\
-         # TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total {predicted}\n"
-    )
-}
-
-/// Writes a body the server reads on its next request (renamed into place: never half-read).
-fn write_body(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Alert rules and the dashboard: promtool, and every metric they use served by a live agent.
 
 use tally_rdma::netlink::nldev::DeviceInfo;
+use tally_tests::fake_engine;
 use tally_tests::fake_rdma::{FakeSysfs, Responder, Script, ScriptCounter};
 
 use super::kubernetes::*;
@@ -59,7 +60,7 @@ fn alert_rules_pass_promtool_and_the_prometheusrule_is_the_same() {
             .args(["check", "rules"])
             .arg(&extracted),
     );
-    assert!(checked.contains("SUCCESS: 10 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 13 rules found"), "{checked}");
 }
 
 /// Sends one HTTP request to the agent and reads the answer: traffic both ways.
@@ -137,6 +138,33 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
             "xids": [{ "at_ms": 200, "device": 0, "xid": 79 }]
         }),
     );
+    // An inference server (vLLM's format) in the same unit, whose counters grow while the test
+    // runs, for the token families and the per-token ratios of the rules and the dashboard.
+    let engine_dir = tempfile::tempdir().unwrap();
+    let body = engine_dir.path().join("vllm.prom");
+    let grow = |n: f64| fake_engine::vllm_body(&[("chat", 100.0 * n, 10.0 * n, 50.0 * n, 0.25)]);
+    fake_engine::write_body(&body, &grow(1.0));
+    let engine_port = free_port().to_string();
+    fake_engine::start(
+        env!("CARGO_BIN_EXE_fake-engine"),
+        &mut cg,
+        &["vllm", "serve", "chat", "--port", &engine_port],
+        &body,
+        fake_engine::Mode::Serve,
+        false,
+    );
+    let growing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let grower = {
+        let (body, growing) = (body.clone(), growing.clone());
+        std::thread::spawn(move || {
+            let mut n = 1.0;
+            while growing.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1.0;
+                fake_engine::write_body(&body, &grow(n));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
     // RDMA: a fixture sysfs with two ports, and a fake kernel whose QP counter belongs to the
     // unit's process, for the per-workload and port families.
     let sysfs = FakeSysfs::new("mlx5");
@@ -236,6 +264,8 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
         .iter()
         .all(|f| sample(t, f, &[]).is_some());
         let rdma = sample(t, "tally_workload_rdma_receive_bytes_total", &[&unit_label]).is_some();
+        let tokens = sample(t, "tally_workload_tokens_total", &[&unit_label]).is_some()
+            && sample(t, "tally_workload_kv_cache_usage_ratio", &[&unit_label]).is_some();
         let active = |budget: &str| {
             sample(
                 t,
@@ -259,11 +289,11 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
                 &["budget=\"pkg-cluster\"", "reason=\"unreachable\""],
             )
             .is_some_and(|n| n >= 1.0);
-        network && gpu && rdma && budgets
+        network && gpu && rdma && tokens && budgets
     };
     agent.scrape_until(
         Duration::from_secs(20),
-        "the unit's traffic, GPU, RDMA and budget families",
+        "the unit's traffic, GPU, RDMA, token and budget families",
         everything_seen,
     );
     let metrics = agent.scrape();
@@ -323,6 +353,8 @@ fn dashboard_and_alerts_use_only_served_metrics_and_every_panel_answers() {
             "{alert} fired for the alert-only budget: {firing:?}"
         );
     }
+    growing.store(false, std::sync::atomic::Ordering::Relaxed);
+    grower.join().unwrap();
     // The agent first: its freeze guard thaws the burner before the cgroups go.
     drop(server);
     drop(agent);

@@ -174,6 +174,7 @@ impl Sandbox {
             .map(|c| match c.as_str() {
                 "CAP_NET_ADMIN" => 12,
                 "CAP_SYS_ADMIN" => 21,
+                "CAP_SYS_PTRACE" => 19,
                 "CAP_PERFMON" => 38,
                 "CAP_BPF" => 39,
                 "CAP_KILL" => 5,

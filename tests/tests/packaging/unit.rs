@@ -78,7 +78,8 @@ fn systemd_unit_verifies_and_its_exposure_is_as_documented() {
             "CAP_KILL",
             "CAP_NET_ADMIN",
             "CAP_PERFMON",
-            "CAP_SYS_ADMIN"
+            "CAP_SYS_ADMIN",
+            "CAP_SYS_PTRACE"
         ]
         .map(str::to_owned)
         .into(),
@@ -130,8 +131,8 @@ fn systemd_unit_verifies_and_its_exposure_is_as_documented() {
         .unwrap_or_else(|| panic!("no exposure figure: {}\n{report}", text(&out.stderr)));
     eprintln!("systemd-analyze security: exposure {figure}");
     assert!(
-        figure <= 3.5,
-        "exposure {figure} > 3.5: hardening was lost\n{report}"
+        figure <= 3.8,
+        "exposure {figure} > 3.8: hardening was lost\n{report}"
     );
     // The README states the figure of Debian 12's systemd 252; other versions score differently.
     let version = run_ok(Command::new(&analyze).arg("--version"));
