@@ -42,11 +42,12 @@ pub fn start(
     let ready = dir.join(format!("ready-{}", random_hex(6)));
     let quoted: Vec<String> = argv[1..].iter().map(|a| format!("'{a}'")).collect();
     let script = format!(
-        "{lo}export FAKE_ENGINE_BODY='{body}' FAKE_ENGINE_MODE={mode} FAKE_ENGINE_READY='{ready}'; exec -a '{argv0}' '{fake}' {args}",
+        "{lo}export FAKE_ENGINE_BODY='{body}' FAKE_ENGINE_MODE={mode} FAKE_ENGINE_READY='{ready}' FAKE_ENGINE_HITS='{hits}'; exec -a '{argv0}' '{fake}' {args}",
         lo = if netns { "ip link set lo up && " } else { "" },
         body = body.display(),
         mode = mode.as_str(),
         ready = ready.display(),
+        hits = hits_file(body).display(),
         argv0 = argv[0],
         fake = fake,
         args = quoted.join(" "),
@@ -103,6 +104,20 @@ pub fn llamacpp_body(prompt: f64, cached: f64, predicted: f64) -> String {
          # TYPE llamacpp:prompt_tokens_cached_total counter\nllamacpp:prompt_tokens_cached_total {cached}\n\
          # TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total {predicted}\n"
     )
+}
+
+/// Where the servers serving `body` count their requests.
+fn hits_file(body: &Path) -> std::path::PathBuf {
+    body.with_extension("hits")
+}
+
+/// Requests the servers serving `body` answered so far from the agent with process id `pid`
+/// (its User-Agent names it: other tests' agents scrape every server on the node too).
+pub fn hits(body: &Path, pid: u32) -> usize {
+    let mine = format!("(pid {pid})");
+    std::fs::read_to_string(hits_file(body))
+        .map(|t| t.lines().filter(|l| l.ends_with(&mine)).count())
+        .unwrap_or(0)
 }
 
 /// Writes a body the server reads on its next request (renamed into place: never half-read).

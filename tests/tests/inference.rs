@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tally_tests::agent::{free_port, sample, Agent};
-use tally_tests::cgroup::{random_hex, TestCgroup};
+use tally_tests::cgroup::{random_hex, random_uid, TestCgroup};
+use tally_tests::fake_cri::{FakeCri, FakePod};
 use tally_tests::fake_engine::{kill, llamacpp_body, vllm_body, write_body, Mode};
 use tally_tests::require;
 
@@ -392,4 +393,87 @@ fn a_token_budget_freezes_and_releases_and_a_kv_cache_level_budget_fires() {
         assert!(Instant::now() < deadline, "still frozen after the release");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A pod annotated `tally.io/inference: "off"` is never scraped, not even once; its neighbour
+/// is.
+#[test]
+fn a_pod_annotated_off_is_never_scraped() {
+    const TEST: &str = "a_pod_annotated_off_is_never_scraped";
+    let Some(unified) = setup(TEST) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sockets = tempfile::tempdir().unwrap();
+    let socket = sockets.path().join("containerd.sock");
+    let mut pods = Vec::new();
+    let mut cgroups = Vec::new();
+    for (name, annotations) in [
+        (
+            "off-0",
+            vec![("tally.io/inference".to_owned(), "off".to_owned())],
+        ),
+        ("on-0", Vec::new()),
+    ] {
+        let (uid, id) = (random_uid(), random_hex(64));
+        let rel = format!(
+            "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{id}.scope",
+            uid.replace('-', "_")
+        );
+        cgroups.push(TestCgroup::create(std::slice::from_ref(&unified), &rel));
+        pods.push(FakePod {
+            uid,
+            namespace: "ml".into(),
+            name: name.into(),
+            sandbox_id: random_hex(64),
+            containers: vec![(id, "server".into())],
+            devices: Vec::new(),
+            labels: Vec::new(),
+            annotations,
+        });
+    }
+    let _cri = FakeCri::start(&socket, pods).unwrap();
+    let agent = Agent::start(&config("").replace(
+        "endpoints = []",
+        &format!("endpoints = [\"{}\"]", socket.display()),
+    ));
+    // Both containers named (the annotation is the pod's) before their servers start.
+    agent.scrape_until(Duration::from_secs(10), "both pods named", |t| {
+        ["off-0", "on-0"]
+            .iter()
+            .all(|p| sample(t, "tally_workload_info", &[&format!("pod=\"{p}\"")]).is_some())
+    });
+    let mut bodies = Vec::new();
+    for (i, cg) in cgroups.iter_mut().enumerate() {
+        let body = dir.path().join(format!("{i}.prom"));
+        write_body(&body, &vllm_body(&[("m", 10.0, 20.0, 0.0, 0.5)]));
+        let port = free_port().to_string();
+        tally_tests::fake_engine::start(
+            FAKE_ENGINE,
+            cg,
+            &["vllm", "serve", "m", "--port", &port],
+            &body,
+            Mode::Serve,
+            false,
+        );
+        bodies.push(body);
+    }
+    let pod_tokens = |t: &str, pod: &str| {
+        sample(
+            t,
+            "tally_workload_tokens_total",
+            &[&format!("pod=\"{pod}\""), "kind=\"generation\""],
+        )
+    };
+    let text = agent.scrape_until(Duration::from_secs(10), "the open pod's tokens", |t| {
+        pod_tokens(t, "on-0") == Some(20.0)
+    });
+    // Two more rounds: the annotated pod's server stays untouched.
+    std::thread::sleep(Duration::from_millis(2200));
+    let text2 = agent.scrape();
+    assert_eq!(pod_tokens(&text, "off-0"), None);
+    assert_eq!(pod_tokens(&text2, "off-0"), None);
+    let pid = agent.child.id();
+    assert_eq!(tally_tests::fake_engine::hits(&bodies[0], pid), 0);
+    assert!(tally_tests::fake_engine::hits(&bodies[1], pid) >= 2);
 }

@@ -11,7 +11,8 @@
 //! slow, hanging, huge or garbage endpoint costs the round at most its deadline and never the
 //! tick; it is counted in `tally_collector_errors_total{collector="inference"}` and logged once.
 //!
-//! A pod annotated `tally.io/inference: "off"` is not scraped.
+//! A pod annotated `tally.io/inference: "off"` is not scraped: the tick tells the round thread
+//! its containers' ids, and a server whose cgroup names one is left alone.
 
 pub mod discover;
 pub mod engines;
@@ -87,6 +88,9 @@ struct Shared {
     round: Mutex<Round>,
     /// Servers in opted-out pods: not scraped.
     skip: Mutex<HashSet<Instance>>,
+    /// The container ids of opted-out pods' containers, as the tick last saw them: a server
+    /// whose cgroup names one is not scraped, not even once.
+    opted_out: Mutex<Arc<HashSet<String>>>,
 }
 
 /// The settings a round runs with.
@@ -178,6 +182,20 @@ impl InferenceSource {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "the inference thread could not start: inference metering off");
+            }
+        }
+    }
+
+    /// Tells the round thread which containers belong to opted-out pods, when that changed.
+    fn publish_opted_out(&mut self, workloads: &[Arc<Workload>]) {
+        let now: HashSet<String> = workloads
+            .iter()
+            .filter(|w| opted_out(w))
+            .filter_map(|w| w.container_id().map(str::to_owned))
+            .collect();
+        if let Ok(mut slot) = self.shared.opted_out.lock() {
+            if **slot != now {
+                *slot = Arc::new(now);
             }
         }
     }
@@ -369,6 +387,7 @@ impl Source for InferenceSource {
 
     fn collect(&mut self, ctx: &mut TickCtx<'_>, ledger: &mut Ledger) {
         if self.enabled {
+            self.publish_opted_out(ctx.workloads);
             self.take_round(ctx, ledger);
         }
     }
@@ -444,6 +463,18 @@ fn rounds(mut settings: Settings, control: mpsc::Receiver<Settings>, shared: &Sh
 /// A scrape's answer: the address that answered and what it said, or why none did.
 type Answer = Result<(SocketAddr, Readings), Failure>;
 
+/// Whether process `pid`'s cgroups name one of `containers` (their ids are in the cgroup path
+/// on every runtime and cgroup driver).
+fn in_containers(proc_root: &std::path::Path, pid: u32, containers: &HashSet<String>) -> bool {
+    if containers.is_empty() {
+        return false;
+    }
+    let Ok(text) = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")) else {
+        return false;
+    };
+    containers.iter().any(|id| text.contains(id.as_str()))
+}
+
 /// One server to scrape.
 #[derive(Debug)]
 struct Target {
@@ -487,6 +518,11 @@ fn one_round(
         }
         Err(_) => HashSet::new(),
     };
+    let opted_out = shared
+        .opted_out
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
     let own_netns = discover::netns_inode(std::path::Path::new("/proc"), std::process::id()).ok();
     let mut claimed: BTreeSet<(u64, SocketAddr)> = BTreeSet::new();
     let mut targets = Vec::new();
@@ -495,7 +531,7 @@ fn one_round(
             pid: c.pid,
             start: c.start,
         };
-        if skip.contains(&instance) {
+        if skip.contains(&instance) || in_containers(&settings.proc_root, c.pid, &opted_out) {
             continue;
         }
         // A process gone since the scan, or not listening yet (loading its model): not a

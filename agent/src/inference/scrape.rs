@@ -110,9 +110,12 @@ pub fn get(request: &Request, limits: Limits) -> Result<Vec<u8>, Error> {
         SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
         SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
     };
+    // The agent's pid in its User-Agent: a server's log tells which node agent asked.
     let head = format!(
-        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tally\r\nAccept: text/plain;version=0.0.4\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n",
-        request.path
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tally/{} (pid {})\r\nAccept: text/plain;version=0.0.4\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n",
+        request.path,
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
     );
     stream
         .set_write_timeout(Some(left(deadline)?))

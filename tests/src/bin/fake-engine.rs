@@ -8,7 +8,8 @@
 //! - `FAKE_ENGINE_MODE`: `serve` (the default), `hang` (accepts and never answers), `huge`
 //!   (streams 100 MB of valid exposition lines without a length) or `garbage` (answers 200 with
 //!   bytes that are not exposition text);
-//! - `FAKE_ENGINE_READY`: a file it creates once it listens.
+//! - `FAKE_ENGINE_READY`: a file it creates once it listens;
+//! - `FAKE_ENGINE_HITS`: a file it appends each request's User-Agent to, one line each.
 #![expect(
     clippy::expect_used,
     reason = "a test server: a setup failure ends it with its message"
@@ -51,6 +52,22 @@ fn answer(mut conn: TcpStream) {
         match conn.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    if let Ok(hits) = std::env::var("FAKE_ENGINE_HITS") {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(hits)
+        {
+            // The request's User-Agent, one line per request.
+            let text = String::from_utf8_lossy(&request);
+            let agent = text
+                .lines()
+                .find_map(|l| l.strip_prefix("User-Agent: "))
+                .unwrap_or("-");
+            let _ = writeln!(f, "{agent}");
         }
     }
     let mode = std::env::var("FAKE_ENGINE_MODE").unwrap_or_else(|_| "serve".to_owned());
