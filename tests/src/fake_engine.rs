@@ -111,13 +111,25 @@ fn hits_file(body: &Path) -> std::path::PathBuf {
     body.with_extension("hits")
 }
 
-/// Requests the servers serving `body` answered so far from the agent with process id `pid`
-/// (its User-Agent names it: other tests' agents scrape every server on the node too).
-pub fn hits(body: &Path, pid: u32) -> usize {
-    let mine = format!("(pid {pid})");
+/// The requests (`GET <path> HTTP/1.1`) the servers serving `body` answered so far from the
+/// agent with process id `pid` (its User-Agent names it: other tests' agents scrape every
+/// server on the node too).
+pub fn requests(body: &Path, pid: u32) -> Vec<String> {
+    let mine = format!(" (pid {pid})");
     std::fs::read_to_string(hits_file(body))
-        .map(|t| t.lines().filter(|l| l.ends_with(&mine)).count())
-        .unwrap_or(0)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_suffix(&mine))
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .map(|(request, _agent)| request.to_owned())
+        })
+        .collect()
+}
+
+/// How many requests the servers serving `body` answered from the agent with process id `pid`.
+pub fn hits(body: &Path, pid: u32) -> usize {
+    requests(body, pid).len()
 }
 
 /// Writes a body the server reads on its next request (renamed into place: never half-read).

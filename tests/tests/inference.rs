@@ -395,6 +395,35 @@ fn a_token_budget_freezes_and_releases_and_a_kv_cache_level_budget_fires() {
     }
 }
 
+/// Pods of namespace `ml` with one container each (`server`), in cgroups named as containerd
+/// names them, with these names and annotations.
+fn pods(unified: &Path, specs: &[(&str, &[(&str, &str)])]) -> (Vec<TestCgroup>, Vec<FakePod>) {
+    let mut cgroups = Vec::new();
+    let mut pods = Vec::new();
+    for (name, annotations) in specs {
+        let (uid, id) = (random_uid(), random_hex(64));
+        let rel = format!(
+            "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{id}.scope",
+            uid.replace('-', "_")
+        );
+        cgroups.push(TestCgroup::create(&[unified.to_owned()], &rel));
+        pods.push(FakePod {
+            uid,
+            namespace: "ml".into(),
+            name: (*name).into(),
+            sandbox_id: random_hex(64),
+            containers: vec![(id, "server".into())],
+            devices: Vec::new(),
+            labels: Vec::new(),
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        });
+    }
+    (cgroups, pods)
+}
+
 /// A pod annotated `tally.io/inference: "off"` is never scraped, not even once; its neighbour
 /// is.
 #[test]
@@ -406,32 +435,10 @@ fn a_pod_annotated_off_is_never_scraped() {
     let dir = tempfile::tempdir().unwrap();
     let sockets = tempfile::tempdir().unwrap();
     let socket = sockets.path().join("containerd.sock");
-    let mut pods = Vec::new();
-    let mut cgroups = Vec::new();
-    for (name, annotations) in [
-        (
-            "off-0",
-            vec![("tally.io/inference".to_owned(), "off".to_owned())],
-        ),
-        ("on-0", Vec::new()),
-    ] {
-        let (uid, id) = (random_uid(), random_hex(64));
-        let rel = format!(
-            "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{id}.scope",
-            uid.replace('-', "_")
-        );
-        cgroups.push(TestCgroup::create(std::slice::from_ref(&unified), &rel));
-        pods.push(FakePod {
-            uid,
-            namespace: "ml".into(),
-            name: name.into(),
-            sandbox_id: random_hex(64),
-            containers: vec![(id, "server".into())],
-            devices: Vec::new(),
-            labels: Vec::new(),
-            annotations,
-        });
-    }
+    let (mut cgroups, pods) = pods(
+        &unified,
+        &[("off-0", &[("tally.io/inference", "off")]), ("on-0", &[])],
+    );
     let _cri = FakeCri::start(&socket, pods).unwrap();
     let agent = Agent::start(&config("").replace(
         "endpoints = []",
@@ -476,4 +483,110 @@ fn a_pod_annotated_off_is_never_scraped() {
     let pid = agent.child.id();
     assert_eq!(tally_tests::fake_engine::hits(&bodies[0], pid), 0);
     assert!(tally_tests::fake_engine::hits(&bodies[1], pid) >= 2);
+}
+
+/// A pod whose `prometheus.io/port` annotation points at its server is scraped there whatever
+/// its command line, inside its own network namespace, and the engine is told by the body; an
+/// annotated pod that serves no engine's metrics (an exporter) is read once and left alone.
+#[test]
+fn an_annotated_pod_is_scraped_at_its_port_and_its_engine_told_by_its_body() {
+    const TEST: &str = "an_annotated_pod_is_scraped_at_its_port_and_its_engine_told_by_its_body";
+    let Some(unified) = setup(TEST) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sockets = tempfile::tempdir().unwrap();
+    let socket = sockets.path().join("containerd.sock");
+    let (engine_port, exporter_port) = (free_port(), free_port());
+    let (engine_port_s, exporter_port_s) = (engine_port.to_string(), exporter_port.to_string());
+    let (mut cgroups, pods) = pods(
+        &unified,
+        &[
+            (
+                "sglang-0",
+                &[
+                    ("prometheus.io/scrape", "true"),
+                    ("prometheus.io/port", &engine_port_s),
+                    ("prometheus.io/path", "/custom/metrics"),
+                ],
+            ),
+            ("exporter-0", &[("prometheus.io/port", &exporter_port_s)]),
+        ],
+    );
+    let _cri = FakeCri::start(&socket, pods).unwrap();
+    let agent = Agent::start(&config("").replace(
+        "endpoints = []",
+        &format!("endpoints = [\"{}\"]", socket.display()),
+    ));
+    agent.scrape_until(Duration::from_secs(10), "both pods named", |t| {
+        ["sglang-0", "exporter-0"]
+            .iter()
+            .all(|p| sample(t, "tally_workload_info", &[&format!("pod=\"{p}\"")]).is_some())
+    });
+    // SGLang's format from a process no engine's command line matches, on loopback in a
+    // network namespace of its own.
+    let sglang = dir.path().join("sglang.prom");
+    write_body(
+        &sglang,
+        "sglang:prompt_tokens_total{model_name=\"qwen\"} 900\n\
+         sglang:generation_tokens_total{model_name=\"qwen\"} 120\n\
+         sglang:cached_tokens_total{model_name=\"qwen\",cache_source=\"device\"} 300\n\
+         sglang:token_usage{model_name=\"qwen\"} 0.25\n",
+    );
+    tally_tests::fake_engine::start(
+        FAKE_ENGINE,
+        &mut cgroups[0],
+        &["model-server", "--port", &engine_port_s],
+        &sglang,
+        Mode::Serve,
+        true,
+    );
+    let exporter = dir.path().join("exporter.prom");
+    write_body(&exporter, "node_load1 0.5\nprocess_open_fds 12\n");
+    tally_tests::fake_engine::start(
+        FAKE_ENGINE,
+        &mut cgroups[1],
+        &["exporter", "--port", &exporter_port_s],
+        &exporter,
+        Mode::Serve,
+        false,
+    );
+    let tokens = |t: &str, kind: &str| {
+        sample(
+            t,
+            "tally_workload_tokens_total",
+            &[
+                "pod=\"sglang-0\"",
+                "engine=\"sglang\"",
+                "model=\"qwen\"",
+                &format!("kind=\"{kind}\""),
+            ],
+        )
+    };
+    let text = agent.scrape_until(
+        Duration::from_secs(10),
+        "the annotated server's tokens",
+        |t| tokens(t, "prompt").is_some(),
+    );
+    assert_eq!(tokens(&text, "prompt"), Some(900.0));
+    assert_eq!(tokens(&text, "generation"), Some(120.0));
+    assert_eq!(tokens(&text, "cached"), Some(300.0));
+    assert_eq!(
+        sample(
+            &text,
+            "tally_workload_kv_cache_usage_ratio",
+            &["pod=\"sglang-0\""]
+        ),
+        Some(0.25)
+    );
+    // Two more rounds: the exporter was read once, found to be no engine, and left alone.
+    std::thread::sleep(Duration::from_millis(2200));
+    let pid = agent.child.id();
+    assert_eq!(tally_tests::fake_engine::hits(&exporter, pid), 1);
+    let asked = tally_tests::fake_engine::requests(&sglang, pid);
+    assert!(asked.len() >= 3, "{asked:?}");
+    assert!(
+        asked.iter().all(|r| r == "GET /custom/metrics HTTP/1.1"),
+        "the annotated path: {asked:?}"
+    );
 }

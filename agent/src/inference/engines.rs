@@ -431,6 +431,25 @@ pub fn recognise(argv: &[&str]) -> Option<&'static Engine> {
     ENGINES.iter().find(|e| (e.matches)(argv))
 }
 
+/// The engine whose metrics a body holds: the one with the most of its names among the
+/// samples' (the first in the table on a tie); `None` where no engine's name is there.
+pub fn detect(samples: &[Sample<'_>]) -> Option<&'static Engine> {
+    let mut best: Option<(&'static Engine, usize)> = None;
+    for e in ENGINES {
+        let mut names: Vec<&str> = samples
+            .iter()
+            .map(|s| s.name)
+            .filter(|n| e.wants(n))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        if !names.is_empty() && best.is_none_or(|(_, n)| names.len() > n) {
+            best = Some((e, names.len()));
+        }
+    }
+    best.map(|(e, _)| e)
+}
+
 /// The engine named `name` (the `engine` label).
 pub fn by_name(name: &str) -> Option<&'static Engine> {
     ENGINES.iter().find(|e| e.name == name)

@@ -67,7 +67,8 @@ struct Scraped {
     instance: Instance,
     /// The process started before the agent: what it counted until now is history.
     before_agent: bool,
-    engine: &'static Engine,
+    /// The engine's name (`unknown` for an annotated server whose body was never read).
+    engine: &'static str,
     result: Result<Readings, Failure>,
 }
 
@@ -91,6 +92,19 @@ struct Shared {
     /// The container ids of opted-out pods' containers, as the tick last saw them: a server
     /// whose cgroup names one is not scraped, not even once.
     opted_out: Mutex<Arc<HashSet<String>>>,
+    /// Containers of pods whose `prometheus.io/port` annotation points at their metrics.
+    annotated: Mutex<Arc<Vec<Annotated>>>,
+}
+
+/// A container of a pod annotated with `prometheus.io/port` (and `path`): a server of any
+/// engine, told by what it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Annotated {
+    container_id: String,
+    /// Its `cgroup.procs`, to find the process that listens on the port.
+    procs: PathBuf,
+    port: u16,
+    path: String,
 }
 
 /// The settings a round runs with.
@@ -186,9 +200,11 @@ impl InferenceSource {
         }
     }
 
-    /// Tells the round thread which containers belong to opted-out pods, when that changed.
-    fn publish_opted_out(&mut self, workloads: &[Arc<Workload>]) {
-        let now: HashSet<String> = workloads
+    /// Tells the round thread which containers belong to opted-out pods, and which pods'
+    /// annotations point at metrics, when that changed.
+    fn publish_pods(&mut self, ctx: &TickCtx<'_>) {
+        let now: HashSet<String> = ctx
+            .workloads
             .iter()
             .filter(|w| opted_out(w))
             .filter_map(|w| w.container_id().map(str::to_owned))
@@ -196,6 +212,41 @@ impl InferenceSource {
         if let Ok(mut slot) = self.shared.opted_out.lock() {
             if **slot != now {
                 *slot = Arc::new(now);
+            }
+        }
+        let layout = ctx.identity.layout();
+        let mut annotated = Vec::new();
+        for (found, w) in ctx.discovery.found.iter().zip(ctx.workloads) {
+            let (Some(id), Some(port)) = (w.container_id(), annotated_port(w)) else {
+                continue;
+            };
+            let rel = found.rel.trim_start_matches('/');
+            let Some(dir) = layout
+                .unified
+                .iter()
+                .map(PathBuf::as_path)
+                .chain(layout.roots())
+                .map(|root| root.join(rel))
+                .find(|d| d.is_dir())
+            else {
+                continue;
+            };
+            let path = w
+                .names
+                .annotations
+                .get(ANNOTATION_PATH)
+                .cloned()
+                .unwrap_or_else(|| "/metrics".to_owned());
+            annotated.push(Annotated {
+                container_id: id.to_owned(),
+                procs: dir.join("cgroup.procs"),
+                port,
+                path,
+            });
+        }
+        if let Ok(mut slot) = self.shared.annotated.lock() {
+            if **slot != annotated {
+                *slot = Arc::new(annotated);
             }
         }
     }
@@ -234,7 +285,7 @@ impl InferenceSource {
             if opted_out(&server.workload) {
                 tracing::info!(
                     pid = s.instance.pid,
-                    engine = s.engine.name,
+                    engine = s.engine,
                     "inference server in a pod annotated {OPT_OUT_ANNOTATION}=off: not scraped"
                 );
                 if let Ok(mut skip) = self.shared.skip.lock() {
@@ -247,16 +298,16 @@ impl InferenceSource {
             let readings = match s.result {
                 Ok(r) => r,
                 Err(f) => {
-                    *self.up.entry((s.engine.name, false)).or_default() += 1;
-                    let (pid, engine) = (s.instance.pid, s.engine.name);
+                    *self.up.entry((s.engine, false)).or_default() += 1;
+                    let (pid, engine) = (s.instance.pid, s.engine);
                     ctx.errors.record(COLLECTOR, f.reason, || {
                         format!("{engine} server (pid {pid}): {}", f.detail)
                     });
                     continue;
                 }
             };
-            *self.up.entry((s.engine.name, true)).or_default() += 1;
-            let engine: Arc<str> = Arc::from(s.engine.name);
+            *self.up.entry((s.engine, true)).or_default() += 1;
+            let engine: Arc<str> = Arc::from(s.engine);
             let mut row = ledger.row(&server.workload);
             let baseline = std::mem::take(&mut server.baseline);
             for (model, r) in &readings {
@@ -349,6 +400,21 @@ fn server_for<'a>(
     }))
 }
 
+/// The pod annotations that point at a server's metrics.
+const ANNOTATION_SCRAPE: &str = "prometheus.io/scrape";
+const ANNOTATION_PORT: &str = "prometheus.io/port";
+const ANNOTATION_PATH: &str = "prometheus.io/path";
+
+/// The metrics port a workload's pod annotations name, unless they say not to scrape it or it
+/// opted out of inference metering.
+fn annotated_port(w: &Workload) -> Option<u16> {
+    let a = &w.names.annotations;
+    if a.get(ANNOTATION_SCRAPE).is_some_and(|v| v == "false") || opted_out(w) {
+        return None;
+    }
+    a.get(ANNOTATION_PORT)?.trim().parse().ok()
+}
+
 /// Whether a workload's pod opted out of inference metering.
 fn opted_out(workload: &Workload) -> bool {
     workload
@@ -387,7 +453,7 @@ impl Source for InferenceSource {
 
     fn collect(&mut self, ctx: &mut TickCtx<'_>, ledger: &mut Ledger) {
         if self.enabled {
-            self.publish_opted_out(ctx.workloads);
+            self.publish_pods(ctx);
             self.take_round(ctx, ledger);
         }
     }
@@ -434,13 +500,13 @@ impl Source for InferenceSource {
 /// The round thread: a round every interval until the source is dropped.
 fn rounds(mut settings: Settings, control: mpsc::Receiver<Settings>, shared: &Shared) {
     let mut scanner = discover::Scanner::new(&settings.proc_root);
-    let mut preferred: HashMap<Instance, SocketAddr> = HashMap::new();
+    let mut state = RoundState::default();
     // Clock ticks since boot, comparable with every process's start time.
     let agent_start = discover::start_time(std::path::Path::new("/proc/self")).unwrap_or(0);
     let mut seq = 0;
     loop {
         let started = Instant::now();
-        let mut round = one_round(&settings, &mut scanner, &mut preferred, shared, agent_start);
+        let mut round = one_round(&settings, &mut scanner, &mut state, shared, agent_start);
         seq += 1;
         round.seq = seq;
         if let Ok(mut slot) = shared.round.lock() {
@@ -461,7 +527,14 @@ fn rounds(mut settings: Settings, control: mpsc::Receiver<Settings>, shared: &Sh
 }
 
 /// A scrape's answer: the address that answered and what it said, or why none did.
-type Answer = Result<(SocketAddr, Readings), Failure>;
+type Answer = Result<(SocketAddr, &'static Engine, Readings), Failure>;
+
+/// The reason of an annotated server's answer that is no engine's metrics: not an error, and
+/// not a server.
+const NO_ENGINE: &str = "no_engine";
+
+/// Processes of an annotated container looked at for the one that listens on its port.
+const MAX_ANNOTATED_PIDS: usize = 64;
 
 /// Whether process `pid`'s cgroups name one of `containers` (their ids are in the cgroup path
 /// on every runtime and cgroup driver).
@@ -479,18 +552,35 @@ fn in_containers(proc_root: &std::path::Path, pid: u32, containers: &HashSet<Str
 #[derive(Debug)]
 struct Target {
     instance: Instance,
-    engine: &'static Engine,
+    /// Its engine, from its command line; `None` for an annotated server, told by its body.
+    engine: Option<&'static Engine>,
+    /// The metrics path.
+    path: String,
+    /// The model its command line names, for engines whose series carry none.
     model: String,
+    /// Its command line, for an annotated server (the model, once the engine is known).
+    argv: Option<String>,
     /// Its network namespace, where that is not the agent's.
     netns: Option<PathBuf>,
     /// The addresses to try, in order.
     tries: Vec<SocketAddr>,
 }
 
+/// What the round thread remembers between rounds.
+#[derive(Debug, Default)]
+struct RoundState {
+    /// The address each server answered on last.
+    preferred: HashMap<Instance, SocketAddr>,
+    /// The server process found for each annotated container.
+    by_annotation: HashMap<String, Instance>,
+    /// Annotated processes that serve no engine's metrics.
+    not_inference: HashSet<Instance>,
+}
+
 fn one_round(
     settings: &Settings,
     scanner: &mut discover::Scanner,
-    preferred: &mut HashMap<Instance, SocketAddr>,
+    state: &mut RoundState,
     shared: &Shared,
     agent_start: u64,
 ) -> Round {
@@ -518,6 +608,9 @@ fn one_round(
         }
         Err(_) => HashSet::new(),
     };
+    state.not_inference.retain(|i| {
+        discover::start_time(&settings.proc_root.join(i.pid.to_string())) == Some(i.start)
+    });
     let opted_out = shared
         .opted_out
         .lock()
@@ -556,7 +649,7 @@ fn one_round(
             .map(discover::connect_address)
             .collect();
         tries.dedup();
-        if let Some(p) = preferred.get(&instance) {
+        if let Some(p) = state.preferred.get(&instance) {
             if let Some(i) = tries.iter().position(|a| a == p) {
                 let a = tries.remove(i);
                 tries.insert(0, a);
@@ -567,30 +660,111 @@ fn one_round(
             .then(|| settings.proc_root.join(c.pid.to_string()).join("ns/net"));
         targets.push(Target {
             instance,
-            engine: c.engine,
+            engine: Some(c.engine),
+            path: c.engine.path.to_owned(),
             model: c.model,
+            argv: None,
             netns,
             tries,
         });
+    }
+    let annotated = shared
+        .annotated
+        .lock()
+        .map(|a| a.clone())
+        .unwrap_or_default();
+    state
+        .by_annotation
+        .retain(|id, _| annotated.iter().any(|a| &a.container_id == id));
+    for a in annotated.iter() {
+        if let Some(t) = annotated_target(settings, state, a, &skip, &mut claimed, own_netns) {
+            targets.push(t);
+        }
     }
     round.discovery = started.elapsed();
     let scraping = Instant::now();
     let results = scrape_all(&targets, settings);
     round.scrape = scraping.elapsed();
-    preferred.clear();
+    state.preferred.clear();
     for (target, result) in targets.into_iter().zip(results) {
-        let result = result.map(|(addr, readings)| {
-            preferred.insert(target.instance, addr);
-            readings
-        });
+        let (engine, result) = match result {
+            Ok((addr, engine, readings)) => {
+                state.preferred.insert(target.instance, addr);
+                (engine.name, Ok(readings))
+            }
+            // An annotated server that serves no engine's metrics (an exporter): not looked
+            // at again while its process lives.
+            Err(f) if f.reason == NO_ENGINE => {
+                state.not_inference.insert(target.instance);
+                continue;
+            }
+            Err(f) => (target.engine.map_or("unknown", |e| e.name), Err(f)),
+        };
         round.servers.push(Scraped {
             instance: target.instance,
             before_agent: target.instance.start < agent_start,
-            engine: target.engine,
+            engine,
             result,
         });
     }
     round
+}
+
+/// The server of an annotated pod's container: its process that listens on the annotated port
+/// (the one found before, while it lives), unless a server found by its command line has that
+/// socket already, or it is known to serve no engine's metrics.
+fn annotated_target(
+    settings: &Settings,
+    state: &mut RoundState,
+    a: &Annotated,
+    skip: &HashSet<Instance>,
+    claimed: &mut BTreeSet<(u64, SocketAddr)>,
+    own_netns: Option<u64>,
+) -> Option<Target> {
+    let proc_root = &settings.proc_root;
+    let text = std::fs::read_to_string(&a.procs).ok()?;
+    let mut pids: Vec<u32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    // The process found before first; a container's first processes are likelier servers
+    // than the helpers they start.
+    if let Some(known) = state.by_annotation.get(&a.container_id) {
+        if let Some(i) = pids.iter().position(|p| *p == known.pid) {
+            pids.swap(0, i);
+        }
+    }
+    for pid in pids.into_iter().take(MAX_ANNOTATED_PIDS) {
+        let dir = proc_root.join(pid.to_string());
+        let Some(start) = discover::start_time(&dir) else {
+            continue;
+        };
+        let instance = Instance { pid, start };
+        if skip.contains(&instance) || state.not_inference.contains(&instance) {
+            return None;
+        }
+        let Ok(listeners) = discover::listening(proc_root, pid) else {
+            continue;
+        };
+        let Some(listen) = listeners.into_iter().find(|l| l.port() == a.port) else {
+            continue;
+        };
+        let ns = discover::netns_inode(proc_root, pid).ok()?;
+        if !claimed.insert((ns, listen)) {
+            return None;
+        }
+        state.by_annotation.insert(a.container_id.clone(), instance);
+        let argv = std::fs::read(dir.join("cmdline"))
+            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+            .unwrap_or_default();
+        return Some(Target {
+            instance,
+            engine: None,
+            path: a.path.clone(),
+            model: String::new(),
+            argv: Some(argv),
+            netns: (Some(ns) != own_netns).then(|| dir.join("ns/net")),
+            tries: vec![discover::connect_address(listen)],
+        });
+    }
+    None
 }
 
 /// Scrapes every target, at most `max_concurrent` at once, each on a thread of its own (which
@@ -635,16 +809,17 @@ fn scrape_all(targets: &[Target], settings: &Settings) -> Vec<Answer> {
 }
 
 /// Scrapes one server: its addresses in order until one answers with exposition text.
-fn scrape_one(target: &Target, limits: scrape::Limits) -> Result<(SocketAddr, Readings), Failure> {
+fn scrape_one(target: &Target, limits: scrape::Limits) -> Answer {
     let mut last = Failure {
         reason: "connect",
         detail: "no address to try".to_owned(),
     };
+    let path = &target.path;
     for addr in &target.tries {
         let request = scrape::Request {
             netns: target.netns.clone(),
             addr: *addr,
-            path: target.engine.path.to_owned(),
+            path: path.clone(),
         };
         let body = match scrape::get(&request, limits) {
             Ok(body) => body,
@@ -657,11 +832,7 @@ fn scrape_one(target: &Target, limits: scrape::Limits) -> Result<(SocketAddr, Re
                 );
                 last = Failure {
                     reason: e.reason(),
-                    detail: format!(
-                        "{addr}{}: {}",
-                        target.engine.path,
-                        tally_error_chain::chain(&e)
-                    ),
+                    detail: format!("{addr}{path}: {}", tally_error_chain::chain(&e)),
                 };
                 // A server that hangs or floods costs its deadline once, not once per port.
                 if stop {
@@ -670,25 +841,53 @@ fn scrape_one(target: &Target, limits: scrape::Limits) -> Result<(SocketAddr, Re
                 continue;
             }
         };
-        let text = match String::from_utf8(body) {
-            Ok(t) => t,
-            Err(_) => {
-                last = Failure {
-                    reason: "parse",
-                    detail: format!("{addr}{}: the body is not UTF-8", target.engine.path),
-                };
-                continue;
-            }
+        let Ok(text) = String::from_utf8(body) else {
+            last = Failure {
+                reason: "parse",
+                detail: format!("{addr}{path}: the body is not UTF-8"),
+            };
+            continue;
         };
-        match exposition::parse(&text, |name| target.engine.wants(name)) {
-            Ok(samples) => return Ok((*addr, target.engine.convert(&samples, &target.model))),
+        let parsed = match target.engine {
+            Some(engine) => exposition::parse(&text, |name| engine.wants(name))
+                .map(|samples| (engine, samples, target.model.clone())),
+            // An annotated server: the engine whose names the body has.
+            None => exposition::parse(&text, |name| engines::ENGINES.iter().any(|e| e.wants(name)))
+                .map(|samples| {
+                    let engine = engines::detect(&samples);
+                    let argv = target.argv.as_deref().unwrap_or("");
+                    let argv: Vec<&str> = argv.trim_end_matches('\0').split('\0').collect();
+                    let model = engine
+                        .and_then(|e| e.model_from_cmdline(&argv))
+                        .unwrap_or_default();
+                    (engine, samples, model)
+                })
+                .and_then(|(engine, samples, model)| match engine {
+                    Some(engine) => Ok((engine, samples, model)),
+                    None => Err(exposition::ParseError {
+                        line: 0,
+                        what: NO_ENGINE,
+                    }),
+                }),
+        };
+        match parsed {
+            Ok((engine, samples, model)) => {
+                let samples: Vec<_> = samples
+                    .into_iter()
+                    .filter(|s| engine.wants(s.name))
+                    .collect();
+                return Ok((*addr, engine, engine.convert(&samples, &model)));
+            }
+            Err(e) if e.what == NO_ENGINE => {
+                return Err(Failure {
+                    reason: NO_ENGINE,
+                    detail: format!("{addr}{path}: no inference engine's metrics"),
+                });
+            }
             Err(e) => {
                 last = Failure {
                     reason: "parse",
-                    detail: format!(
-                        "{addr}{}: not Prometheus exposition text: {e}",
-                        target.engine.path
-                    ),
+                    detail: format!("{addr}{path}: not Prometheus exposition text: {e}"),
                 };
             }
         }

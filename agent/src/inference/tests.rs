@@ -536,3 +536,26 @@ fn the_client_gives_up_at_its_deadline() {
     };
     assert_eq!(get(refused, 300, 1024).unwrap_err().reason(), "connect");
 }
+
+/// A server found by its pod's annotation is told by its body: the engine with the most of its
+/// names there; none for an exporter's.
+#[test]
+fn an_engine_is_told_by_the_names_in_its_body() {
+    let names = |body: &str| {
+        let samples = parse(body, |_| true).unwrap();
+        engines::detect(&samples).map(|e| e.name)
+    };
+    assert_eq!(
+        names("sglang:prompt_tokens_total{model_name=\"q\"} 1\nsglang:token_usage{model_name=\"q\"} 0.1\n"),
+        Some("sglang")
+    );
+    assert_eq!(names("node_load1 0.5\nprocess_open_fds 12\n"), None);
+    // A Dynamo frontend that also re-exports one vLLM series is Dynamo's.
+    assert_eq!(
+        names(
+            "dynamo_frontend_input_sequence_tokens_sum{model=\"m\"} 5\ndynamo_frontend_output_tokens_total{model=\"m\"} 2\nvllm:prompt_tokens_total{model_name=\"m\"} 5\n"
+        ),
+        Some("dynamo")
+    );
+    assert_eq!(names(""), None);
+}

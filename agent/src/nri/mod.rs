@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::budget::verdict::{Board, Candidate, Decision, CPU_PERIOD_US};
 use crate::config::admission::OnUnknown;
 use crate::config::Config;
-use crate::identity::cri::{pod_labels, tally_annotations, CriHandle, SANDBOX_CONTAINER};
+use crate::identity::cri::{kept_annotations, pod_labels, CriHandle, SANDBOX_CONTAINER};
 use crate::identity::Names;
 use proto::{
     event_mask, ConfigureRequest, ConfigureResponse, ContainerAdjustment, CreateContainerRequest,
@@ -466,7 +466,7 @@ impl Plugin {
                 pod: pod.name.clone(),
                 container: container.to_owned(),
                 labels: Arc::new(pod_labels(&pod.labels)),
-                annotations: Arc::new(tally_annotations(&pod.annotations)),
+                annotations: Arc::new(kept_annotations(&pod.annotations)),
             },
         );
     }

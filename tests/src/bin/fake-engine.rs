@@ -9,7 +9,8 @@
 //!   (streams 100 MB of valid exposition lines without a length) or `garbage` (answers 200 with
 //!   bytes that are not exposition text);
 //! - `FAKE_ENGINE_READY`: a file it creates once it listens;
-//! - `FAKE_ENGINE_HITS`: a file it appends each request's User-Agent to, one line each.
+//! - `FAKE_ENGINE_HITS`: a file it appends each request's line and User-Agent to, one line
+//!   each.
 #![expect(
     clippy::expect_used,
     reason = "a test server: a setup failure ends it with its message"
@@ -61,13 +62,14 @@ fn answer(mut conn: TcpStream) {
             .append(true)
             .open(hits)
         {
-            // The request's User-Agent, one line per request.
+            // The request's line and User-Agent, one line per request.
             let text = String::from_utf8_lossy(&request);
+            let line = text.lines().next().unwrap_or("-");
             let agent = text
                 .lines()
                 .find_map(|l| l.strip_prefix("User-Agent: "))
                 .unwrap_or("-");
-            let _ = writeln!(f, "{agent}");
+            let _ = writeln!(f, "{line} {agent}");
         }
     }
     let mode = std::env::var("FAKE_ENGINE_MODE").unwrap_or_else(|_| "serve".to_owned());

@@ -70,8 +70,8 @@ pub struct Names {
     /// The pod's labels (without the kubelet's own `io.kubernetes.*`), for budget selectors.
     /// Not part of the identity: equality and hashing ignore them.
     pub labels: Arc<BTreeMap<String, String>>,
-    /// The pod's own annotations (`tally.io/…`): per-pod settings such as the opt-out from
-    /// inference metering. Not part of the identity either.
+    /// The pod's annotations Tally reads (`tally.io/…`, `prometheus.io/…`): the opt-out from
+    /// inference metering, an inference server's metrics port. Not part of the identity either.
     pub annotations: Arc<BTreeMap<String, String>>,
 }
 

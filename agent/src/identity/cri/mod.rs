@@ -286,7 +286,7 @@ pub fn join_names(
                 pod: or_label(&meta.name, &sandbox.labels, proto::LABEL_POD_NAME),
                 container: SANDBOX_CONTAINER.to_owned(),
                 labels: Arc::new(pod_labels(&sandbox.labels)),
-                annotations: Arc::new(tally_annotations(&sandbox.annotations)),
+                annotations: Arc::new(kept_annotations(&sandbox.annotations)),
             },
         );
     }
@@ -325,16 +325,17 @@ pub fn join_names(
     names
 }
 
-/// The prefix of the pod annotations Tally reads (`tally.io/inference`).
-pub const ANNOTATION_PREFIX: &str = "tally.io/";
+/// The prefixes of the pod annotations Tally reads: its own (`tally.io/inference`) and the
+/// scrape annotations that point at an inference server's metrics (`prometheus.io/port`).
+pub const ANNOTATION_PREFIXES: [&str; 2] = ["tally.io/", "prometheus.io/"];
 
-/// A sandbox's annotations that are Tally's own.
-pub fn tally_annotations(
+/// A sandbox's annotations that Tally reads (the rest can be large: last-applied configs).
+pub fn kept_annotations(
     annotations: &HashMap<String, String>,
 ) -> std::collections::BTreeMap<String, String> {
     annotations
         .iter()
-        .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+        .filter(|(k, _)| ANNOTATION_PREFIXES.iter().any(|p| k.starts_with(p)))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
