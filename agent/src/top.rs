@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use tally_exporters::Metric;
 
-use crate::catalogue::{self, budget, cost, workload};
+use crate::catalogue::{self, budget, cost, inference, workload};
+use crate::inference::exposition;
 
 /// One series: name, labels, value.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,87 +22,21 @@ pub struct Series {
     pub value: f64,
 }
 
-/// Parses the Prometheus text format (comments skipped, escapes in label values decoded).
+/// Parses the Prometheus text format (comments skipped, escapes in label values decoded); a
+/// line that is not a sample is skipped.
 pub fn parse(text: &str) -> Vec<Series> {
     text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(parse_line)
+        .filter_map(|l| exposition::parse_line(l).ok().flatten())
+        .map(|s| Series {
+            name: s.name.to_owned(),
+            labels: s
+                .labels
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.into_owned()))
+                .collect(),
+            value: s.value,
+        })
         .collect()
-}
-
-fn parse_line(line: &str) -> Option<Series> {
-    let (name, rest) = match line.find(['{', ' ']) {
-        Some(i) => line.split_at(i),
-        None => return None,
-    };
-    let mut labels = BTreeMap::new();
-    let rest = if let Some(body) = rest.strip_prefix('{') {
-        let mut chars = body.char_indices().peekable();
-        let mut end = None;
-        loop {
-            // key
-            let start = chars.peek()?.0;
-            let mut eq = None;
-            for (i, c) in chars.by_ref() {
-                if c == '=' {
-                    eq = Some(i);
-                    break;
-                }
-                if c == '}' {
-                    end = Some(i);
-                    break;
-                }
-            }
-            if end.is_some() {
-                break;
-            }
-            let key = body[start..eq?].trim_start_matches(',').trim().to_owned();
-            if chars.next()?.1 != '"' {
-                return None;
-            }
-            let mut value = String::new();
-            let mut escaped = false;
-            for (_, c) in chars.by_ref() {
-                match (escaped, c) {
-                    (true, 'n') => {
-                        value.push('\n');
-                        escaped = false;
-                    }
-                    (true, c) => {
-                        value.push(c);
-                        escaped = false;
-                    }
-                    (false, '\\') => escaped = true,
-                    (false, '"') => break,
-                    (false, c) => value.push(c),
-                }
-            }
-            labels.insert(key, value);
-            match chars.peek() {
-                Some((i, '}')) => {
-                    end = Some(*i);
-                    break;
-                }
-                Some((_, ',')) => {
-                    chars.next();
-                    if let Some((i, '}')) = chars.peek() {
-                        end = Some(*i);
-                        break;
-                    }
-                }
-                _ => return None,
-            }
-        }
-        &body[end? + 1..]
-    } else {
-        rest
-    };
-    let value = rest.split_whitespace().next()?.parse().ok()?;
-    Some(Series {
-        name: name.to_owned(),
-        labels,
-        value,
-    })
 }
 
 /// A workload's row.
@@ -117,6 +52,8 @@ pub struct Row {
     pub memory_bytes: f64,
     /// What its use cost, in the configured currency (a rate per second in a view).
     pub cost: f64,
+    /// Prompt and generation tokens its inference servers processed (a rate in a view).
+    pub tokens: f64,
     /// Workloads summed into the row (1 without `--by`).
     pub workloads: usize,
     pub budget_ratio: Option<f64>,
@@ -209,6 +146,12 @@ pub fn rows_by(series: &[Series], by: Option<&str>) -> BTreeMap<String, Row> {
             row.memory_bytes += s.value;
         } else if metric == &cost::WORKLOAD_COST {
             row.cost += s.value;
+        } else if metric == &inference::TOKENS
+            && s.labels
+                .get("kind")
+                .is_some_and(|k| k == "prompt" || k == "generation")
+        {
+            row.tokens += s.value;
         } else if metric == &budget::USAGE_RATIO {
             row.budget_ratio = Some(row.budget_ratio.unwrap_or(0.0).max(s.value));
         } else if metric == &budget::ENFORCEMENT_ACTIVE && s.value >= 1.0 {
@@ -239,6 +182,7 @@ pub fn rates(before: &BTreeMap<String, Row>, after: &BTreeMap<String, Row>, secs
                 rx_bytes: rate(a.rx_bytes, b.rx_bytes),
                 disk_bytes: rate(a.disk_bytes, b.disk_bytes),
                 cost: rate(a.cost, b.cost),
+                tokens: rate(a.tokens, b.tokens),
                 ..a.clone()
             }
         })
@@ -282,11 +226,12 @@ pub fn render_by(rows: &[Row], limit: usize, agent: &str, by: Option<&str>) -> S
         ),
     };
     let mut out = format!(
-        "tally top — {agent} — {} {what}\n{:<48} {:>9} {:>7} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
+        "tally top — {agent} — {} {what}\n{:<48} {:>9} {:>7} {:>8} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
         rows.len(),
         first,
         "COST/h",
         "GPU s/s",
+        "TOK/s",
         "CPU",
         "NET TX/s",
         "NET RX/s",
@@ -302,9 +247,10 @@ pub fn render_by(rows: &[Row], limit: usize, agent: &str, by: Option<&str>) -> S
             .budget_ratio
             .map_or_else(|| "-".to_owned(), |b| format!("{:.0}%", b * 100.0));
         out.push_str(&format!(
-            "{name:<48} {:>9.4} {:>7.2} {:>6.2} {:>10} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
+            "{name:<48} {:>9.4} {:>7.2} {:>8.1} {:>6.2} {:>10} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
             r.cost * 3600.0,
             r.gpu_seconds,
+            r.tokens,
             r.cpu_seconds,
             bytes(r.tx_bytes),
             bytes(r.rx_bytes),
@@ -447,7 +393,7 @@ mod tests {
             "# TYPE x counter\ntally_workload_cpu_seconds_total{{{LABELS}}} 10\ntally_workload_gpu_seconds_total{{{LABELS},gpu=\"GPU-1\",method=\"sampled\"}} 5\n"
         );
         let after = format!(
-            "tally_workload_cpu_seconds_total{{{LABELS}}} 12\ntally_workload_gpu_seconds_total{{{LABELS},gpu=\"GPU-1\",method=\"sampled\"}} 6\ntally_budget_usage_ratio{{{LABELS},budget=\"b\",resource=\"cpu_seconds\"}} 1.02\ntally_enforcement_active{{{LABELS},budget=\"b\",action=\"cpu\",dry_run=\"false\"}} 1\ntally_build_info{{version=\"0.1.0\"}} 1\n"
+            "tally_workload_cpu_seconds_total{{{LABELS}}} 12\ntally_workload_gpu_seconds_total{{{LABELS},gpu=\"GPU-1\",method=\"sampled\"}} 6\ntally_workload_tokens_total{{{LABELS},engine=\"vllm\",model=\"m\",kind=\"prompt\"}} 300\ntally_workload_tokens_total{{{LABELS},engine=\"vllm\",model=\"m\",kind=\"generation\"}} 100\ntally_workload_tokens_total{{{LABELS},engine=\"vllm\",model=\"m\",kind=\"cached\"}} 250\ntally_budget_usage_ratio{{{LABELS},budget=\"b\",resource=\"cpu_seconds\"}} 1.02\ntally_enforcement_active{{{LABELS},budget=\"b\",action=\"cpu\",dry_run=\"false\"}} 1\ntally_build_info{{version=\"0.1.0\"}} 1\n"
         );
         let view = rates(&rows(&parse(&before)), &rows(&parse(&after)), 2.0);
         assert_eq!(view.len(), 1, "{view:?}");
@@ -455,11 +401,17 @@ mod tests {
         assert_eq!(r.name, "ml/train-0/main");
         assert_eq!(r.cpu_seconds, 1.0);
         assert_eq!(r.gpu_seconds, 0.5);
+        // Prompt and generation tokens (cached ones are part of the prompt), from none before.
+        assert_eq!(r.tokens, 200.0);
         assert_eq!(r.budget_ratio, Some(1.02));
         assert_eq!(r.throttles, ["cpu"]);
         let text = render(&view, 10, "a");
         assert!(text.contains("ml/train-0/main"), "{text}");
         assert!(text.contains("102%"), "{text}");
+        assert!(
+            text.contains("TOK/s") && text.contains("   200.0 "),
+            "{text}"
+        );
     }
 
     #[test]

@@ -38,49 +38,55 @@ pub fn parse<'a>(
 ) -> Result<Vec<Sample<'a>>, ParseError> {
     let mut samples = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let line = line.trim_start();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let fail = |what| ParseError { line: i + 1, what };
-        let name_end = line
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
-            .unwrap_or(line.len());
-        let name = &line[..name_end];
-        if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
-            return Err(fail("no metric name"));
-        }
-        let mut rest = &line[name_end..];
-        let mut labels = Vec::new();
-        if let Some(after) = rest.strip_prefix('{') {
-            rest = parse_labels(after, &mut labels).map_err(fail)?;
-        }
-        if !rest.starts_with([' ', '\t']) {
-            return Err(fail("no value after the name"));
-        }
-        let mut fields = rest.split_ascii_whitespace();
-        let value = fields
-            .next()
-            .and_then(parse_value)
-            .ok_or(fail("the value is not a number"))?;
-        // An optional timestamp (an integer, or OpenMetrics' float seconds), then nothing.
-        if let Some(ts) = fields.next() {
-            if ts.parse::<f64>().is_err() {
-                return Err(fail("the timestamp is not a number"));
-            }
-        }
-        if fields.next().is_some() {
-            return Err(fail("text after the timestamp"));
-        }
-        if want(name) {
-            samples.push(Sample {
-                name,
-                labels,
-                value,
-            });
+        match parse_line(line) {
+            Ok(Some(sample)) if want(sample.name) => samples.push(sample),
+            Ok(_) => {}
+            Err(what) => return Err(ParseError { line: i + 1, what }),
         }
     }
     Ok(samples)
+}
+
+/// One line: a sample, `None` for a comment or a blank line, or what is wrong with it.
+pub fn parse_line(line: &str) -> Result<Option<Sample<'_>>, &'static str> {
+    let line = line.trim_start();
+    if line.is_empty() || line.starts_with('#') {
+        return Ok(None);
+    }
+    let name_end = line
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .unwrap_or(line.len());
+    let name = &line[..name_end];
+    if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err("no metric name");
+    }
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(after) = rest.strip_prefix('{') {
+        rest = parse_labels(after, &mut labels)?;
+    }
+    if !rest.starts_with([' ', '\t']) {
+        return Err("no value after the name");
+    }
+    let mut fields = rest.split_ascii_whitespace();
+    let value = fields
+        .next()
+        .and_then(parse_value)
+        .ok_or("the value is not a number")?;
+    // An optional timestamp (an integer, or OpenMetrics' float seconds), then nothing.
+    if let Some(ts) = fields.next() {
+        if ts.parse::<f64>().is_err() {
+            return Err("the timestamp is not a number");
+        }
+    }
+    if fields.next().is_some() {
+        return Err("text after the timestamp");
+    }
+    Ok(Some(Sample {
+        name,
+        labels,
+        value,
+    }))
 }
 
 /// Parses `name="value",…}` and returns what follows the closing brace.
