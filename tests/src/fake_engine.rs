@@ -38,12 +38,29 @@ pub fn start(
     mode: Mode,
     netns: bool,
 ) -> u32 {
+    start_as(fake, cgroup, argv, body, mode, netns, None)
+}
+
+/// As [`start`], the server running as user and group `uid` (its body's directory must let
+/// that user read the body and create files).
+pub fn start_as(
+    fake: &str,
+    cgroup: &mut TestCgroup,
+    argv: &[&str],
+    body: &Path,
+    mode: Mode,
+    netns: bool,
+    uid: Option<u32>,
+) -> u32 {
     let dir = body.parent().expect("the body is in a directory");
     let ready = dir.join(format!("ready-{}", random_hex(6)));
     let quoted: Vec<String> = argv[1..].iter().map(|a| format!("'{a}'")).collect();
     let script = format!(
-        "{lo}export FAKE_ENGINE_BODY='{body}' FAKE_ENGINE_MODE={mode} FAKE_ENGINE_READY='{ready}' FAKE_ENGINE_HITS='{hits}'; exec -a '{argv0}' '{fake}' {args}",
+        "{lo}export FAKE_ENGINE_BODY='{body}' FAKE_ENGINE_MODE={mode} FAKE_ENGINE_READY='{ready}' FAKE_ENGINE_HITS='{hits}'; exec {user} bash -c \"exec -a '{argv0}' '{fake}' {args}\"",
         lo = if netns { "ip link set lo up && " } else { "" },
+        user = uid.map_or(String::new(), |u| format!(
+            "setpriv --reuid={u} --regid={u} --clear-groups"
+        )),
         body = body.display(),
         mode = mode.as_str(),
         ready = ready.display(),

@@ -177,15 +177,18 @@ fn servers_found_by_command_line_and_socket_are_charged_exactly_and_stay_monoton
     // Nothing is charged to the other workload.
     assert_eq!(tokens(&text, &b.name, "vllm", "chat", "prompt"), None);
 
-    // The counters move; a restarted server counts from zero again, and the workload's counter
-    // goes on from where it was.
+    // The counters move; a restarted server counts from zero again (here on another port), and
+    // the workload's counter goes on from where it was.
     write_body(&llama, &llamacpp_body(100.0, 50.0, 80.0));
     agent.scrape_until(Duration::from_secs(10), "the new counters", |t| {
         tokens(t, &b.name, "llamacpp", "tiny.gguf", "generation") == Some(80.0)
     });
     kill(first);
     write_body(&llama, &llamacpp_body(5.0, 0.0, 7.0));
-    let second = start_server(&mut b, &llama_argv, &llama, Mode::Serve, true);
+    // Restarted on another port: followed there.
+    let mut moved = llama_argv;
+    moved[7] = "8081";
+    let second = start_server(&mut b, &moved, &llama, Mode::Serve, true);
     assert_ne!(first, second);
     let text = agent.scrape_until(Duration::from_secs(10), "the restarted server's", |t| {
         tokens(t, &b.name, "llamacpp", "tiny.gguf", "generation") == Some(87.0)
@@ -589,4 +592,49 @@ fn an_annotated_pod_is_scraped_at_its_port_and_its_engine_told_by_its_body() {
         asked.iter().all(|r| r == "GET /custom/metrics HTTP/1.1"),
         "the annotated path: {asked:?}"
     );
+}
+
+/// `[inference] enabled = false`: nothing is scraped and no inference family is served.
+#[test]
+fn inference_off_scrapes_nothing() {
+    const TEST: &str = "inference_off_scrapes_nothing";
+    let Some(unified) = setup(TEST) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut u = unit(&unified, "off");
+    let agent = Agent::start(&config("enabled = false\n"));
+    let body = dir.path().join("b.prom");
+    write_body(&body, &vllm_body(&[("m", 10.0, 20.0, 0.0, 0.5)]));
+    let port = free_port().to_string();
+    start_server(
+        &mut u,
+        &["vllm", "serve", "m", "--port", &port],
+        &body,
+        Mode::Serve,
+        false,
+    );
+    // Three rounds' worth of the interval it would have had.
+    std::thread::sleep(Duration::from_millis(3200));
+    let text = agent.scrape();
+    assert!(
+        sample(
+            &text,
+            "tally_workload_cpu_seconds_total",
+            &[&format!("unit=\"{}\"", u.name)]
+        )
+        .is_some(),
+        "the unit is metered: {text}"
+    );
+    for family in [
+        "tally_workload_tokens_total",
+        "tally_inference_servers",
+        "tally_inference_interval_seconds",
+    ] {
+        assert!(
+            !text.contains(family),
+            "{family} with inference off:\n{text}"
+        );
+    }
+    assert_eq!(tally_tests::fake_engine::hits(&body, agent.child.id()), 0);
 }

@@ -112,41 +112,63 @@ pub fn netns_inode(proc_root: &Path, pid: u32) -> std::io::Result<u64> {
     Ok(std::fs::metadata(proc_root.join(pid.to_string()).join("ns/net"))?.ino())
 }
 
-/// The TCP addresses process `pid` listens on, as seen inside its network namespace, in port
-/// order (IPv4 first within a port).
-pub fn listening(proc_root: &Path, pid: u32) -> std::io::Result<Vec<SocketAddr>> {
+/// The TCP sockets a process listens on, as seen inside its network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listeners {
+    /// In port order (IPv4 first within a port).
+    pub addrs: Vec<SocketAddr>,
+    /// Whether they are the process's own sockets (joined through `/proc/<pid>/fd`), or, where
+    /// its open files cannot be listed (another user's process, without CAP_DAC_READ_SEARCH),
+    /// every listening socket of its network namespace.
+    pub own: bool,
+}
+
+/// The TCP addresses process `pid` listens on, as seen inside its network namespace: its own
+/// sockets where its open files can be listed, else every listener of the namespace.
+pub fn listening(proc_root: &Path, pid: u32) -> std::io::Result<Listeners> {
     let dir = proc_root.join(pid.to_string());
-    let mut inodes = HashSet::new();
-    for fd in std::fs::read_dir(dir.join("fd"))? {
-        let Ok(fd) = fd else { continue };
-        let Ok(target) = std::fs::read_link(fd.path()) else {
-            continue;
-        };
-        if let Some(inode) = target
-            .to_str()
-            .and_then(|t| t.strip_prefix("socket:["))
-            .and_then(|t| t.strip_suffix(']'))
-            .and_then(|t| t.parse::<u64>().ok())
-        {
-            inodes.insert(inode);
+    let inodes = match std::fs::read_dir(dir.join("fd")) {
+        Ok(fds) => {
+            let mut inodes = HashSet::new();
+            for fd in fds {
+                let Ok(fd) = fd else { continue };
+                let Ok(target) = std::fs::read_link(fd.path()) else {
+                    continue;
+                };
+                if let Some(inode) = target
+                    .to_str()
+                    .and_then(|t| t.strip_prefix("socket:["))
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|t| t.parse::<u64>().ok())
+                {
+                    inodes.insert(inode);
+                }
+            }
+            Some(inodes)
         }
-    }
-    let mut out = Vec::new();
+        // /proc/<pid>/fd is its owner's alone (mode 0500): the DAC check comes before ptrace's.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => None,
+        Err(e) => return Err(e),
+    };
+    let mut addrs = Vec::new();
     for (file, v6) in [("net/tcp", false), ("net/tcp6", true)] {
         // A kernel without IPv6 has no tcp6.
         let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
             continue;
         };
-        out.extend(parse_listeners(&text, v6, &inodes));
+        addrs.extend(parse_listeners(&text, v6, inodes.as_ref()));
     }
-    out.sort_by_key(|a| (a.port(), a.is_ipv6()));
-    out.dedup();
-    Ok(out)
+    addrs.sort_by_key(|a| (a.port(), a.is_ipv6()));
+    addrs.dedup();
+    Ok(Listeners {
+        addrs,
+        own: inodes.is_some(),
+    })
 }
 
 /// The listening sockets (state `0A`) of a `/proc/net/tcp{,6}` table whose inodes are in
-/// `inodes`.
-pub fn parse_listeners(text: &str, v6: bool, inodes: &HashSet<u64>) -> Vec<SocketAddr> {
+/// `inodes` (all of them with `None`).
+pub fn parse_listeners(text: &str, v6: bool, inodes: Option<&HashSet<u64>>) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for line in text.lines().skip(1) {
         let fields: Vec<&str> = line.split_ascii_whitespace().collect();
@@ -155,7 +177,8 @@ pub fn parse_listeners(text: &str, v6: bool, inodes: &HashSet<u64>) -> Vec<Socke
         else {
             continue;
         };
-        if *state != "0A" || !inode.parse::<u64>().is_ok_and(|i| inodes.contains(&i)) {
+        let wanted = |i: u64| inodes.is_none_or(|set| set.contains(&i));
+        if *state != "0A" || !inode.parse::<u64>().is_ok_and(wanted) {
             continue;
         }
         if let Some(addr) = parse_address(local, v6) {

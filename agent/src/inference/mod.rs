@@ -629,11 +629,38 @@ fn one_round(
         }
         // A process gone since the scan, or not listening yet (loading its model): not a
         // server this round.
-        let (Ok(ns), Ok(listeners)) = (
+        let (ns, listeners) = match (
             discover::netns_inode(&settings.proc_root, c.pid),
             discover::listening(&settings.proc_root, c.pid),
-        ) else {
-            continue;
+        ) {
+            (Ok(ns), Ok(l)) => (ns, l),
+            (Err(e), _) | (_, Err(e)) => {
+                // Gone since the scan: nothing to count. Anything else hides a server.
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    round.errors.push(Failure {
+                        reason: "proc",
+                        detail: format!("the sockets of {} server {}: {e}", c.engine.name, c.pid),
+                    });
+                }
+                continue;
+            }
+        };
+        // Where the process's own sockets are unknown, the port its command line names is its;
+        // else, in a pod's namespace, the namespace's listeners are its pod's, and in the
+        // node's only the engine's default port can be taken for its own.
+        let only = |port: u16| -> Vec<SocketAddr> {
+            listeners
+                .addrs
+                .iter()
+                .copied()
+                .filter(|a| a.port() == port)
+                .collect()
+        };
+        let listeners: Vec<SocketAddr> = match (listeners.own, c.port, Some(ns) != own_netns) {
+            (true, _, _) => listeners.addrs,
+            (false, Some(port), _) => only(port),
+            (false, None, true) => listeners.addrs,
+            (false, None, false) => only(c.engine.default_port),
         };
         if listeners.is_empty() {
             continue;
@@ -743,7 +770,7 @@ fn annotated_target(
         let Ok(listeners) = discover::listening(proc_root, pid) else {
             continue;
         };
-        let Some(listen) = listeners.into_iter().find(|l| l.port() == a.port) else {
+        let Some(listen) = listeners.addrs.into_iter().find(|l| l.port() == a.port) else {
             continue;
         };
         let ns = discover::netns_inode(proc_root, pid).ok()?;

@@ -387,19 +387,27 @@ fn listening_sockets_are_read_from_the_tcp_tables_by_inode() {
    2: 0100007F:1F90 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 4243 1 0 100 0 0 10 0\n";
     let inodes: HashSet<u64> = [4242, 4243].into();
     assert_eq!(
-        parse_listeners(v4, false, &inodes),
+        parse_listeners(v4, false, Some(&inodes)),
         vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]
     );
     let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
    0: 00000000000000000000000001000000:1F40 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99 1 0 100 0 0 10 0\n\
    1: 00000000000000000000000000000000:0BB8 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 98 1 0 100 0 0 10 0\n";
     let inodes: HashSet<u64> = [99, 98].into();
-    let got = parse_listeners(v6, true, &inodes);
+    let got = parse_listeners(v6, true, Some(&inodes));
     assert_eq!(
         got,
         vec![
             "[::1]:8000".parse::<SocketAddr>().unwrap(),
             "[::]:3000".parse().unwrap()
+        ]
+    );
+    // Without the process's own sockets: every listener of the namespace.
+    assert_eq!(
+        parse_listeners(v4, false, None),
+        vec![
+            "127.0.0.1:8080".parse::<SocketAddr>().unwrap(),
+            "0.0.0.0:80".parse().unwrap()
         ]
     );
     assert_eq!(

@@ -14,6 +14,7 @@ mod vm_admission;
 mod vm_cri;
 mod vm_daemonset;
 mod vm_enforcement;
+mod vm_inference;
 mod vm_systemd;
 
 use std::path::{Path, PathBuf};

@@ -3,6 +3,8 @@
 
 use super::unit::*;
 use super::*;
+use std::os::unix::fs::PermissionsExt as _;
+use tally_tests::fake_engine;
 
 /// The agent under the unit's sandbox: its capability bounding set and no_new_privs (setpriv),
 /// its `SystemCallFilter=` expanded with `systemd-analyze syscall-filter`, its
@@ -374,6 +376,28 @@ fn agent_under_the_units_sandbox_works_as_without_it() {
     let victim = term_cg.spawn(
         "exec setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'while :; do :; done'",
     );
+    // An inference server of another user, bound to loopback in a network namespace of its
+    // own: finding its socket and joining its namespace need the unit's CAP_SYS_PTRACE and
+    // CAP_SYS_ADMIN.
+    let engine_unit = format!("tally-pkg-llm-{}.service", random_hex(8));
+    let mut engine_cg = TestCgroup::create(&roots, &format!("/system.slice/{engine_unit}"));
+    let engine_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(engine_dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let engine_body = engine_dir.path().join("vllm.prom");
+    fake_engine::write_body(
+        &engine_body,
+        &fake_engine::vllm_body(&[("m", 7.0, 3.0, 0.0, 0.5)]),
+    );
+    std::fs::set_permissions(&engine_body, std::fs::Permissions::from_mode(0o644)).unwrap();
+    fake_engine::start_as(
+        env!("CARGO_BIN_EXE_fake-engine"),
+        &mut engine_cg,
+        &["vllm", "serve", "m", "--port", "8000"],
+        &engine_body,
+        fake_engine::Mode::Serve,
+        true,
+        Some(65534),
+    );
     let state = tempfile::tempdir().unwrap();
     let budget = |name: &str, unit: &str, action: &str| {
         format!(
@@ -453,6 +477,38 @@ fn agent_under_the_units_sandbox_works_as_without_it() {
     // The node's own address is `node` scope inside too: the agent learns it through
     // getifaddrs(3), a netlink socket (RestrictAddressFamilies= must keep AF_NETLINK).
     node_scope_is_the_same(&unified, &reference, &agent);
+
+    // The other user's inference server, found and scraped inside: what it counted before
+    // the agent started is history (0), then what it counts after.
+    let tokens = |t: &str| {
+        sample(
+            t,
+            "tally_workload_tokens_total",
+            &[&format!("unit=\"{engine_unit}\""), "kind=\"generation\""],
+        )
+    };
+    let until = |what: &str, want: f64| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = agent.scrape();
+            if tokens(&text) == Some(want) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {:?}\n{text}\n{}",
+                tokens(&text),
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    until("the server found", 0.0);
+    fake_engine::write_body(
+        &engine_body,
+        &fake_engine::vllm_body(&[("m", 7.0, 10.0, 0.0, 0.5)]),
+    );
+    until("its tokens since", 7.0);
 
     // ExecStartPre's `tally validate`, and `tally check`, under the sandbox too.
     let shipped = root().join("packaging/config/tally.toml");
