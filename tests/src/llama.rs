@@ -4,8 +4,6 @@
 //! drive completions and read llama.cpp's own `/metrics` in milliseconds on a CPU.
 
 use std::ffi::CString;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -231,57 +229,15 @@ pub fn metrics(port: u16) -> String {
     text
 }
 
-/// A minimal HTTP/1.1 request on loopback with `Connection: close`: the status and the body.
+/// A request to the server: the status and the body.
 fn request(
     port: u16,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes())?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no header end"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let status = head
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other("bad status line"))?;
-    let mut body = raw[split + 4..].to_vec();
-    if head.lines().any(|l| {
-        l.split_once(':')
-            .is_some_and(|(k, v)| k.trim() == "transfer-encoding" && v.contains("chunked"))
-    }) {
-        body = dechunk(&body)?;
-    }
-    Ok((status, body))
-}
-
-fn dechunk(mut raw: &[u8]) -> std::io::Result<Vec<u8>> {
-    let bad = || std::io::Error::other("bad chunk");
-    let mut out = Vec::new();
-    loop {
-        let line_end = raw.windows(2).position(|w| w == b"\r\n").ok_or_else(bad)?;
-        let size = usize::from_str_radix(String::from_utf8_lossy(&raw[..line_end]).trim(), 16)
-            .map_err(std::io::Error::other)?;
-        raw = raw.get(line_end + 2..).ok_or_else(bad)?;
-        if size == 0 {
-            return Ok(out);
-        }
-        out.extend_from_slice(raw.get(..size).ok_or_else(bad)?);
-        raw = raw.get(size + 2..).ok_or_else(bad)?;
-    }
+    let headers = [("Content-Type", "application/json")];
+    let r =
+        crate::agent::http_request(port, method, path, &headers, body, Duration::from_secs(30))?;
+    Ok((r.status, r.body))
 }

@@ -123,52 +123,83 @@ pub struct Listeners {
     pub own: bool,
 }
 
-/// The TCP addresses process `pid` listens on, as seen inside its network namespace: its own
-/// sockets where its open files can be listed, else every listener of the namespace.
-pub fn listening(proc_root: &Path, pid: u32) -> std::io::Result<Listeners> {
-    let dir = proc_root.join(pid.to_string());
-    let inodes = match std::fs::read_dir(dir.join("fd")) {
-        Ok(fds) => {
-            let mut inodes = HashSet::new();
-            for fd in fds {
-                let Ok(fd) = fd else { continue };
-                let Ok(target) = std::fs::read_link(fd.path()) else {
-                    continue;
-                };
-                if let Some(inode) = target
-                    .to_str()
-                    .and_then(|t| t.strip_prefix("socket:["))
-                    .and_then(|t| t.strip_suffix(']'))
-                    .and_then(|t| t.parse::<u64>().ok())
-                {
-                    inodes.insert(inode);
-                }
-            }
-            Some(inodes)
-        }
-        // /proc/<pid>/fd is its owner's alone (mode 0500): the DAC check comes before ptrace's.
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => None,
+/// The inodes of the sockets process `pid` has open, from `/proc/<pid>/fd`; `None` where that
+/// is closed to the agent (another user's: mode 0500, the DAC check before ptrace's).
+pub fn socket_inodes(proc_root: &Path, pid: u32) -> std::io::Result<Option<HashSet<u64>>> {
+    let fds = match std::fs::read_dir(proc_root.join(pid.to_string()).join("fd")) {
+        Ok(fds) => fds,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Ok(None),
         Err(e) => return Err(e),
     };
-    let mut addrs = Vec::new();
-    for (file, v6) in [("net/tcp", false), ("net/tcp6", true)] {
-        // A kernel without IPv6 has no tcp6.
-        let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
+    let mut inodes = HashSet::new();
+    for fd in fds {
+        let Ok(fd) = fd else { continue };
+        let Ok(target) = std::fs::read_link(fd.path()) else {
             continue;
         };
-        addrs.extend(parse_listeners(&text, v6, inodes.as_ref()));
+        if let Some(inode) = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            inodes.insert(inode);
+        }
     }
-    addrs.sort_by_key(|a| (a.port(), a.is_ipv6()));
-    addrs.dedup();
-    Ok(Listeners {
-        addrs,
-        own: inodes.is_some(),
-    })
+    Ok(Some(inodes))
+}
+
+/// The listening TCP sockets of network namespaces, each namespace's read once: a read of
+/// `/proc/<pid>/net/tcp` walks the kernel's whole established-socket hash, milliseconds on a
+/// large node, so a round reads it once per namespace, not once per process.
+#[derive(Debug, Default)]
+pub struct Tables {
+    by_ns: std::collections::HashMap<u64, Vec<(SocketAddr, u64)>>,
+}
+
+impl Tables {
+    /// The TCP addresses process `pid` (in namespace `ns`) listens on, as seen inside its
+    /// namespace: its own sockets where its open files can be listed, else every listener of
+    /// the namespace.
+    pub fn listening(&mut self, proc_root: &Path, pid: u32, ns: u64) -> std::io::Result<Listeners> {
+        let inodes = socket_inodes(proc_root, pid)?;
+        let table = self.by_ns.entry(ns).or_insert_with(|| {
+            let dir = proc_root.join(pid.to_string());
+            let mut table = Vec::new();
+            for (file, v6) in [("net/tcp", false), ("net/tcp6", true)] {
+                // A kernel without IPv6 has no tcp6.
+                if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
+                    table.extend(parse_listen_table(&text, v6));
+                }
+            }
+            table
+        });
+        let mut addrs: Vec<SocketAddr> = table
+            .iter()
+            .filter(|(_, inode)| inodes.as_ref().is_none_or(|set| set.contains(inode)))
+            .map(|(addr, _)| *addr)
+            .collect();
+        addrs.sort_by_key(|a| (a.port(), a.is_ipv6()));
+        addrs.dedup();
+        Ok(Listeners {
+            addrs,
+            own: inodes.is_some(),
+        })
+    }
 }
 
 /// The listening sockets (state `0A`) of a `/proc/net/tcp{,6}` table whose inodes are in
 /// `inodes` (all of them with `None`).
 pub fn parse_listeners(text: &str, v6: bool, inodes: Option<&HashSet<u64>>) -> Vec<SocketAddr> {
+    parse_listen_table(text, v6)
+        .into_iter()
+        .filter(|(_, inode)| inodes.is_none_or(|set| set.contains(inode)))
+        .map(|(addr, _)| addr)
+        .collect()
+}
+
+/// The listening sockets (state `0A`) of a `/proc/net/tcp{,6}` table and their inodes.
+pub fn parse_listen_table(text: &str, v6: bool) -> Vec<(SocketAddr, u64)> {
     let mut out = Vec::new();
     for line in text.lines().skip(1) {
         let fields: Vec<&str> = line.split_ascii_whitespace().collect();
@@ -177,12 +208,11 @@ pub fn parse_listeners(text: &str, v6: bool, inodes: Option<&HashSet<u64>>) -> V
         else {
             continue;
         };
-        let wanted = |i: u64| inodes.is_none_or(|set| set.contains(&i));
-        if *state != "0A" || !inode.parse::<u64>().is_ok_and(wanted) {
+        let (Some(addr), Ok(inode)) = (parse_address(local, v6), inode.parse::<u64>()) else {
             continue;
-        }
-        if let Some(addr) = parse_address(local, v6) {
-            out.push(addr);
+        };
+        if *state == "0A" {
+            out.push((addr, inode));
         }
     }
     out

@@ -573,6 +573,8 @@ struct RoundState {
     preferred: HashMap<Instance, SocketAddr>,
     /// The server process found for each annotated container.
     by_annotation: HashMap<String, Instance>,
+    /// Each server's network namespace and listeners, as last read.
+    sockets: HashMap<Instance, (u64, Vec<SocketAddr>)>,
     /// Annotated processes that serve no engine's metrics.
     not_inference: HashSet<Instance>,
 }
@@ -619,6 +621,8 @@ fn one_round(
     let own_netns = discover::netns_inode(std::path::Path::new("/proc"), std::process::id()).ok();
     let mut claimed: BTreeSet<(u64, SocketAddr)> = BTreeSet::new();
     let mut targets = Vec::new();
+    let mut tables = discover::Tables::default();
+    let mut seen = HashSet::new();
     for c in candidates {
         let instance = Instance {
             pid: c.pid,
@@ -629,12 +633,28 @@ fn one_round(
         }
         // A process gone since the scan, or not listening yet (loading its model): not a
         // server this round.
-        let (ns, listeners) = match (
-            discover::netns_inode(&settings.proc_root, c.pid),
-            discover::listening(&settings.proc_root, c.pid),
-        ) {
-            (Ok(ns), Ok(l)) => (ns, l),
-            (Err(e), _) | (_, Err(e)) => {
+        seen.insert(instance);
+        // A server that answered last round is where it was: its sockets are not read again
+        // (a server that moves port fails a scrape first).
+        if let Some((ns, listeners)) = state
+            .sockets
+            .get(&instance)
+            .filter(|_| state.preferred.contains_key(&instance))
+            .cloned()
+        {
+            if !listeners.iter().any(|l| claimed.contains(&(ns, *l))) {
+                claimed.extend(listeners.iter().map(|l| (ns, *l)));
+                targets.push(cmdline_target(
+                    settings, state, &c, instance, ns, own_netns, listeners,
+                ));
+            }
+            continue;
+        }
+        let read = discover::netns_inode(&settings.proc_root, c.pid)
+            .and_then(|ns| Ok((ns, tables.listening(&settings.proc_root, c.pid, ns)?)));
+        let (ns, listeners) = match read {
+            Ok(found) => found,
+            Err(e) => {
                 // Gone since the scan: nothing to count. Anything else hides a server.
                 if e.kind() != std::io::ErrorKind::NotFound {
                     round.errors.push(Failure {
@@ -671,30 +691,12 @@ fn one_round(
             continue;
         }
         claimed.extend(listeners.iter().map(|l| (ns, *l)));
-        let mut tries: Vec<SocketAddr> = discover::in_preference(c.engine, c.port, listeners)
-            .into_iter()
-            .map(discover::connect_address)
-            .collect();
-        tries.dedup();
-        if let Some(p) = state.preferred.get(&instance) {
-            if let Some(i) = tries.iter().position(|a| a == p) {
-                let a = tries.remove(i);
-                tries.insert(0, a);
-            }
-        }
-        tries.truncate(MAX_TRIES);
-        let netns = (Some(ns) != own_netns)
-            .then(|| settings.proc_root.join(c.pid.to_string()).join("ns/net"));
-        targets.push(Target {
-            instance,
-            engine: Some(c.engine),
-            path: c.engine.path.to_owned(),
-            model: c.model,
-            argv: None,
-            netns,
-            tries,
-        });
+        state.sockets.insert(instance, (ns, listeners.clone()));
+        targets.push(cmdline_target(
+            settings, state, &c, instance, ns, own_netns, listeners,
+        ));
     }
+    state.sockets.retain(|i, _| seen.contains(i));
     let annotated = shared
         .annotated
         .lock()
@@ -704,7 +706,13 @@ fn one_round(
         .by_annotation
         .retain(|id, _| annotated.iter().any(|a| &a.container_id == id));
     for a in annotated.iter() {
-        if let Some(t) = annotated_target(settings, state, a, &skip, &mut claimed, own_netns) {
+        if let Some(t) = annotated_target(
+            settings,
+            state,
+            (a, &skip, &mut tables),
+            &mut claimed,
+            own_netns,
+        ) {
             targets.push(t);
         }
     }
@@ -737,14 +745,48 @@ fn one_round(
     round
 }
 
+/// The target of a server found by its command line, listening on `listeners` in namespace
+/// `ns`: the address that answered last first.
+fn cmdline_target(
+    settings: &Settings,
+    state: &RoundState,
+    c: &discover::Candidate,
+    instance: Instance,
+    ns: u64,
+    own_netns: Option<u64>,
+    listeners: Vec<SocketAddr>,
+) -> Target {
+    let mut tries: Vec<SocketAddr> = discover::in_preference(c.engine, c.port, listeners)
+        .into_iter()
+        .map(discover::connect_address)
+        .collect();
+    tries.dedup();
+    if let Some(p) = state.preferred.get(&instance) {
+        if let Some(i) = tries.iter().position(|a| a == p) {
+            let a = tries.remove(i);
+            tries.insert(0, a);
+        }
+    }
+    tries.truncate(MAX_TRIES);
+    Target {
+        instance,
+        engine: Some(c.engine),
+        path: c.engine.path.to_owned(),
+        model: c.model.clone(),
+        argv: None,
+        netns: (Some(ns) != own_netns)
+            .then(|| settings.proc_root.join(c.pid.to_string()).join("ns/net")),
+        tries,
+    }
+}
+
 /// The server of an annotated pod's container: its process that listens on the annotated port
 /// (the one found before, while it lives), unless a server found by its command line has that
 /// socket already, or it is known to serve no engine's metrics.
 fn annotated_target(
     settings: &Settings,
     state: &mut RoundState,
-    a: &Annotated,
-    skip: &HashSet<Instance>,
+    (a, skip, tables): (&Annotated, &HashSet<Instance>, &mut discover::Tables),
     claimed: &mut BTreeSet<(u64, SocketAddr)>,
     own_netns: Option<u64>,
 ) -> Option<Target> {
@@ -767,13 +809,15 @@ fn annotated_target(
         if skip.contains(&instance) || state.not_inference.contains(&instance) {
             return None;
         }
-        let Ok(listeners) = discover::listening(proc_root, pid) else {
+        let Ok(ns) = discover::netns_inode(proc_root, pid) else {
+            continue;
+        };
+        let Ok(listeners) = tables.listening(proc_root, pid, ns) else {
             continue;
         };
         let Some(listen) = listeners.addrs.into_iter().find(|l| l.port() == a.port) else {
             continue;
         };
-        let ns = discover::netns_inode(proc_root, pid).ok()?;
         if !claimed.insert((ns, listen)) {
             return None;
         }
