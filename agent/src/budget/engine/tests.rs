@@ -582,3 +582,63 @@ fn a_workload_starting_under_a_spent_deny_budget_is_held_until_the_budget_is_rel
     assert!(held(&engine).is_empty());
     assert_eq!(decisions(&engine), [1, 1, 1]);
 }
+
+#[test]
+fn token_budgets_count_their_kind_and_a_shared_kv_cache_budget_its_fullest_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = layout(dir.path());
+    let mut engine = engine(
+        "[[budget]]\nname = 'gen'\nresource = 'tokens'\nkind = 'generation'\nlimit = 100.0\nperiod = 'day'\nshared = true\nselect.labels = { team = 'ml' }\n\
+         [[budget]]\nname = 'all'\nresource = 'tokens'\nlimit = 1000.0\nperiod = 'day'\nselect.unit = 'a.service'\n\
+         [[budget]]\nname = 'kv'\nresource = 'kv_cache_ratio'\nlimit = 0.8\nshared = true\nselect.labels = { team = 'ml' }\n",
+        &dir.path().join("state"),
+    );
+    let mut ledger = Ledger::new(Duration::from_secs(60));
+    let a = unit("a.service", &[("team", "ml")]);
+    let b = unit("b.service", &[("team", "ml")]);
+    let tokens = |kind: &str| {
+        Key::new(
+            &crate::catalogue::inference::TOKENS,
+            vec![
+                ("engine", Arc::from("vllm")),
+                ("model", Arc::from("m")),
+                ("kind", Arc::from(kind)),
+            ],
+        )
+    };
+    let kv = Key::new(
+        &crate::catalogue::inference::KV_CACHE_USAGE_RATIO,
+        vec![("engine", Arc::from("vllm")), ("model", Arc::from("m"))],
+    );
+    let feed = |ledger: &mut Ledger, w: &Arc<Workload>, (p, g, c): (f64, f64, f64), level: f64| {
+        let mut row = ledger.row(w);
+        row.add(&tokens("prompt"), p);
+        row.add(&tokens("generation"), g);
+        row.add(&tokens("cached"), c);
+        row.set(&kv, level);
+    };
+    // The first tick is a baseline.
+    feed(&mut ledger, &a, (10.0, 5.0, 4.0), 0.3);
+    feed(&mut ledger, &b, (10.0, 5.0, 4.0), 0.6);
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 1.0), (&b, 1.0)]);
+    feed(&mut ledger, &a, (200.0, 30.0, 150.0), 0.3);
+    feed(&mut ledger, &b, (0.0, 40.0, 0.0), 0.7);
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 1.0), (&b, 1.0)]);
+    let usage = |engine: &Engine, budget: &str, subject: &str| {
+        engine
+            .subjects
+            .get(&(budget.to_owned(), subject.to_owned()))
+            .map(|s| s.usage)
+    };
+    // Generation only, summed over the team: 30 + 40.
+    assert_eq!(usage(&engine, "gen", SHARED), Some(70.0));
+    // Prompt and generation (cached tokens are part of the prompt): 200 + 30.
+    assert_eq!(usage(&engine, "all", "unit:a.service"), Some(230.0));
+    // A level: the fuller cache, not the sum of two fractions.
+    assert_eq!(usage(&engine, "kv", SHARED), Some(0.7));
+    assert!(!engine.subjects[&("kv".to_owned(), SHARED.to_owned())].enforcing);
+    feed(&mut ledger, &b, (0.0, 0.0, 0.0), 0.85);
+    tick(&mut engine, &mut ledger, &layout, &[(&a, 1.0), (&b, 1.0)]);
+    assert_eq!(usage(&engine, "kv", SHARED), Some(0.85));
+    assert!(engine.subjects[&("kv".to_owned(), SHARED.to_owned())].enforcing);
+}

@@ -163,3 +163,42 @@ fn prices_are_checked_and_a_currency_alone_prices_nothing() {
         ]
     );
 }
+
+#[test]
+fn token_budgets_take_a_kind_and_the_kv_cache_is_a_level() {
+    let budgets: Vec<(usize, Budget)> = vec![
+        budget("name='gen'\nresource='tokens'\nkind='generation'\nlimit=2e6\nperiod='hour'"),
+        budget("name='all'\nresource='tokens'\nlimit=1e6\nwindow='1h'"),
+        budget("name='moon'\nresource='tokens'\nkind='moon'\nlimit=1.0\nwindow='1h'"),
+        budget("name='cpu'\nresource='cpu_seconds'\nkind='prompt'\nlimit=1.0\nwindow='1h'"),
+        budget("name='kv'\nresource='kv_cache_ratio'\nlimit=0.9"),
+        budget("name='kv-window'\nresource='kv_cache_ratio'\nlimit=0.9\nwindow='1m'"),
+    ]
+    .into_iter()
+    .enumerate()
+    .collect();
+    let errors = check(&budgets, &Prices::default());
+    assert_eq!(
+        errors,
+        [
+            (
+                "budget.2.kind".to_owned(),
+                "unknown token kind `moon`, expected one of prompt, generation, cached".to_owned()
+            ),
+            (
+                "budget.3.kind".to_owned(),
+                "`kind` applies to `tokens` budgets only".to_owned()
+            ),
+            (
+                "budget.5.window".to_owned(),
+                "`kv_cache_ratio` is a level, compared as it is: it takes no window or period"
+                    .to_owned()
+            ),
+        ],
+        "{errors:#?}"
+    );
+    assert!(Resource::KvCacheRatio.is_gauge() && !Resource::Tokens.is_gauge());
+    // A window of tokens freezes to its rate; a level cannot.
+    let b = budget("name='r'\nresource='tokens'\nlimit=600.0\nwindow='60s'\naction='freeze'");
+    assert_eq!(actuator_target(&b), Ok(Target::FreezeRate(10.0)));
+}
