@@ -90,6 +90,19 @@ fn crates() -> Vec<Crate> {
         if !targets.iter().any(|(_, p)| p == Path::new("src/main.rs")) {
             targets.push((format!("{package} bin {package}"), "src/main.rs".into()));
         }
+        // Binaries cargo finds by themselves: src/bin/<name>.rs.
+        if let Ok(entries) = fs::read_dir(dir.join("src/bin")) {
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+                .collect();
+            found.sort();
+            for path in found {
+                let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+                targets.push((format!("{package} bin {name}"), path));
+            }
+        }
         for (name, path) in targets {
             let Ok(root) = dir.join(path).canonicalize() else {
                 continue;

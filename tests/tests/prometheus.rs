@@ -123,7 +123,7 @@ fn promtool_accepts_the_exposition() {
         .filter_map(|l| l.strip_prefix("tally_source_collect_duration_seconds{source=\""))
         .filter_map(|l| l.split('"').next())
         .collect();
-    assert_eq!(sources, ["cgroupfs", "ebpf", "gpu", "rdma"]);
+    assert_eq!(sources, ["cgroupfs", "ebpf", "gpu", "rdma", "inference"]);
 
     // The real node too, whatever runs on it (eBPF programs, units, test cgroups).
     let live = Agent::start("[cri]\nendpoints = []\n");

@@ -3,6 +3,10 @@
 
 use tally_exporters::{Kind, Metric};
 
+/// The `kind` label values of [`TOKENS`], in this order: `prompt` (every prompt token, cached
+/// ones included), `generation`, `cached` (the prompt tokens served from the prefix cache).
+pub const TOKEN_KINDS: [&str; 3] = ["prompt", "generation", "cached"];
+
 pub static TOKENS: Metric = Metric {
     name: "tally_workload_tokens_total",
     help: "Tokens the workload's inference servers processed, by engine, model and kind (prompt: every prompt token, cached ones included; cached: the prompt tokens served from the prefix cache; generation: tokens generated).",

@@ -204,7 +204,7 @@ impl Resource {
     pub fn parts(self) -> &'static [&'static str] {
         match self {
             Resource::NetworkEgressBytes => &SCOPES,
-            Resource::Tokens => &crate::inference::engines::TOKEN_KINDS,
+            Resource::Tokens => &crate::catalogue::inference::TOKEN_KINDS,
             _ => &[],
         }
     }

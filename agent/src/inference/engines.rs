@@ -17,8 +17,7 @@ use std::sync::Arc;
 
 use super::exposition::Sample;
 
-/// Token kinds: the `kind` label of `tally_workload_tokens_total`, in this order.
-pub const TOKEN_KINDS: [&str; 3] = ["prompt", "generation", "cached"];
+pub use crate::catalogue::inference::TOKEN_KINDS;
 
 /// The `outcome` label values of `tally_workload_inference_requests_total`: `unknown` where the
 /// engine counts finished requests without saying how they ended.
