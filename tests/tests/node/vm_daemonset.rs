@@ -40,6 +40,7 @@ fn capability_bit(name: &str) -> u32 {
     let bits = [
         ("KILL", 5),
         ("NET_ADMIN", 12),
+        ("SYS_PTRACE", 19),
         ("SYS_ADMIN", 21),
         ("PERFMON", 38),
         ("BPF", 39),
@@ -108,7 +109,14 @@ fn vm_the_agent_as_a_daemonset_pod_charges_other_pods_gpu_processes_to_them() {
     let capabilities = manifest_capabilities();
     assert_eq!(
         capabilities,
-        ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "KILL"]
+        [
+            "BPF",
+            "PERFMON",
+            "NET_ADMIN",
+            "SYS_ADMIN",
+            "KILL",
+            "SYS_PTRACE"
+        ]
     );
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let tally = cri
