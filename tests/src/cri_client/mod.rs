@@ -460,9 +460,19 @@ impl PodHandle {
         Ok(id)
     }
 
-    /// Stops container `id` (a short grace period, then SIGKILL).
+    /// Stops container `id` (a short grace period, then SIGKILL), and once more if that fails,
+    /// as the kubelet stops again at its next sync. containerd 1.7 under software emulation can
+    /// end the grace period while it is still reaping a task that exited on the SIGTERM; its
+    /// SIGKILL then finds the task's shim gone (`failed to kill container …: ttrpc: closed`),
+    /// and the second call finds the container exited.
     pub fn stop_container(&self, id: &ContainerId) -> anyhow::Result<()> {
-        self.client.stop_container(id, STOP_GRACE_SECONDS)
+        match self.client.stop_container(id, STOP_GRACE_SECONDS) {
+            Ok(()) => Ok(()),
+            Err(first) => self
+                .client
+                .stop_container(id, STOP_GRACE_SECONDS)
+                .map_err(|again| again.context(format!("stopped again after: {first:#}"))),
+        }
     }
 
     /// Stops and removes container `id`.
