@@ -16,7 +16,7 @@
  *
  * One program per attach method and hook, all thin wrappers of the same bodies, so the loader
  * (ebpf/src/tcp.rs) can load the best method this kernel allows and fall back: fentry/fexit,
- * tp_btf, raw_tp, tracepoint. */
+ * tp_btf, raw_tp, tracepoint, kprobe/kretprobe. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
@@ -42,6 +42,21 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } TCP_LOST SEC(".maps");
+
+/* The kprobe method's arguments of __tcp_retransmit_skb() calls in flight, from entry to return
+ * (a kretprobe sees only the return value). LRU: an entry whose return was missed (the kernel
+ * counts those in the kretprobe's nmissed) is evicted, never leaked. */
+struct retransmit_call {
+	const struct sock *sk;
+	const struct sk_buff *skb;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct retransmit_call);
+} TCP_RETRANSMIT_CALLS SEC(".maps");
 
 /* sock_cgroup_data before 5.15 ("bpf, cgroups: Fix cgroup v2 fallback on v1/v2 mixed mode"): the
  * cgroup v2 pointer shared a word with net_prio / net_cls data, which set bit 0 when in use. */
@@ -233,4 +248,52 @@ int tcp_state_tp(struct trace_event_raw_inet_sock_set_state *ctx)
 	if (ctx->protocol != IPPROTO_TCP)
 		return 0;
 	return count_state(ctx->skaddr, ctx->oldstate, ctx->newstate);
+}
+
+/* kprobe / kretprobe: the functions fentry/fexit hook, through the kernel's kprobes, for kernels
+ * whose BTF lacks a hook's function (or no BTF at all: no fentry, no tp_btf) and whose tracepoints
+ * are gone. Arguments are read from pt_regs; CO-RE still relocates the struct reads. */
+
+/* Who a call in flight belongs to: the thread, or, in softirq on an idle CPU (where every CPU's
+ * idle task is pid 0), the CPU. A softirq cannot migrate, and a thread that does keeps its id. */
+static __always_inline __u64 call_key(void)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	if ((__u32)pid_tgid)
+		return pid_tgid;
+	return (1ULL << 63) | bpf_get_smp_processor_id();
+}
+
+SEC("kprobe/__tcp_retransmit_skb")
+int BPF_KPROBE(tcp_retransmit_kprobe, const struct sock *sk, const struct sk_buff *skb)
+{
+	__u64 key = call_key();
+	struct retransmit_call call = { .sk = sk, .skb = skb };
+	if (bpf_map_update_elem(&TCP_RETRANSMIT_CALLS, &key, &call, BPF_ANY)) {
+		__u32 slot = TALLY_LOST_SLOT;
+		__u64 *lost = bpf_map_lookup_elem(&TCP_LOST, &slot);
+		if (lost)
+			*lost += 1;
+	}
+	return 0;
+}
+
+SEC("kretprobe/__tcp_retransmit_skb")
+int BPF_KRETPROBE(tcp_retransmit_kretprobe, int ret)
+{
+	__u64 key = call_key();
+	struct retransmit_call *found = bpf_map_lookup_elem(&TCP_RETRANSMIT_CALLS, &key);
+	if (!found)
+		return 0;
+	struct retransmit_call call = *found;
+	bpf_map_delete_elem(&TCP_RETRANSMIT_CALLS, &key);
+	if (ret)
+		return 0;
+	return count_retransmit(call.sk, call.skb);
+}
+
+SEC("kprobe/tcp_set_state")
+int BPF_KPROBE(tcp_state_kprobe, struct sock *sk, int state)
+{
+	return count_state(sk, BPF_CORE_READ(sk, __sk_common.skc_state), state);
 }

@@ -36,7 +36,8 @@ pub static LIFECYCLE_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/lifecyc
 /// The attach methods a tracing source may use, best first (`ProbeStatus::method`, and the names
 /// `TcpConfig::disabled_methods` / `DiskConfig::disabled_methods` take). A source offers the ones
 /// it has programs for.
-pub const ATTACH_METHODS: [&str; 4] = ["fentry", "tp_btf", "raw_tracepoint", "tracepoint"];
+pub const ATTACH_METHODS: [&str; 5] =
+    ["fentry", "tp_btf", "raw_tracepoint", "tracepoint", "kprobe"];
 
 /// The cgroup id of a cgroup v2 directory: its kernfs inode number, the same number
 /// `bpf_get_current_cgroup_id()` returns for tasks inside it (kernel/cgroup/cgroup.c,

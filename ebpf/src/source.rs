@@ -7,7 +7,7 @@
 //! tried. Production kernels usually take the first; the development VMs refuse fentry (EPERM).
 
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
-use aya::programs::{BtfTracePoint, FEntry, FExit, Program, RawTracePoint, TracePoint};
+use aya::programs::{BtfTracePoint, FEntry, FExit, KProbe, Program, RawTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader, Pod};
 use tally_ebpf_common::LOST_SLOT;
 
@@ -28,6 +28,10 @@ pub(crate) enum Hook {
     RawTracePoint(&'static str),
     /// Tracepoint through perf (`tracepoint/<category>/<name>`).
     TracePoint(&'static str, &'static str),
+    /// Kernel function through kprobes, entry (`kprobe/…`).
+    KProbe(&'static str),
+    /// Kernel function through kprobes, return (`kretprobe/…`).
+    KRetProbe(&'static str),
 }
 
 /// One attach method: the programs it needs, all of which must load and attach.
@@ -191,6 +195,12 @@ fn attach(program: &mut Program, name: &'static str, hook: Hook, btf: &Btf) -> R
             p.load().map_err(failed("loading"))?;
             p.attach(category, tracepoint)
                 .map_err(failed("attaching"))?;
+        }
+        Hook::KProbe(function) | Hook::KRetProbe(function) => {
+            // The section (`kprobe/` or `kretprobe/`) made the program entry or return.
+            let p: &mut KProbe = program.try_into().map_err(failed("not kprobe"))?;
+            p.load().map_err(failed("loading"))?;
+            p.attach(function, 0).map_err(failed("attaching"))?;
         }
     }
     Ok(())
@@ -394,6 +404,8 @@ pub(crate) mod tests {
                     Hook::BtfTracePoint(tp) => format!("tp_btf/{tp}"),
                     Hook::RawTracePoint(tp) => format!("raw_tp/{tp}"),
                     Hook::TracePoint(category, name) => format!("tracepoint/{category}/{name}"),
+                    Hook::KProbe(f) => format!("kprobe/{f}"),
+                    Hook::KRetProbe(f) => format!("kretprobe/{f}"),
                 };
                 assert!(contains(source.object, program), "no program {program}");
                 assert!(contains(source.object, &section), "no section {section}");

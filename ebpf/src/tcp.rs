@@ -3,7 +3,8 @@
 //!
 //! Attach methods, best first: `fentry` (fexit `__tcp_retransmit_skb`, fentry `tcp_set_state`),
 //! `tp_btf`, `raw_tracepoint` and `tracepoint` (`tcp:tcp_retransmit_skb`,
-//! `sock:inet_sock_set_state`).
+//! `sock:inet_sock_set_state`), and `kprobe` (kprobe and kretprobe `__tcp_retransmit_skb`, kprobe
+//! `tcp_set_state`: the fentry hooks through kprobes, where neither BTF nor the tracepoints are).
 
 use tally_ebpf_common::TcpValue;
 
@@ -58,6 +59,20 @@ static SOURCE: Source = Source {
                 ),
             ],
         },
+        Method {
+            name: "kprobe",
+            programs: &[
+                (
+                    "tcp_retransmit_kprobe",
+                    Hook::KProbe("__tcp_retransmit_skb"),
+                ),
+                (
+                    "tcp_retransmit_kretprobe",
+                    Hook::KRetProbe("__tcp_retransmit_skb"),
+                ),
+                ("tcp_state_kprobe", Hook::KProbe("tcp_set_state")),
+            ],
+        },
     ],
 };
 
@@ -76,7 +91,8 @@ pub struct TcpConfig {
 pub struct Tcp(Counters<TcpValue>);
 
 impl Tcp {
-    /// Tries the attach methods best first (`fentry`, `tp_btf`, `raw_tracepoint`, `tracepoint`), skipping disabled ones. Returns the
+    /// Tries the attach methods best first (`fentry`, `tp_btf`, `raw_tracepoint`, `tracepoint`,
+    /// `kprobe`), skipping disabled ones. Returns the
     /// loaded source with its status (the method in use; `error` lists what failed before it),
     /// or no source and the status of total failure.
     pub fn load(config: &TcpConfig) -> (Option<Tcp>, ProbeStatus) {

@@ -22,3 +22,4 @@ pub mod otlp_receiver;
 pub mod prometheus;
 pub mod receiver;
 pub mod require;
+pub mod tcp_probe;

@@ -15,6 +15,7 @@ mod vm_cri;
 mod vm_daemonset;
 mod vm_enforcement;
 mod vm_inference;
+mod vm_probes;
 mod vm_systemd;
 
 use std::path::{Path, PathBuf};
