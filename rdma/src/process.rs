@@ -15,13 +15,23 @@
 //! Counts a QP makes between the last sample and its destruction are lost to per-pid
 //! attribution: the kernel folds a freed counter into the port's totals (`rdma_counter_free`),
 //! which the port counters still show.
+//!
+//! Auto mode can be on while a driver binds nothing: soft-RoCE (rxe) accepts the mode but has no
+//! `counter_bind_qp`, so the kernel's automatic binding fails quietly and its processes' QPs have
+//! no counter. Every [`QP_LISTING_ROUNDS`] rounds the reader lists the QPs of devices with a
+//! per-process port and reports, per port, the processes' QPs that no counter holds
+//! ([`ProcessSample::uncounted`]): their traffic is in the port counters only.
 
 use std::collections::{BTreeMap, HashMap};
 
 use tally_error_chain::chain;
 
 use crate::netlink::consts::{mask, mode};
-use crate::netlink::{Client, CounterMode, NetlinkError, QpCounter, Transport};
+use crate::netlink::{Client, CounterMode, NetlinkError, Qp, QpCounter, Transport};
+
+/// How often (in samples) the QPs of devices with a per-process port are listed to find those
+/// no counter holds. A listing walks every QP of the device, so it is not done every round.
+pub const QP_LISTING_ROUNDS: u64 = 10;
 
 /// What the reader may do to the ports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -141,6 +151,10 @@ pub struct ProcessSample {
     pub without_traffic: usize,
     /// Devices whose dump failed this round.
     pub errors: Vec<(String, NetlinkError)>,
+    /// Per (device, port) in auto pid mode, of the devices whose QPs were listed this round:
+    /// processes' QPs bound to that port that no counter holds. Empty in rounds without a
+    /// listing.
+    pub uncounted: BTreeMap<(String, u32), usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -158,6 +172,8 @@ pub struct ProcessCounters<T: Transport> {
     devices: Vec<(u32, String)>,
     last: HashMap<(u32, u32, u32), Last>,
     restored: bool,
+    /// Samples taken.
+    rounds: u64,
 }
 
 impl<T: Transport> ProcessCounters<T> {
@@ -212,6 +228,7 @@ impl<T: Transport> ProcessCounters<T> {
             devices: dumpable,
             last: HashMap::new(),
             restored: false,
+            rounds: 0,
         })
     }
 
@@ -226,8 +243,10 @@ impl<T: Transport> ProcessCounters<T> {
     pub fn sample(&mut self) -> ProcessSample {
         let mut sample = ProcessSample::default();
         let devices = self.devices.clone();
+        let listing = self.rounds % QP_LISTING_ROUNDS == 0;
+        self.rounds += 1;
         for (index, name) in devices {
-            match self.sample_device(index, &name, &mut sample) {
+            match self.sample_device(index, &name, listing, &mut sample) {
                 Ok(()) => {}
                 Err(e) => {
                     // Keep the previous values: the next good round counts the gap.
@@ -242,21 +261,30 @@ impl<T: Transport> ProcessCounters<T> {
         &mut self,
         index: u32,
         name: &str,
+        listing: bool,
         sample: &mut ProcessSample,
     ) -> Result<(), NetlinkError> {
         let counters = self.client.qp_counters(index)?;
         let needs_qps = counters
             .iter()
             .any(|c| c.pid.is_none() && c.kernel_name.is_none() && !c.qps.is_empty());
-        let qp_pids: HashMap<u32, Option<u32>> = if needs_qps {
-            self.client
-                .qps(index)?
-                .into_iter()
-                .map(|q| (q.lqpn, q.pid))
-                .collect()
+        let per_process: Vec<u32> = self
+            .ports
+            .iter()
+            .filter(|p| p.device_index == index && p.per_process)
+            .map(|p| p.port)
+            .collect();
+        let qps: Vec<Qp> = if needs_qps || (listing && !per_process.is_empty()) {
+            self.client.qps(index)?
         } else {
-            HashMap::new()
+            Vec::new()
         };
+        if listing {
+            for (port, n) in uncounted(&qps, &counters, &per_process) {
+                sample.uncounted.insert((name.to_owned(), port), n);
+            }
+        }
+        let qp_pids: HashMap<u32, Option<u32>> = qps.iter().map(|q| (q.lqpn, q.pid)).collect();
         let mut seen = Vec::with_capacity(counters.len());
         for c in &counters {
             *sample
@@ -331,6 +359,26 @@ impl<T: Transport> Drop for ProcessCounters<T> {
             );
         }
     }
+}
+
+/// Per port of `ports`: the processes' QPs bound to it (a pid, no kernel owner) that no counter
+/// holds.
+fn uncounted(qps: &[Qp], counters: &[QpCounter], ports: &[u32]) -> Vec<(u32, usize)> {
+    ports
+        .iter()
+        .map(|&port| {
+            let n = qps
+                .iter()
+                .filter(|q| q.port == Some(port) && q.pid.is_some() && q.kernel_name.is_none())
+                .filter(|q| {
+                    !counters
+                        .iter()
+                        .any(|c| c.port == port && c.qps.contains(&q.lqpn))
+                })
+                .count();
+            (port, n)
+        })
+        .collect()
 }
 
 /// Decides what to do with a port whose mode is `found`.
@@ -424,5 +472,44 @@ mod tests {
         assert_eq!(owner(&c, &pids), None);
         c.qps.clear();
         assert_eq!(owner(&c, &pids), None);
+    }
+
+    #[test]
+    fn processes_qps_no_counter_holds_are_uncounted_per_port() {
+        let qp = |lqpn: u32, port: Option<u32>, pid: Option<u32>, kernel: bool| Qp {
+            device_index: 1,
+            port,
+            lqpn,
+            pid,
+            kernel_name: kernel.then(|| "ib_core".to_owned()),
+            qp_type: Some(2),
+            state: Some(3),
+        };
+        let qps = [
+            qp(0x11, Some(1), Some(40), false), // held by a counter
+            qp(0x12, Some(1), Some(40), false), // not held: uncounted
+            qp(0x13, Some(1), Some(41), false), // held by a counter of port 2 only: uncounted
+            qp(0x14, Some(2), Some(41), false), // port 2, held
+            qp(0x01, Some(1), None, true),      // the kernel's GSI QP: not a process's
+            qp(0x15, None, Some(42), false),    // not bound to a port yet
+        ];
+        let counter = |port: u32, qps: Vec<u32>| QpCounter {
+            device_index: 1,
+            device: "rxe0".into(),
+            port,
+            id: port,
+            mode: mode::AUTO,
+            pid: Some(40),
+            kernel_name: None,
+            qp_type: None,
+            qps,
+            values: Vec::new(),
+        };
+        let counters = [counter(1, vec![0x11]), counter(2, vec![0x14, 0x13])];
+        assert_eq!(uncounted(&qps, &counters, &[1, 2]), [(1, 2), (2, 0)]);
+        // rxe: auto mode on, no counter at all.
+        assert_eq!(uncounted(&qps, &[], &[1]), [(1, 3)]);
+        // Only the ports asked about.
+        assert_eq!(uncounted(&qps, &[], &[]), []);
     }
 }

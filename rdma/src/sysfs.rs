@@ -70,12 +70,23 @@ impl PortCounters {
             .map(|v| v.saturating_mul(4))
     }
 
+    /// `port_xmit_packets`; on a port without `counters/`, soft-RoCE's `sent_pkts` (rxe counts
+    /// every packet it hands to the network or loops back, ACKs included, as the PMA counter
+    /// does: drivers/infiniband/sw/rxe/rxe_net.c, `rxe_xmit_packet`).
     pub fn transmit_packets(&self) -> Option<u64> {
-        self.counters.get("port_xmit_packets").copied()
+        self.counters
+            .get("port_xmit_packets")
+            .or_else(|| self.hw_counters.get("sent_pkts"))
+            .copied()
     }
 
+    /// `port_rcv_packets`; on a port without `counters/`, soft-RoCE's `rcvd_pkts` (every packet
+    /// rxe accepted: rxe_recv.c, `rxe_rcv`).
     pub fn receive_packets(&self) -> Option<u64> {
-        self.counters.get("port_rcv_packets").copied()
+        self.counters
+            .get("port_rcv_packets")
+            .or_else(|| self.hw_counters.get("rcvd_pkts"))
+            .copied()
     }
 }
 
@@ -163,4 +174,46 @@ fn numbers(dir: &Path) -> BTreeMap<String, u64> {
             Some((name, value))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PortCounters;
+
+    fn port(counters: &[(&str, u64)], hw_counters: &[(&str, u64)]) -> PortCounters {
+        let map =
+            |pairs: &[(&str, u64)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+        PortCounters {
+            counters: map(counters),
+            hw_counters: map(hw_counters),
+            ..PortCounters::default()
+        }
+    }
+
+    #[test]
+    fn packets_come_from_the_pma_counters_else_from_soft_roces_own() {
+        // rxe: no counters/, its own packet counts; no bytes anywhere.
+        let rxe = port(
+            &[],
+            &[("sent_pkts", 412), ("rcvd_pkts", 409), ("rdma_sends", 200)],
+        );
+        assert_eq!(rxe.transmit_packets(), Some(412));
+        assert_eq!(rxe.receive_packets(), Some(409));
+        assert_eq!(rxe.transmit_bytes(), None);
+        // A port with both: the PMA counter wins.
+        let both = port(
+            &[
+                ("port_xmit_packets", 7),
+                ("port_rcv_packets", 8),
+                ("port_xmit_data", 10),
+            ],
+            &[("sent_pkts", 1), ("rcvd_pkts", 2)],
+        );
+        assert_eq!(both.transmit_packets(), Some(7));
+        assert_eq!(both.receive_packets(), Some(8));
+        assert_eq!(both.transmit_bytes(), Some(40));
+        // A driver's counter of another name is not a packet count.
+        let mlx5 = port(&[], &[("out_of_sequence", 3)]);
+        assert_eq!(mlx5.transmit_packets(), None);
+    }
 }

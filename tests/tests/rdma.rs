@@ -101,18 +101,25 @@ fn per_process_rdma_traffic_reaches_metrics_through_identity_and_auto_mode_is_re
                 per_dump: per_dump_b,
             },
         ],
-        qps: [0x50, 0x51]
-            .into_iter()
-            .map(|lqpn| Qp {
-                device_index: 2,
-                port: Some(1),
-                lqpn,
-                pid: Some(b.pid),
-                kernel_name: None,
-                qp_type: Some(2),
-                state: Some(3),
-            })
-            .collect(),
+        // b's two QPs on mlx5_1, both in its counter; a's QP 0x40 is in its counter, 0x41 in
+        // none (as on a driver that binds no QP): one uncounted QP on mlx5_0.
+        qps: [
+            (2, 0x50, b.pid),
+            (2, 0x51, b.pid),
+            (1, 0x40, a.pid),
+            (1, 0x41, a.pid),
+        ]
+        .into_iter()
+        .map(|(device_index, lqpn, pid)| Qp {
+            device_index,
+            port: Some(1),
+            lqpn,
+            pid: Some(pid),
+            kernel_name: None,
+            qp_type: Some(2),
+            state: Some(3),
+        })
+        .collect(),
     });
     let mut agent = Agent::start(&agent_config(&sysfs, &responder.config(true)));
 
@@ -182,6 +189,8 @@ fn per_process_rdma_traffic_reaches_metrics_through_identity_and_auto_mode_is_re
         "tally_rdma_port_hw_counters_total{device=\"mlx5_0\",port=\"1\",counter=\"out_of_sequence\"} 7",
         "tally_rdma_port_per_process{device=\"mlx5_1\",port=\"1\"} 1",
         "tally_rdma_qp_counters{device=\"mlx5_0\",port=\"1\"} 1",
+        "tally_rdma_qps_uncounted{device=\"mlx5_0\",port=\"1\"} 1",
+        "tally_rdma_qps_uncounted{device=\"mlx5_1\",port=\"1\"} 0",
         "tally_probe_up{probe=\"rdma\",method=\"sysfs\"} 1",
         "tally_probe_up{probe=\"rdma_netlink\",method=\"nldev_relay\"} 1",
     ] {
@@ -194,6 +203,16 @@ fn per_process_rdma_traffic_reaches_metrics_through_identity_and_auto_mode_is_re
     assert!(
         !text.contains("counter=\"port_xmit_data\""),
         "data counters have families of their own, in bytes"
+    );
+    // Said once, for the one port with an uncounted QP.
+    assert_eq!(
+        agent
+            .log()
+            .matches("have no QP counter although auto mode is on")
+            .count(),
+        1,
+        "{}",
+        agent.log()
     );
     if let Some(promtool) = require::binary(TEST, "promtool") {
         promtool_accepts(&promtool, &text);

@@ -81,6 +81,7 @@ pub static ALL: &[&Metric] = &[
     &rdma::PORT_HW_COUNTERS,
     &rdma::PORT_PER_PROCESS,
     &rdma::QP_COUNTERS,
+    &rdma::QPS_UNCOUNTED,
     &inference::TOKENS,
     &inference::REQUESTS,
     &inference::KV_CACHE_USAGE_RATIO,

@@ -82,3 +82,12 @@ pub static QP_COUNTERS: Metric = Metric {
     per_workload: false,
     labels: &["device", "port"],
 };
+
+pub static QPS_UNCOUNTED: Metric = Metric {
+    name: "tally_rdma_qps_uncounted",
+    help: "Processes' queue pairs on a per-process port that no QP counter holds, at the last listing: their traffic is in the port counters only (a driver that cannot bind QPs to counters, such as soft-RoCE, leaves every one so).",
+    kind: Kind::Gauge,
+    unit: "",
+    per_workload: false,
+    labels: &["device", "port"],
+};

@@ -31,6 +31,7 @@ impl RdmaSource {
         let mut hw = Family::new(&catalogue::rdma::PORT_HW_COUNTERS);
         let mut per_process = Family::new(&catalogue::rdma::PORT_PER_PROCESS);
         let mut qp_counters = Family::new(&catalogue::rdma::QP_COUNTERS);
+        let mut uncounted = Family::new(&catalogue::rdma::QPS_UNCOUNTED);
         let modes = match &self.netlink {
             Netlink::Up { reader, .. } => Some(reader.ports()),
             _ => None,
@@ -87,6 +88,12 @@ impl RdmaSource {
                     .unwrap_or(0);
                 qp_counters.push_labeled(labels(), n as f64);
             }
+            if on {
+                let key = (device.to_string(), *port);
+                if let Some(n) = self.uncounted.get(&key) {
+                    uncounted.push_labeled(labels(), *n as f64);
+                }
+            }
         }
         vec![
             info,
@@ -98,6 +105,7 @@ impl RdmaSource {
             hw,
             per_process,
             qp_counters,
+            uncounted,
         ]
     }
 }

@@ -59,7 +59,11 @@ pub struct RdmaSource {
     pids: HashMap<u32, Arc<Workload>>,
     /// Per-process counters per port in the last round.
     qp_counters: BTreeMap<(String, u32), usize>,
+    /// Processes' QPs no counter holds, per per-process port, from the last listing.
+    uncounted: BTreeMap<(String, u32), usize>,
     told_without_traffic: bool,
+    /// Ports already warned about for uncounted QPs.
+    told_uncounted: std::collections::BTreeSet<(String, u32)>,
 }
 
 impl std::fmt::Debug for RdmaSource {
@@ -82,7 +86,9 @@ impl RdmaSource {
             netlink: Netlink::Off,
             pids: HashMap::new(),
             qp_counters: BTreeMap::new(),
+            uncounted: BTreeMap::new(),
             told_without_traffic: false,
+            told_uncounted: std::collections::BTreeSet::new(),
         };
         if !config.rdma.enabled {
             return source;
@@ -161,6 +167,17 @@ impl RdmaSource {
             );
         }
         self.qp_counters = sample.counters;
+        for ((device, port), n) in sample.uncounted {
+            if n > 0 && self.told_uncounted.insert((device.clone(), port)) {
+                tracing::warn!(
+                    %device,
+                    port,
+                    queue_pairs = n,
+                    "processes' queue pairs have no QP counter although auto mode is on: the driver does not bind QPs to counters (soft-RoCE does not); their traffic is counted per port only, not per workload"
+                );
+            }
+            self.uncounted.insert((device, port), n);
+        }
         let mut pids = HashMap::new();
         for t in sample.traffic {
             if holders.contains_key(&t.device) {

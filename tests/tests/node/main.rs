@@ -16,6 +16,7 @@ mod vm_daemonset;
 mod vm_enforcement;
 mod vm_inference;
 mod vm_probes;
+mod vm_rdma;
 mod vm_systemd;
 
 use std::path::{Path, PathBuf};

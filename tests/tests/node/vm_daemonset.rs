@@ -1,16 +1,20 @@
 //! The agent as its DaemonSet runs it, in a containerd container: not privileged, its own cgroup
 //! namespace, the node's pid namespace, the host's `/proc` and `/sys/fs/cgroup` mounted where
 //! the manifest mounts them, and exactly the capabilities the manifest lists. From there it
-//! charges another pod's (fake-NVML) GPU process to that pod, not to the host row.
+//! charges another pod's (fake-NVML) GPU process and its RDMA QP counter (a fake RDMA node:
+//! the `mlx5` sysfs fixture and an nldev responder) to that pod, not to the host row.
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
+use tally_rdma::netlink::consts::{mask, mode};
+use tally_rdma::netlink::nldev::{CounterMode, DeviceInfo};
 use tally_tests::agent::{free_port, http_get, sample, tally_bin};
 use tally_tests::cri_client::proto::{Capability, ContainerConfig, Mount};
 use tally_tests::cri_client::{CriClient, Qos};
 use tally_tests::fake_nvml::{FakeNvml, FULL};
+use tally_tests::fake_rdma::{FakeSysfs, Responder, Script, ScriptCounter};
 
 use crate::{on_the_node, wait_for};
 
@@ -94,6 +98,33 @@ fn vm_the_agent_as_a_daemonset_pod_charges_other_pods_gpu_processes_to_them() {
         }] }),
     );
 
+    // Its RDMA: a counter of its own on mlx5_0's port, already in auto mode by pid.
+    let sysfs = FakeSysfs::new("mlx5");
+    let per_dump = [1_000_000, 500_000, 10, 5];
+    let rdma = Responder::start(Script {
+        devices: vec![DeviceInfo {
+            index: 1,
+            name: "mlx5_0".into(),
+            ports: 1,
+        }],
+        modes: vec![(
+            (1, 1),
+            CounterMode {
+                mode: mode::AUTO,
+                mask: mask::PID,
+            },
+        )],
+        counters: vec![ScriptCounter {
+            device_index: 1,
+            port: 1,
+            id: 1,
+            pid: Some(pid),
+            qps: vec![0x40],
+            per_dump,
+        }],
+        qps: Vec::new(),
+    });
+
     // The agent's pod, as packaging/kubernetes/base/daemonset.yaml shapes it.
     let port = free_port();
     let etc = tempfile::tempdir().unwrap();
@@ -101,9 +132,11 @@ fn vm_the_agent_as_a_daemonset_pod_charges_other_pods_gpu_processes_to_them() {
     std::fs::write(
         etc.path().join("tally.toml"),
         format!(
-            "[agent]\nlisten = \"127.0.0.1:{port}\"\ntick_interval_ms = 500\n[paths]\nproc_root = \"/host/proc\"\ncgroup_root = \"/host/sys/fs/cgroup\"\n[cri]\nendpoints = [\"{CONTAINERD}\"]\n[gpu]\nnvml_library = \"{}\"\npod_resources_socket = \"\"\n[enforcement]\nstate_dir = \"/var/lib/tally\"\n",
-            fake.library.display()
-        ),
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\ntick_interval_ms = 500\n[paths]\nproc_root = \"/host/proc\"\ncgroup_root = \"/host/sys/fs/cgroup\"\n[cri]\nendpoints = [\"{CONTAINERD}\"]\n[gpu]\nnvml_library = \"{}\"\npod_resources_socket = \"\"\n[enforcement]\nstate_dir = \"/var/lib/tally\"\n{}",
+            fake.library.display(),
+            rdma.config(false)
+        )
+        .replace("[paths]\n", &format!("[paths]\nsys_root = \"{}\"\n", sysfs.root().display())),
     )
     .unwrap();
     let capabilities = manifest_capabilities();
@@ -144,6 +177,16 @@ fn vm_the_agent_as_a_daemonset_pod_charges_other_pods_gpu_processes_to_them() {
                         true,
                     ),
                     mount(&etc.path().to_string_lossy(), "/etc/tally", true),
+                    mount(
+                        &sysfs.root().to_string_lossy(),
+                        &sysfs.root().to_string_lossy(),
+                        true,
+                    ),
+                    mount(
+                        &rdma.dir.path().to_string_lossy(),
+                        &rdma.dir.path().to_string_lossy(),
+                        false,
+                    ),
                     mount(&state.path().to_string_lossy(), "/var/lib/tally", false),
                     mount("/proc", "/host/proc", true),
                     mount("/sys/fs/cgroup", "/host/sys/fs/cgroup", false),
@@ -236,6 +279,35 @@ fn vm_the_agent_as_a_daemonset_pod_charges_other_pods_gpu_processes_to_them() {
         host.is_none() || host == Some(0.0),
         "{host:?} s charged to the host row:\n{text}"
     );
+    // The pod's RDMA: its process's QP counter, read through the responder from the agent's
+    // container, charged to the pod. Once the dumps stop advancing, exactly n dumps' worth.
+    let frozen = rdma.freeze()[&1] as f64;
+    assert!(frozen >= 1.0, "no counter dump in the agent's first ticks");
+    let rdma_pod = [
+        "namespace=\"tally-vm\"",
+        "pod=\"gpu-user\"",
+        "container=\"cuda\"",
+        "device=\"mlx5_0\",port=\"1\",method=\"qp_counter\"",
+    ];
+    let text = wait_for(Duration::from_secs(30), "the pod's RDMA bytes", || {
+        scrape().filter(|t| {
+            sample(t, "tally_workload_rdma_transmit_bytes_total", &rdma_pod)
+                == Some(frozen * per_dump[0] as f64)
+        })
+    });
+    assert_eq!(
+        sample(&text, "tally_workload_rdma_receive_bytes_total", &rdma_pod),
+        Some(frozen * per_dump[1] as f64)
+    );
+    let host_rdma = sample(
+        &text,
+        "tally_workload_rdma_transmit_bytes_total",
+        &["namespace=\"\",pod=\"\",pod_uid=\"\",container=\"\",container_id=\"\",unit=\"\""],
+    );
+    assert!(
+        host_rdma.is_none() || host_rdma == Some(0.0),
+        "{host_rdma:?} RDMA bytes charged to the host row:\n{text}"
+    );
     // Every eBPF probe loads with only these capabilities.
     for probe in ["network", "tcp", "disk"] {
         let up = text
@@ -243,5 +315,5 @@ fn vm_the_agent_as_a_daemonset_pod_charges_other_pods_gpu_processes_to_them() {
             .find(|l| l.starts_with(&format!("tally_probe_up{{probe=\"{probe}\"")));
         assert!(up.is_some_and(|l| l.ends_with(" 1")), "{probe}: {up:?}");
     }
-    drop((tally, user, fake));
+    drop((tally, user, fake, rdma, sysfs));
 }
