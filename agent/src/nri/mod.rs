@@ -218,6 +218,9 @@ pub struct Plugin {
     registered: bool,
     /// The runtime's name and version, once it configured the plugin.
     runtime: Option<String>,
+    /// The publication time (`Verdicts::at`) of the verdicts that were stale when an unknown
+    /// decision was last logged: one line per stall of the tick, not one per container.
+    stall_logged: Option<Option<Instant>>,
 }
 
 impl Plugin {
@@ -228,7 +231,20 @@ impl Plugin {
             cri,
             registered: false,
             runtime: None,
+            stall_logged: None,
         }
+    }
+
+    /// Whether an unknown decision on verdicts published at `at` starts a stall not logged yet.
+    /// Every decision is counted (`tally_admission_nri_decisions_total{decision="unknown"}`);
+    /// only the first of a stall is logged, and a later stall (the tick published since) is
+    /// logged again.
+    fn first_of_stall(&mut self, at: Option<Instant>) -> bool {
+        if self.stall_logged == Some(at) {
+            return false;
+        }
+        self.stall_logged = Some(at);
+        true
     }
 
     /// The runtime's name and version, once it configured the plugin.
@@ -421,13 +437,17 @@ impl Plugin {
                 cpu_max = %format!("{quota_us} {CPU_PERIOD_US}"),
                 "admitted under its budget's CPU throttle"
             ),
-            Decision::Unknown => tracing::warn!(
-                namespace = %candidate.namespace,
-                pod = %candidate.pod,
-                container = %candidate.container,
-                on_unknown = ?self.settings.on_unknown,
-                "CreateContainer decided without a current verdict"
-            ),
+            Decision::Unknown => {
+                if self.first_of_stall(verdicts.at) {
+                    tracing::warn!(
+                        namespace = %candidate.namespace,
+                        pod = %candidate.pod,
+                        container = %candidate.container,
+                        on_unknown = ?self.settings.on_unknown,
+                        "CreateContainer decided without a current verdict; said once while the tick stays late, every such decision is counted as unknown"
+                    );
+                }
+            }
             Decision::Admit | Decision::Exempt => {}
         }
         response

@@ -286,6 +286,23 @@ fn stale_verdicts_follow_on_unknown() {
 }
 
 #[test]
+fn a_stall_of_the_tick_is_logged_once_and_a_later_one_again() {
+    let mut plugin = Plugin::new(settings(), Arc::new(Board::default()), None);
+    let first = Some(Instant::now() - Duration::from_secs(60));
+    // Nothing published yet is a stall of its own.
+    assert!(plugin.first_of_stall(None));
+    assert!(!plugin.first_of_stall(None));
+    // The tick published once, then stalled: one line for however many containers.
+    assert!(plugin.first_of_stall(first));
+    assert!(!plugin.first_of_stall(first));
+    assert!(!plugin.first_of_stall(first));
+    // It published again and stalled again: a new line.
+    let second = first.map(|at| at + Duration::from_secs(30));
+    assert!(plugin.first_of_stall(second));
+    assert!(!plugin.first_of_stall(second));
+}
+
+#[test]
 fn unknown_methods_and_garbage_are_answered_not_fatal() {
     let mut plugin = Plugin::new(settings(), board(), None);
     let unknown =
