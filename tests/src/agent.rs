@@ -186,6 +186,12 @@ impl Agent {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// Panics, with the log, unless `needle` occurs in the agent's log exactly once.
+    pub fn assert_logged_once(&self, needle: &str) {
+        let log = self.log();
+        assert_eq!(log.matches(needle).count(), 1, "`{needle}` once in:\n{log}");
+    }
+
     pub fn get(&self, path: &str) -> std::io::Result<Response> {
         http_get(self.port, path, &[])
     }

@@ -205,15 +205,7 @@ fn per_process_rdma_traffic_reaches_metrics_through_identity_and_auto_mode_is_re
         "data counters have families of their own, in bytes"
     );
     // Said once, for the one port with an uncounted QP.
-    assert_eq!(
-        agent
-            .log()
-            .matches("have no QP counter although auto mode is on")
-            .count(),
-        1,
-        "{}",
-        agent.log()
-    );
+    agent.assert_logged_once("have no QP counter although auto mode is on");
     if let Some(promtool) = require::binary(TEST, "promtool") {
         promtool_accepts(&promtool, &text);
     }

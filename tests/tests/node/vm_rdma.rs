@@ -216,13 +216,5 @@ fn vm_soft_roce_port_counters_agree_with_rdma_statistic() {
         !text.contains("tally_workload_rdma_transmit_packets_total{"),
         "{text}"
     );
-    assert_eq!(
-        agent
-            .log()
-            .matches("have no QP counter although auto mode is on")
-            .count(),
-        1,
-        "{}",
-        agent.log()
-    );
+    agent.assert_logged_once("have no QP counter although auto mode is on");
 }
