@@ -2,7 +2,7 @@
 /* Map keys and values shared by the C programs and the loader.
  *
  * This header mirrors ebpf/common/src/lib.rs (TcpValue, DiskValue, DISK_LATENCY_BUCKETS,
- * LOST_SLOT, ExitValue, EVENTS_LOST_SLOT, CgroupEvent and its constants): change both together.
+ * LOST_SLOT, ExitValue, EVENTS_LOST_SLOT, CgroupEvent and its constants, CgroupStat, NO_VALUE): change both together.
  * Every field is a fixed-width integer with no implicit padding; the static asserts here and the
  * size asserts in ebpf/common's tests keep the two sides in step.
  * Per-cgroup maps are keyed by the cgroup v2 id, a __u64 (CgroupKey on the Rust side). */
@@ -67,6 +67,20 @@ struct tally_cgroup_event {
 	char path[TALLY_CGROUP_PATH_MAX];
 };
 
+/* Written where a cgroup has no such value (no memory controller in its hierarchy). */
+#define TALLY_NO_VALUE 0xffffffffffffffffULL
+
+/* One record of the cgroup_stats iterator (cgstat.bpf.c), one per cgroup. */
+struct tally_cgroup_stat {
+	/* The cgroup's kernfs id: its directory's inode number, in whichever hierarchy it is. */
+	__u64 cgroup_id;
+	/* cgroup->bstat.cputime.sum_exec_runtime, as of the last flush; TALLY_NO_VALUE in v1. */
+	__u64 cpu_ns;
+	/* The memory controller's page counter; TALLY_NO_VALUE without one. */
+	__u64 memory_pages;
+};
+
+_Static_assert(sizeof(struct tally_cgroup_stat) == 24, "CgroupStat is 24 bytes");
 _Static_assert(sizeof(struct tally_exit_value) == 16, "ExitValue is 16 bytes");
 _Static_assert(sizeof(struct tally_cgroup_event) == 16 + TALLY_CGROUP_PATH_MAX,
 	       "CgroupEvent has no padding");

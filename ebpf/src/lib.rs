@@ -6,6 +6,7 @@
 //! optional: one that cannot load on this kernel is reported as down with the reason, and the rest
 //! of the agent keeps running.
 
+pub mod cgstat;
 pub mod disk;
 pub mod lifecycle;
 pub mod net;
@@ -17,8 +18,9 @@ pub mod throttle;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+pub use tally_ebpf_common::NO_VALUE;
 pub use tally_ebpf_common::{direction, scope, CgroupKey, NetKey, NetValue, ALL_SCOPES};
-pub use tally_ebpf_common::{DiskValue, ExitValue, TcpValue, DISK_LATENCY_BUCKETS};
+pub use tally_ebpf_common::{CgroupStat, DiskValue, ExitValue, TcpValue, DISK_LATENCY_BUCKETS};
 
 /// The Rust programs (`ebpf/programs`), built by `ebpf/build.sh`.
 pub static TALLY_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/tally.bpf.o");
@@ -32,6 +34,9 @@ pub static DISK_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/disk.bpf.o")
 /// The C CO-RE cgroup and task lifecycle programs (`ebpf/c/lifecycle.bpf.c`), built by
 /// `ebpf/build.sh`.
 pub static LIFECYCLE_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/lifecycle.bpf.o");
+
+/// The C CO-RE cgroup iterator (`ebpf/c/cgstat.bpf.c`), built by `ebpf/build.sh`.
+pub static CGSTAT_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/cgstat.bpf.o");
 
 /// The attach methods a tracing source may use, best first (`ProbeStatus::method`, and the names
 /// `TcpConfig::disabled_methods` / `DiskConfig::disabled_methods` take). A source offers the ones
@@ -90,6 +95,19 @@ pub enum Error {
     #[error("opening cgroup {path}")]
     OpenCgroup {
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup iterator: {action}")]
+    IteratorLoad {
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup iterator at {root}: {action}")]
+    Iterator {
+        root: PathBuf,
+        action: &'static str,
         #[source]
         source: std::io::Error,
     },

@@ -15,6 +15,9 @@ use tally_tests::agent::{sample, Agent};
 use tally_tests::cgroup::{random_hex, remove_parents, TestCgroup};
 use tally_tests::require;
 
+/// The file path these tests are about: without the BPF iterator, three files a workload.
+const FILES_ONLY: &str = "[cgroupfs]\nbpf_iterator = false\n";
+
 /// The agent's open-file limit, soft and hard.
 const LIMIT: u64 = 1024;
 /// Cgroup files it may keep open under it: 1024 less a reserve of 256 (an eighth, at least 256).
@@ -119,16 +122,24 @@ impl Scope {
     }
 
     /// The files the agent reads for workload `i`, by its rules: CPU from v1 `cpuacct.usage`
-    /// where there is one, else `cpu.stat`; memory from `memory.current`, else v1
-    /// `memory.usage_in_bytes`; disk from `io.stat`, else v1 blkio.
-    fn files(&self, i: usize) -> [Option<PathBuf>; 3] {
+    /// where there is one, else `cpu.stat` (always `cpu.stat` with the BPF iterator, `v2_cpu`);
+    /// memory from `memory.current`, else v1 `memory.usage_in_bytes`; disk from `io.stat`, else
+    /// v1 blkio.
+    fn files(&self, i: usize, v2_cpu: bool) -> [Option<PathBuf>; 3] {
         let first = |candidates: [(&str, &str); 2]| {
             candidates
                 .into_iter()
                 .find_map(|(link, file)| Some(self.dir(link, i)?.join(file)).filter(|p| p.exists()))
         };
+        let cpu = if v2_cpu {
+            self.dir("unified", i)
+                .map(|d| d.join("cpu.stat"))
+                .filter(|p| p.exists())
+        } else {
+            first([("cpuacct", "cpuacct.usage"), ("unified", "cpu.stat")])
+        };
         [
-            first([("cpuacct", "cpuacct.usage"), ("unified", "cpu.stat")]),
+            cpu,
             first([
                 ("unified", "memory.current"),
                 ("memory", "memory.usage_in_bytes"),
@@ -183,9 +194,14 @@ fn by_unit(text: &str) -> HashMap<(&str, &str), f64> {
 }
 
 /// What is wrong with workload `i` in `values`, if anything.
-fn mismatch(values: &HashMap<(&str, &str), f64>, scope: &Scope, i: usize) -> Option<String> {
+fn mismatch(
+    values: &HashMap<(&str, &str), f64>,
+    scope: &Scope,
+    i: usize,
+    v2_cpu: bool,
+) -> Option<String> {
     let unit = format!("fd-{i}.service");
-    let [Some(cpu_file), Some(memory_file), io] = scope.files(i) else {
+    let [Some(cpu_file), Some(memory_file), io] = scope.files(i, v2_cpu) else {
         return Some(format!("{unit}: no CPU or memory file"));
     };
     let Some((cpu, memory)) = kernel_values(&cpu_file, &memory_file) else {
@@ -226,7 +242,7 @@ fn every_workload_is_read_exactly_beyond_the_open_file_budget() {
     scope.fill(WORKLOADS);
     scope.start();
     let files: usize = (0..WORKLOADS)
-        .map(|i| scope.files(i).iter().flatten().count())
+        .map(|i| scope.files(i, false).iter().flatten().count())
         .sum();
     assert!(
         files > BUDGET,
@@ -235,13 +251,13 @@ fn every_workload_is_read_exactly_beyond_the_open_file_budget() {
 
     let agent = Agent::start_with_open_file_limit(
         &format!(
-            "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n",
+            "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n{FILES_ONLY}",
             scope.root.display()
         ),
         LIMIT,
         0,
     );
-    let text = read_exactly(&agent, &scope, 0.0);
+    let text = read_exactly(&agent, &scope, 0.0, false);
     let value = |family, needles: &[&str]| sample(&text, family, needles);
     // The test's workloads and no other (the row of what runs in no workload, which the eBPF
     // sources fill, aside).
@@ -266,7 +282,7 @@ fn every_workload_is_read_exactly_beyond_the_open_file_budget() {
         "{files} files, {ticks} ticks"
     );
     // Again five ticks later: the files read by path are read again each tick, and exactly.
-    let later = read_exactly(&agent, &scope, ticks + 5.0);
+    let later = read_exactly(&agent, &scope, ticks + 5.0, false);
     let later_ticks = sample(&later, "tally_ticks_total", &[]).unwrap_or_default();
     assert_eq!(
         sample(&later, "tally_cgroupfs_path_reads_total", &[]),
@@ -316,11 +332,11 @@ fn the_limit_met_through_other_descriptors_is_counted_once_and_given_back() {
     scope.fill(WORKLOADS);
     scope.start();
     let files: usize = (0..WORKLOADS)
-        .map(|i| scope.files(i).iter().flatten().count())
+        .map(|i| scope.files(i, false).iter().flatten().count())
         .sum();
     let agent = Agent::start_with_open_file_limit(
         &format!(
-            "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n",
+            "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n{FILES_ONLY}",
             scope.root.display()
         ),
         LIMIT,
@@ -331,7 +347,7 @@ fn the_limit_met_through_other_descriptors_is_counted_once_and_given_back() {
             .expect("the agent's fds")
             .count()
     };
-    let text = read_exactly(&agent, &scope, 0.0);
+    let text = read_exactly(&agent, &scope, 0.0, false);
     let value = |family, needles: &[&str]| sample(&text, family, needles);
     assert_eq!(
         value("tally_collector_errors_total", &["reason=\"fd_limit\""]),
@@ -363,7 +379,7 @@ fn the_limit_met_through_other_descriptors_is_counted_once_and_given_back() {
     };
     let (got, expected, ticks) = path_reads(&text);
     assert_eq!(got, Some(expected), "{files} files, {ticks} ticks");
-    let later = read_exactly(&agent, &scope, ticks + 5.0);
+    let later = read_exactly(&agent, &scope, ticks + 5.0, false);
     let (got, expected, ticks) = path_reads(&later);
     assert_eq!(got, Some(expected), "{files} files, {ticks} ticks");
     assert_eq!(
@@ -383,7 +399,7 @@ fn the_limit_met_through_other_descriptors_is_counted_once_and_given_back() {
 /// Scrapes until a scrape of a tick numbered `after` or later has every workload with its values
 /// as the kernel has them at the time (the sleeping processes' CPU and memory change little, so a
 /// tick soon reads what the test reads), and returns it.
-fn read_exactly(agent: &Agent, scope: &Scope, after: f64) -> String {
+fn read_exactly(agent: &Agent, scope: &Scope, after: f64, v2_cpu: bool) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let text = agent.scrape();
@@ -392,7 +408,7 @@ fn read_exactly(agent: &Agent, scope: &Scope, after: f64) -> String {
         let wrong = if ticks < after {
             Some(format!("tick {ticks}, waiting for {after}"))
         } else {
-            (0..WORKLOADS).find_map(|i| mismatch(&values, scope, i))
+            (0..WORKLOADS).find_map(|i| mismatch(&values, scope, i, v2_cpu))
         };
         let Some(wrong) = wrong else {
             return text;
@@ -404,4 +420,104 @@ fn read_exactly(agent: &Agent, scope: &Scope, after: f64) -> String {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// With the BPF iterator (the default), every workload's CPU and memory come from one walk a
+/// tick: the agent opens a workload's cgroup files only for its disk bytes. The iterator is given
+/// room for fewer cgroups than the node has, so the workloads beyond it are read from their
+/// files, and that is counted: every workload's values stay exact either way. CPU is v2
+/// `cpu.stat`'s count, which the kernel folds in from per-CPU counters only when asked: a
+/// workload that just burnt CPU shows all of it at the next tick, before anyone else reads it.
+#[test]
+fn cpu_and_memory_come_from_the_iterator_and_what_it_has_no_room_for_from_files() {
+    const TEST: &str =
+        "cpu_and_memory_come_from_the_iterator_and_what_it_has_no_room_for_from_files";
+    /// `ebpf.max_cgroup_entries`: the walk (the scope, its slice, then the workloads in the
+    /// order they were made) keeps the first 256 cgroups.
+    const ROOM: usize = 256;
+    if !require::root(TEST) {
+        return;
+    }
+    let layout = match Layout::detect(Path::new("/sys/fs/cgroup")) {
+        Ok(layout) => layout,
+        Err(e) => return require::skip(TEST, &e.to_string()),
+    };
+    if require::binary(TEST, "sleep").is_none() || require::binary(TEST, "sh").is_none() {
+        return;
+    }
+    let mut scope = Scope::create(&layout);
+    scope.fill(WORKLOADS);
+    scope.start();
+    let agent = Agent::start_with_open_file_limit(
+        &format!(
+            "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n\
+             [ebpf]\nmax_cgroup_entries = {ROOM}\n",
+            scope.root.display()
+        ),
+        LIMIT,
+        0,
+    );
+    let text = read_exactly(&agent, &scope, 0.0, true);
+    let value = |family, needles: &[&str]| sample(&text, family, needles);
+    assert_eq!(
+        value("tally_probe_up", &["probe=\"cgroup_iterator\""]),
+        Some(1.0),
+        "log:\n{}",
+        agent.log()
+    );
+    // Opened: each workload's disk file, and the CPU and memory files of those beyond the room.
+    let beyond = WORKLOADS - (ROOM - 2);
+    let disk_files = (0..WORKLOADS)
+        .filter(|&i| scope.files(i, true)[2].is_some())
+        .count();
+    assert_eq!(
+        value("tally_cgroupfs_open_files", &[]),
+        Some((disk_files + 2 * beyond) as f64)
+    );
+    assert_eq!(value("tally_cgroupfs_path_reads_total", &[]), Some(0.0));
+    // Every walk found more cgroups than its room: once a tick in each tree walked (v2, and the
+    // v1 memory hierarchy of a hybrid node).
+    let trees = 1 + usize::from(scope.dir("memory", 0).is_some() && layout.mode != Mode::V2);
+    let ticks = value("tally_ticks_total", &[]).unwrap_or_default();
+    assert_eq!(
+        value(
+            "tally_collector_errors_total",
+            &["reason=\"iterator_full\""]
+        ),
+        Some(ticks * trees as f64),
+        "{ticks} ticks"
+    );
+
+    // Workload 0 (in the walk) burns CPU; two ticks after it ended the agent shows the kernel's
+    // count exactly, read before the test reads `cpu.stat` (a read that folds the count in too).
+    let unit = "fd-0.service";
+    let cpu_file = scope.files(0, true)[0].clone().expect("cpu.stat");
+    let cpu_of = |text: &str| sample(text, "tally_workload_cpu_seconds_total", &[unit]);
+    let before = cpu_of(&text).expect("workload 0's CPU");
+    let out = scope.workloads[0].run(
+        "sh",
+        &["-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"],
+    );
+    assert!(out.status.success());
+    let ended = sample(&agent.scrape(), "tally_ticks_total", &[]).unwrap_or_default();
+    let burnt = loop {
+        let now = agent.scrape();
+        let ticks_now = sample(&now, "tally_ticks_total", &[]).unwrap_or_default();
+        if ticks_now >= ended + 2.0 {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let agent_cpu = cpu_of(&burnt).expect("workload 0's CPU");
+    let (kernel_cpu, _) =
+        kernel_values(&cpu_file, &scope.files(0, true)[1].clone().expect("memory"))
+            .expect("kernel values");
+    assert!(
+        kernel_cpu - before > 0.05,
+        "{before} s, then {kernel_cpu} s"
+    );
+    assert!(
+        (agent_cpu - kernel_cpu).abs() < 1e-9,
+        "agent {agent_cpu} s, kernel {kernel_cpu} s (before: {before} s)"
+    );
 }

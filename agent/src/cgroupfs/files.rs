@@ -36,6 +36,14 @@ enum Read {
     Nothing,
 }
 
+/// Which measurements a read wants from files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Want {
+    pub cpu: bool,
+    pub memory: bool,
+    pub io: bool,
+}
+
 #[derive(Debug)]
 pub(super) struct WorkloadFiles {
     cpu: Option<CgroupFile>,
@@ -44,31 +52,38 @@ pub(super) struct WorkloadFiles {
 }
 
 impl WorkloadFiles {
-    /// Picks each measurement's file (see the module doc); the first read opens it.
-    pub(super) fn resolve(layout: &Layout, rel: &str) -> WorkloadFiles {
+    /// Picks each measurement's file (see the module doc); the first read opens it. With
+    /// `v2_cpu`, CPU is v2 `cpu.stat` wherever the workload has a v2 directory, even where v1
+    /// `cpuacct.usage` exists: the BPF iterator reads the v2 count, and a workload's CPU must
+    /// come from one count (on a hybrid node the two differ by the moments a task spent between
+    /// joining one hierarchy and the other, and a counter that went back would read as a reset).
+    pub(super) fn resolve(layout: &Layout, rel: &str, v2_cpu: bool) -> WorkloadFiles {
         let rel = rel.trim_start_matches('/');
         let v2 = layout.unified.as_deref().map(|r| r.join(rel));
         let v1 = |root: &Option<PathBuf>| root.as_deref().map(|r| r.join(rel));
-        let first = |candidates: [(Option<PathBuf>, &str, Format); 2]| {
-            candidates.into_iter().find_map(|(dir, name, format)| {
-                let path = dir?.join(name);
+        let first = |candidates: &[(Option<PathBuf>, &str, Format)]| {
+            candidates.iter().find_map(|(dir, name, format)| {
+                let path = dir.as_ref()?.join(name);
                 path.exists().then_some(CgroupFile {
                     path,
                     file: None,
-                    format,
+                    format: *format,
                 })
             })
         };
+        let cpu_stat = (v2.clone(), "cpu.stat", Format::CpuStat);
+        let cpuacct = (v1(&layout.cpuacct), "cpuacct.usage", Format::CpuacctUsage);
         WorkloadFiles {
-            cpu: first([
-                (v1(&layout.cpuacct), "cpuacct.usage", Format::CpuacctUsage),
-                (v2.clone(), "cpu.stat", Format::CpuStat),
-            ]),
-            memory: first([
+            cpu: if v2_cpu {
+                first(&[cpu_stat, cpuacct])
+            } else {
+                first(&[cpuacct, cpu_stat])
+            },
+            memory: first(&[
                 (v2.clone(), "memory.current", Format::Single),
                 (v1(&layout.memory), "memory.usage_in_bytes", Format::Single),
             ]),
-            io: first([
+            io: first(&[
                 (v2, "io.stat", Format::IoStat),
                 (
                     v1(&layout.blkio),
@@ -86,8 +101,8 @@ impl WorkloadFiles {
 
     /// Looks again for the measurements that have no file, keeping the files it has (and their
     /// descriptors) as they are.
-    pub(super) fn fill_missing(&mut self, layout: &Layout, rel: &str) {
-        let found = WorkloadFiles::resolve(layout, rel);
+    pub(super) fn fill_missing(&mut self, layout: &Layout, rel: &str, v2_cpu: bool) {
+        let found = WorkloadFiles::resolve(layout, rel, v2_cpu);
         for (slot, file) in [
             (&mut self.cpu, found.cpu),
             (&mut self.memory, found.memory),
@@ -123,16 +138,24 @@ impl WorkloadFiles {
         [&self.cpu, &self.memory, &self.io].into_iter().flatten()
     }
 
+    /// Reads the files of the measurements `want` names (a file not read is not opened).
     pub(super) fn read(
         &mut self,
+        want: Want,
         buf: &mut Vec<u8>,
         stacks: &mut Stacks,
         fds: &mut Fds,
         errors: &mut ErrorCounts,
     ) -> Reading {
         let mut reading = Reading::default();
-        for file in [&mut self.cpu, &mut self.memory, &mut self.io]
+        let files = [
+            (want.cpu, &mut self.cpu),
+            (want.memory, &mut self.memory),
+            (want.io, &mut self.io),
+        ];
+        for file in files
             .into_iter()
+            .filter_map(|(wanted, file)| wanted.then_some(file))
             .flatten()
         {
             match file.read(buf, stacks, fds, errors) {
@@ -237,9 +260,15 @@ mod tests {
             freezer: None,
         };
         let mut errors = ErrorCounts::default();
-        let mut files = WorkloadFiles::resolve(&layout, "/w");
+        let mut files = WorkloadFiles::resolve(&layout, "/w", false);
         let mut fds = Fds::for_limit(1024, Box::new(super::super::fds::Kernel));
+        let all = Want {
+            cpu: true,
+            memory: true,
+            io: true,
+        };
         let reading = files.read(
+            all,
             &mut vec![0; 64],
             &mut Stacks::new(&sys),
             &mut fds,

@@ -16,6 +16,10 @@
 //! opened, read and closed each tick, so a node with more workloads than descriptors still gets
 //! every workload's values, at the cost of the path lookups.
 //!
+//! Where the kernel allows it (`cgroupfs.bpf_iterator`, on by default with eBPF), CPU and memory
+//! come instead from one walk a tick of a BPF cgroup iterator over every cgroup (see `iter`):
+//! the files are then read only for disk, and for what the walk did not have.
+//!
 //! `cgroupfs.read_interval_ms` spreads the reads of workloads no budget selects over that
 //! interval: each is read on one tick in every `ceil(interval / tick)`, its phase given in turn as
 //! it is first seen, so the cost per tick stays even. Budgeted and newly seen workloads are read
@@ -24,6 +28,7 @@
 mod blkio;
 mod fds;
 mod files;
+mod iter;
 mod parse;
 mod stacks;
 
@@ -33,7 +38,8 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use fds::Fds;
-use files::WorkloadFiles;
+use files::{Want, WorkloadFiles};
+use iter::{Ids, Iterated};
 use stacks::Stacks;
 use tally_exporters::Family;
 
@@ -77,12 +83,19 @@ pub struct Collector {
     /// The phase the next new workload gets.
     next_phase: u64,
     buf: Vec<u8>,
+    /// The BPF iterator, where it is on and loaded.
+    iterated: Option<Iterated>,
+    /// `None` where the iterator is off (by configuration, or no cgroup filesystem to walk),
+    /// else whether it loaded.
+    iterator_up: Option<bool>,
 }
 
 /// One workload's files, the last tick it was listed in, and the phase of its reads.
 #[derive(Debug)]
 struct Kept {
     files: WorkloadFiles,
+    /// Its directories' ids in the iterator's trees.
+    ids: Ids,
     listed: u64,
     phase: u64,
 }
@@ -107,7 +120,40 @@ impl Collector {
         );
         let mut collector = Self::with_fds(layout, &config.paths.sys_root, fds);
         collector.set_interval(config);
+        collector.start_iterator(config);
         collector
+    }
+
+    /// Loads the BPF iterator when the configuration wants it, or drops it when it does not.
+    fn start_iterator(&mut self, config: &Config) {
+        self.iterated = None;
+        self.iterator_up = None;
+        if !(config.ebpf.enabled && config.cgroupfs.bpf_iterator) {
+            return;
+        }
+        match Iterated::start(&self.layout, config.ebpf.max_cgroup_entries) {
+            Ok(Some(iterated)) => {
+                tracing::info!("CPU and memory read by the BPF cgroup iterator");
+                self.iterated = Some(iterated);
+                self.iterator_up = Some(true);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "BPF cgroup iterator not loaded; CPU and memory are read from cgroup files \
+                     (cgroupfs.bpf_iterator = false silences this)"
+                );
+                self.iterator_up = Some(false);
+            }
+        }
+        // Ids are looked up again for the new trees.
+        for (rel, kept) in &mut self.files {
+            kept.ids = self
+                .iterated
+                .as_ref()
+                .map_or_else(Ids::default, |i| i.ids(rel));
+        }
     }
 
     fn with_fds(layout: Layout, sys_root: &Path, fds: Fds) -> Self {
@@ -123,6 +169,8 @@ impl Collector {
             interval: Duration::ZERO,
             next_phase: 0,
             buf: vec![0; 4096],
+            iterated: None,
+            iterator_up: None,
         }
     }
 
@@ -149,26 +197,47 @@ impl Collector {
                 new = true;
                 let phase = self.next_phase;
                 self.next_phase = self.next_phase.wrapping_add(1);
-                let files = WorkloadFiles::resolve(&self.layout, rel);
+                let files = WorkloadFiles::resolve(&self.layout, rel, self.iterated.is_some());
+                let ids = self
+                    .iterated
+                    .as_ref()
+                    .map_or_else(Ids::default, |i| i.ids(rel));
                 self.files.entry(rel.to_owned()).or_insert(Kept {
                     files,
+                    ids,
                     listed: tick,
                     phase,
                 })
             }
         };
         kept.listed = tick;
+        let walked = self.iterated.as_ref().map(|i| Reading {
+            cpu_seconds: i.cpu_seconds(kept.ids),
+            memory_bytes: i.memory_bytes(kept.ids),
+            ..Reading::default()
+        });
         let due = new || always || (tick + kept.phase) % self.every == 0;
         if !due {
-            return None;
+            return walked;
         }
+        let walked = walked.unwrap_or_default();
         if kept.files.incomplete() && tick % RESOLVE_MISSING_EVERY == 0 {
-            kept.files.fill_missing(&self.layout, rel);
-        }
-        Some(
             kept.files
-                .read(&mut self.buf, &mut self.stacks, &mut self.fds, errors),
-        )
+                .fill_missing(&self.layout, rel, self.iterated.is_some());
+        }
+        let want = Want {
+            cpu: walked.cpu_seconds.is_none(),
+            memory: walked.memory_bytes.is_none(),
+            io: true,
+        };
+        let read = kept
+            .files
+            .read(want, &mut self.buf, &mut self.stacks, &mut self.fds, errors);
+        Some(Reading {
+            cpu_seconds: walked.cpu_seconds.or(read.cpu_seconds),
+            memory_bytes: walked.memory_bytes.or(read.memory_bytes),
+            ..read
+        })
     }
 
     /// Closes the files of workloads not read this tick (their cgroups are gone), and kept files
@@ -211,6 +280,10 @@ impl Source for Collector {
             }
         }
         self.tick += 1;
+        if let Some(iterated) = &mut self.iterated {
+            let rels = ctx.discovery.found.iter().map(|found| found.rel.as_str());
+            iterated.walk(rels, ctx.errors);
+        }
         for (found, workload) in ctx.discovery.found.iter().zip(ctx.workloads) {
             let always = self.every == 1 || ctx.facts.budgeted.contains(&found.rel);
             if let Some(reading) = self.read(&found.rel, always, ctx.errors) {
@@ -221,11 +294,19 @@ impl Source for Collector {
     }
 
     fn probes(&self) -> Vec<Probe> {
-        vec![Probe {
+        let mut probes = vec![Probe {
             probe: COLLECTOR,
             method: self.layout.mode.as_str(),
             up: true,
-        }]
+        }];
+        if let Some(up) = self.iterator_up {
+            probes.push(Probe {
+                probe: "cgroup_iterator",
+                method: "iter",
+                up,
+            });
+        }
+        probes
     }
 
     fn families(&self) -> Vec<Family> {
@@ -246,6 +327,12 @@ impl Source for Collector {
             // close with the collector replaced.
             let fds = std::mem::take(&mut self.fds).all_closed();
             *self = Collector::with_fds(layout.clone(), &config.paths.sys_root, fds);
+            self.start_iterator(config);
+        } else if (config.ebpf.enabled && config.cgroupfs.bpf_iterator)
+            != self.iterator_up.is_some()
+            || self.iterator_up == Some(false)
+        {
+            self.start_iterator(config);
         }
         self.set_interval(config);
     }

@@ -369,7 +369,7 @@ pub struct LedgerConfig {
     pub grace_period_secs: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CgroupfsConfig {
     /// How often the cgroup files (CPU, memory, disk) of a workload that no budget selects are
@@ -378,6 +378,20 @@ pub struct CgroupfsConfig {
     /// values; CPU time of its tasks that end is still billed exactly at exit (the lifecycle
     /// probe), but its cgroup disk bytes since its last read are not.
     pub read_interval_ms: u64,
+    /// Read every workload's CPU and memory with one walk of a BPF cgroup iterator a tick
+    /// (kernel 6.1 and later, with `ebpf.enabled`) instead of two cgroup files each; the files
+    /// stay the fallback. Its size is `ebpf.max_cgroup_entries` cgroups; those beyond are read
+    /// from files and counted. Every tick, whatever `read_interval_ms` says.
+    pub bpf_iterator: bool,
+}
+
+impl Default for CgroupfsConfig {
+    fn default() -> Self {
+        Self {
+            read_interval_ms: 0,
+            bpf_iterator: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -227,6 +227,24 @@ pub struct ExitValue {
     pub tasks: u64,
 }
 
+/// Written by the `cgroup_stats` iterator where a cgroup has no such value.
+pub const NO_VALUE: u64 = u64::MAX;
+
+/// One record of the `cgroup_stats` iterator (`ebpf/c/cgstat.bpf.c`), one per cgroup:
+/// `struct tally_cgroup_stat` in `ebpf/c/tally_shared.h`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupStat {
+    /// The cgroup's kernfs id: its directory's inode number, in whichever hierarchy it is.
+    pub cgroup_id: u64,
+    /// CPU time of the cgroup and its descendants, in nanoseconds, as of the subtree's last
+    /// flush; [`NO_VALUE`] in a v1 hierarchy.
+    pub cpu_ns: u64,
+    /// The memory controller's page counter; [`NO_VALUE`] where the hierarchy has no memory
+    /// controller.
+    pub memory_pages: u64,
+}
+
 /// Slot of `LIFECYCLE_LOST` counting `CGROUP_EVENTS` records dropped on a full ring buffer (slot
 /// [`LOST_SLOT`] counts `EXIT_CPU` charges dropped on a full map).
 pub const EVENTS_LOST_SLOT: u32 = 1;
@@ -276,6 +294,7 @@ mod c_tests {
         assert_eq!(size_of::<DiskValue>(), (5 + DISK_LATENCY_BUCKETS) * 8);
         assert_eq!(align_of::<DiskValue>(), 8);
         assert_eq!(size_of::<ExitValue>(), 16);
+        assert_eq!(size_of::<CgroupStat>(), 24);
         assert_eq!(size_of::<CgroupEvent>(), 16 + CGROUP_PATH_MAX);
     }
 }

@@ -308,8 +308,8 @@ fn vm_the_agent_as_a_daemonset_pod_charges_other_pods_gpu_processes_to_them() {
         host_rdma.is_none() || host_rdma == Some(0.0),
         "{host_rdma:?} RDMA bytes charged to the host row:\n{text}"
     );
-    // Every eBPF probe loads with only these capabilities.
-    for probe in ["network", "tcp", "disk"] {
+    // Every eBPF probe loads with only these capabilities, the cgroup iterator too.
+    for probe in ["network", "tcp", "disk", "lifecycle", "cgroup_iterator"] {
         let up = text
             .lines()
             .find(|l| l.starts_with(&format!("tally_probe_up{{probe=\"{probe}\"")));
