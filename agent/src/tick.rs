@@ -235,9 +235,10 @@ impl Ticker {
             self.collect_durations
                 .push((source.name(), began.elapsed()));
         }
-        let live: HashSet<u64> = found.iter().map(|f| f.cgroup_id).collect();
+        let live: HashSet<u64, foldhash::fast::RandomState> =
+            found.iter().map(|f| f.cgroup_id).collect();
         self.identity.retain(|id| live.contains(&id));
-        let live_containers: HashSet<&str> = found
+        let live_containers: HashSet<&str, foldhash::fast::RandomState> = found
             .iter()
             .filter_map(|f| match &f.identity {
                 PathIdentity::Container(c) => Some(c.container_id.as_str()),

@@ -111,7 +111,7 @@ pub struct Identity {
     /// Where the agent's cgroup namespace is rooted in the cgroup2 hierarchy (`/` outside one):
     /// cgroup2 paths in `/proc/<pid>/cgroup` are shown relative to it.
     ns_root: String,
-    by_cgroup: HashMap<u64, Arc<Workload>>,
+    by_cgroup: HashMap<u64, Arc<Workload>, foldhash::fast::RandomState>,
     cri: Option<cri::CriHandle>,
     tenants: Tenants,
 }
@@ -143,7 +143,7 @@ impl Identity {
             proc_root: proc_root.to_path_buf(),
             layout,
             ns_root,
-            by_cgroup: HashMap::new(),
+            by_cgroup: HashMap::default(),
             cri,
             tenants: Tenants::default(),
         }
