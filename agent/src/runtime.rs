@@ -57,6 +57,7 @@ pub fn run(config: Config, options: Options) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tally-rt")
+        .on_thread_start(crate::sys::short_slice)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
