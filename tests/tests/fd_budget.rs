@@ -520,4 +520,128 @@ fn cpu_and_memory_come_from_the_iterator_and_what_it_has_no_room_for_from_files(
         (agent_cpu - kernel_cpu).abs() < 1e-9,
         "agent {agent_cpu} s, kernel {kernel_cpu} s (before: {before} s)"
     );
+
+    // Workload 1's cgroup made again at the same path: made last, it is beyond the room now,
+    // and workload 254 within it, whose CPU and memory files (opened while it was beyond) are
+    // closed.
+    let old_cpu = cpu_of_unit(&burnt, 1);
+    restart(&agent, &mut scope, 1);
+    let restarted = two_ticks_after(&agent, &caught_up(&agent, &scope, 1, old_cpu));
+    assert_eq!(held(&agent, &scope, 254), Vec::<PathBuf>::new());
+    assert_eq!(held(&agent, &scope, 1).len(), 2);
+    assert_eq!(
+        sample(&restarted, "tally_cgroupfs_open_files", &[]),
+        Some((disk_files + 2 * beyond) as f64)
+    );
+    drop(agent);
+
+    // With room for every cgroup, a unit restarted between two ticks (the agent stopped
+    // meanwhile) has new directories with new ids, which the collector takes up: it is read
+    // from the walk, its only file open its disk file.
+    let agent = Agent::start_with_open_file_limit(
+        &format!(
+            "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n",
+            scope.root.display()
+        ),
+        LIMIT,
+        0,
+    );
+    let text = read_exactly(&agent, &scope, 0.0, true);
+    assert_eq!(
+        sample(&text, "tally_cgroupfs_open_files", &[]),
+        Some(disk_files as f64)
+    );
+    let old_cpu = cpu_of_unit(&text, 2);
+    restart(&agent, &mut scope, 2);
+    let restarted = two_ticks_after(&agent, &caught_up(&agent, &scope, 2, old_cpu));
+    assert_eq!(held(&agent, &scope, 2), Vec::<PathBuf>::new());
+    assert_eq!(
+        sample(&restarted, "tally_cgroupfs_open_files", &[]),
+        Some(disk_files as f64)
+    );
+}
+
+/// Workload `i`'s CPU in a scrape.
+#[expect(clippy::expect_used, reason = "test helper")]
+fn cpu_of_unit(text: &str, i: usize) -> f64 {
+    let unit = format!("unit=\"fd-{i}.service\"");
+    sample(text, "tally_workload_cpu_seconds_total", &[&unit]).expect("the workload's CPU")
+}
+
+/// Removes workload `i`'s cgroups and makes them again at the same paths with a new sleeping
+/// process, while the agent is stopped: between two of its ticks.
+#[expect(clippy::expect_used, reason = "test helper")]
+fn restart(agent: &Agent, scope: &mut Scope, i: usize) {
+    let roots: Vec<PathBuf> = scope.hierarchies.iter().map(|(_, r)| r.clone()).collect();
+    let rel = format!("/{}/system.slice/fd-{i}.service", scope.name);
+    let at = scope
+        .workloads
+        .iter()
+        .position(|w| w.dirs[0].ends_with(format!("fd-{i}.service")))
+        .expect("the workload");
+    agent.signal(libc::SIGSTOP);
+    drop(scope.workloads.remove(at));
+    let mut again = TestCgroup::create(&roots, &rel);
+    again.start("sleep", &["600"]);
+    scope.workloads.push(again);
+    agent.signal(libc::SIGCONT);
+}
+
+/// The first scrape in which workload `i`'s CPU is its new cgroup's count on top of `old_cpu`,
+/// the old cgroup's last reading (plus what its sleep's exit cost it, charged when the cgroup
+/// was gone: at most a few milliseconds).
+#[expect(clippy::expect_used, reason = "test helper")]
+fn caught_up(agent: &Agent, scope: &Scope, i: usize, old_cpu: f64) -> String {
+    let unit = format!("unit=\"fd-{i}.service\"");
+    let [cpu_file, memory_file, _] = scope.files(i, true);
+    let (cpu_file, memory_file) = (cpu_file.expect("cpu.stat"), memory_file.expect("memory"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = agent.scrape();
+        let agent_cpu = sample(&text, "tally_workload_cpu_seconds_total", &[&unit]);
+        let kernel = kernel_values(&cpu_file, &memory_file);
+        let caught = kernel.is_some_and(|(cpu, _)| {
+            agent_cpu.is_some_and(|v| v >= old_cpu + cpu - 1e-9 && v < old_cpu + cpu + 0.01)
+        });
+        if caught {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fd-{i} after its restart: {agent_cpu:?} s, old {old_cpu} s, kernel {kernel:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A scrape two ticks after `text`'s (a cgroup file of a removed cgroup is closed when a read
+/// meets `ENODEV`, and the new one opened at the next read).
+fn two_ticks_after(agent: &Agent, text: &str) -> String {
+    let ticks = sample(text, "tally_ticks_total", &[]).unwrap_or_default();
+    loop {
+        let now = agent.scrape();
+        if sample(&now, "tally_ticks_total", &[]).unwrap_or_default() >= ticks + 2.0 {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The CPU and memory files of workload `i` the agent holds open.
+#[expect(clippy::expect_used, reason = "test helper")]
+fn held(agent: &Agent, scope: &Scope, i: usize) -> Vec<PathBuf> {
+    let dirs = ["unified", "memory", "cpuacct"].map(|link| scope.dir(link, i));
+    std::fs::read_dir(format!("/proc/{}/fd", agent.child.id()))
+        .expect("the agent's fds")
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|path| {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            !name.starts_with("io.")
+                && !name.starts_with("blkio.")
+                && dirs
+                    .iter()
+                    .flatten()
+                    .any(|dir| path.parent() == Some(dir.as_path()))
+        })
+        .collect()
 }

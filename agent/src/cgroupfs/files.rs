@@ -134,6 +134,19 @@ impl WorkloadFiles {
         closed
     }
 
+    /// Closes the kept CPU and memory files where `given` says the iterator gave that value (a
+    /// workload read from files while the walk had no room for it, and in it again); returns how
+    /// many it closed.
+    pub(super) fn release(&mut self, given: Want) -> usize {
+        let mut closed = 0;
+        for (given, file) in [(given.cpu, &mut self.cpu), (given.memory, &mut self.memory)] {
+            if given && file.as_mut().and_then(|f| f.file.take()).is_some() {
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     fn files(&self) -> impl Iterator<Item = &CgroupFile> {
         [&self.cpu, &self.memory, &self.io].into_iter().flatten()
     }
@@ -189,7 +202,14 @@ impl CgroupFile {
         };
         let len = match len {
             Ok(len) => len,
-            Err(e) if is_gone(&e) => return Read::Nothing,
+            // The cgroup went; a kept file of it is closed, so that one made again at the same
+            // path is opened anew.
+            Err(e) if is_gone(&e) => {
+                if self.file.take().is_some() {
+                    fds.closed(1);
+                }
+                return Read::Nothing;
+            }
             // Counted where it was met (`reason="fd_limit"`).
             Err(e) if is_fd_limit(&e) => return Read::Nothing,
             Err(e) => {

@@ -4,11 +4,12 @@
 //! The values are the ones the files show: CPU is v2 cpu.stat's `usage_usec` (on a hybrid node
 //! too, where the files would give v1 `cpuacct.usage`: the iterator's collector reads v2
 //! `cpu.stat` as its fallback, so one workload's CPU comes from one count), memory is
-//! `memory.current` or v1 `memory.usage_in_bytes`. CPU is folded in from per-CPU counters only when a subtree is
-//! flushed, which reading its `cpu.stat` does; so before each walk the `cpu.stat` of the top
-//! directory of every workload's path is read (a handful: `kubepods.slice`, `system.slice`),
-//! which flushes everything below. A workload the walk did not give a value for (the array was
-//! full, its directory is in no hierarchy the iterator walks) is read from its files.
+//! `memory.current` or v1 `memory.usage_in_bytes`. CPU is folded in from per-CPU counters only
+//! when a subtree is flushed, which reading its `cpu.stat` does; so before each walk the
+//! `cpu.stat` of the top directory of every workload's path is read (a handful:
+//! `kubepods.slice`, `system.slice`), which flushes everything below. A workload the walk did not
+//! give a value for (the array was full, its directory is in no hierarchy the iterator walks) is
+//! read from its files.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -55,15 +56,23 @@ pub(super) struct Ids {
     pub memory: Option<u64>,
 }
 
-/// Whether `dir` is the root of a cgroup filesystem of that `magic`.
+/// Whether `dir` is on a cgroup filesystem of that `magic` (links followed).
 fn is_cgroupfs(dir: &Path, magic: i64) -> bool {
     let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
         return false;
     };
-    // SAFETY: `path` is NUL-terminated and `stat` is a valid out-pointer for statfs.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(path.as_ptr(), &mut stat) };
-    rc == 0 && stat.f_type as i64 == magic
+    // SAFETY: an all-zero statfs is a valid value; `path` is NUL-terminated and `stat` a valid
+    // out-pointer for statfs(2), which writes nothing else.
+    let (rc, stat) = unsafe {
+        let mut stat: libc::statfs = std::mem::zeroed();
+        (libc::statfs(path.as_ptr(), &mut stat), stat)
+    };
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type is a long on x86-64 and narrower on other targets"
+    )]
+    let f_type = stat.f_type as i64;
+    rc == 0 && f_type == magic
 }
 
 impl Iterated {

@@ -189,10 +189,17 @@ impl Collector {
         &self.layout
     }
 
-    /// Reads the files of the workload at `rel` (relative to each hierarchy root), if it is new,
+    /// Reads the files of the workload at `rel` (relative to each hierarchy root; `cgroup_id`
+    /// its directory's id, the v2 one where it has one), if it is new,
     /// `always`, or its turn; `None` where it is none of these. A file that vanished with its
     /// cgroup is not an error; any other failure is counted.
-    fn read(&mut self, rel: &str, always: bool, errors: &mut ErrorCounts) -> Option<Reading> {
+    fn read(
+        &mut self,
+        rel: &str,
+        cgroup_id: u64,
+        always: bool,
+        errors: &mut ErrorCounts,
+    ) -> Option<Reading> {
         let tick = self.tick;
         let mut new = false;
         let kept = match self.files.get_mut(rel) {
@@ -215,11 +222,26 @@ impl Collector {
             }
         };
         kept.listed = tick;
+        // The cgroup made again at the same path (a unit restarted between two ticks): the new
+        // directories' ids.
+        if let Some(iterated) = &self.iterated {
+            if kept.ids.v2.is_some_and(|id| id != cgroup_id) {
+                kept.ids = iterated.ids(rel);
+            }
+        }
         let walked = self.iterated.as_ref().map(|i| Reading {
             cpu_seconds: i.cpu_seconds(kept.ids),
             memory_bytes: i.memory_bytes(kept.ids),
             ..Reading::default()
         });
+        if let Some(given) = &walked {
+            let closed = kept.files.release(Want {
+                cpu: given.cpu_seconds.is_some(),
+                memory: given.memory_bytes.is_some(),
+                io: false,
+            });
+            self.fds.closed(closed);
+        }
         let due = new || always || (tick + kept.phase) % self.every == 0;
         if !due {
             return walked;
@@ -290,7 +312,7 @@ impl Source for Collector {
         }
         for (found, workload) in ctx.discovery.found.iter().zip(ctx.workloads) {
             let always = self.every == 1 || ctx.facts.budgeted.contains(&found.rel);
-            if let Some(reading) = self.read(&found.rel, always, ctx.errors) {
+            if let Some(reading) = self.read(&found.rel, found.cgroup_id, always, ctx.errors) {
                 record(ledger, workload, &reading);
             }
         }
@@ -430,7 +452,7 @@ mod tests {
         c.tick += 1;
         let readings = live
             .iter()
-            .map(|i| c.read(&format!("/w{i}"), false, errors).unwrap())
+            .map(|i| c.read(&format!("/w{i}"), 0, false, errors).unwrap())
             .collect();
         c.end_tick();
         readings
@@ -527,7 +549,7 @@ mod tests {
             let mut read = Vec::new();
             for i in 0..6 {
                 let always = budgeted.contains(&i);
-                if let Some(reading) = c.read(&format!("/w{i}"), always, &mut errors) {
+                if let Some(reading) = c.read(&format!("/w{i}"), 0, always, &mut errors) {
                     assert_eq!(reading, expected(i));
                     read.push(i);
                 }
