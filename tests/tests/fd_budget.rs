@@ -249,14 +249,7 @@ fn every_workload_is_read_exactly_beyond_the_open_file_budget() {
         "{files} cgroup files for {WORKLOADS} workloads: not beyond the budget"
     );
 
-    let agent = Agent::start_with_open_file_limit(
-        &format!(
-            "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n{FILES_ONLY}",
-            scope.root.display()
-        ),
-        LIMIT,
-        0,
-    );
+    let agent = Agent::start_with_open_file_limit(&config(&scope, FILES_ONLY), LIMIT, 0);
     let text = read_exactly(&agent, &scope, 0.0, false);
     let value = |family, needles: &[&str]| sample(&text, family, needles);
     // The test's workloads and no other (the row of what runs in no workload, which the eBPF
@@ -334,14 +327,7 @@ fn the_limit_met_through_other_descriptors_is_counted_once_and_given_back() {
     let files: usize = (0..WORKLOADS)
         .map(|i| scope.files(i, false).iter().flatten().count())
         .sum();
-    let agent = Agent::start_with_open_file_limit(
-        &format!(
-            "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n{FILES_ONLY}",
-            scope.root.display()
-        ),
-        LIMIT,
-        INHERITED,
-    );
+    let agent = Agent::start_with_open_file_limit(&config(&scope, FILES_ONLY), LIMIT, INHERITED);
     let held = || {
         std::fs::read_dir(format!("/proc/{}/fd", agent.child.id()))
             .expect("the agent's fds")
@@ -449,11 +435,7 @@ fn cpu_and_memory_come_from_the_iterator_and_what_it_has_no_room_for_from_files(
     scope.fill(WORKLOADS);
     scope.start();
     let agent = Agent::start_with_open_file_limit(
-        &format!(
-            "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n\
-             [ebpf]\nmax_cgroup_entries = {ROOM}\n",
-            scope.root.display()
-        ),
+        &config(&scope, &format!("[ebpf]\nmax_cgroup_entries = {ROOM}\n")),
         LIMIT,
         0,
     );
@@ -538,14 +520,7 @@ fn cpu_and_memory_come_from_the_iterator_and_what_it_has_no_room_for_from_files(
     // With room for every cgroup, a unit restarted between two ticks (the agent stopped
     // meanwhile) has new directories with new ids, which the collector takes up: it is read
     // from the walk, its only file open its disk file.
-    let agent = Agent::start_with_open_file_limit(
-        &format!(
-            "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n",
-            scope.root.display()
-        ),
-        LIMIT,
-        0,
-    );
+    let agent = Agent::start_with_open_file_limit(&config(&scope, ""), LIMIT, 0);
     let text = read_exactly(&agent, &scope, 0.0, true);
     assert_eq!(
         sample(&text, "tally_cgroupfs_open_files", &[]),
@@ -559,6 +534,15 @@ fn cpu_and_memory_come_from_the_iterator_and_what_it_has_no_room_for_from_files(
         sample(&restarted, "tally_cgroupfs_open_files", &[]),
         Some(disk_files as f64)
     );
+}
+
+/// The agent's configuration: a 200 ms tick, the test's scope as its cgroup root, no CRI, then
+/// `extra`.
+fn config(scope: &Scope, extra: &str) -> String {
+    format!(
+        "[agent]\ntick_interval_ms = 200\n[paths]\ncgroup_root = \"{}\"\n[cri]\nendpoints = []\n{extra}",
+        scope.root.display()
+    )
 }
 
 /// Workload `i`'s CPU in a scrape.

@@ -45,8 +45,6 @@ pub(super) struct Iterated {
     scratch: Vec<CgroupStat>,
     buf: Vec<u8>,
     page_size: f64,
-    /// Whether the last walk worked (else every value comes from files this tick).
-    walked: bool,
 }
 
 /// A workload's directories as the iterator names them.
@@ -113,7 +111,6 @@ impl Iterated {
             scratch: Vec::new(),
             buf: vec![0; 1024],
             page_size: page_size.max(1) as f64,
-            walked: false,
         }))
     }
 
@@ -130,52 +127,32 @@ impl Iterated {
         }
     }
 
-    /// Flushes the subtrees of the workloads at `rels` and walks every tree. A failure is
-    /// counted, and leaves every workload to its files this tick.
+    /// Flushes the subtrees of the workloads at `rels` and walks every tree. A failed walk is
+    /// counted and leaves its tree's values empty: its workloads are read from files this tick.
     pub(super) fn walk<'a>(
         &mut self,
         rels: impl Iterator<Item = &'a str>,
         errors: &mut ErrorCounts,
     ) {
-        self.walked = false;
         self.v2_values.clear();
         self.memory_values.clear();
         if let Some(tree) = &self.v2 {
             flush_tops(&mut self.flush, &mut self.buf, tree.root(), rels, errors);
-            match self.stats.read(tree, &mut self.scratch) {
-                Ok(walked) => {
-                    if walked.dropped > 0 {
-                        record_full(errors, walked.dropped, self.stats.capacity());
-                    }
-                    self.v2_values
-                        .extend(self.scratch.iter().map(|s| (s.cgroup_id, *s)));
-                }
-                Err(e) => {
-                    errors.record(COLLECTOR, "iterator", || tally_error_chain::chain(&e));
-                    return;
-                }
+            if read_tree(&self.stats, tree, &mut self.scratch, errors) {
+                self.v2_values
+                    .extend(self.scratch.iter().map(|s| (s.cgroup_id, *s)));
             }
         }
         if let Some(tree) = &self.memory {
-            match self.stats.read(tree, &mut self.scratch) {
-                Ok(walked) => {
-                    if walked.dropped > 0 {
-                        record_full(errors, walked.dropped, self.stats.capacity());
-                    }
-                    self.memory_values.extend(
-                        self.scratch
-                            .iter()
-                            .filter(|s| s.memory_pages != NO_VALUE)
-                            .map(|s| (s.cgroup_id, s.memory_pages)),
-                    );
-                }
-                Err(e) => {
-                    errors.record(COLLECTOR, "iterator", || tally_error_chain::chain(&e));
-                    return;
-                }
+            if read_tree(&self.stats, tree, &mut self.scratch, errors) {
+                self.memory_values.extend(
+                    self.scratch
+                        .iter()
+                        .filter(|s| s.memory_pages != NO_VALUE)
+                        .map(|s| (s.cgroup_id, s.memory_pages)),
+                );
             }
         }
-        self.walked = true;
     }
 
     /// The CPU time, in seconds, of the workload with these ids, if the last walk had it.
@@ -183,14 +160,11 @@ impl Iterated {
         let stat = self.v2_values.get(&ids.v2?)?;
         // Whole microseconds, as cpu.stat shows them, so a tick that reads the file instead
         // gives the same number, never a smaller one.
-        (self.walked && stat.cpu_ns != NO_VALUE).then(|| (stat.cpu_ns / 1000) as f64 / 1e6)
+        (stat.cpu_ns != NO_VALUE).then(|| (stat.cpu_ns / 1000) as f64 / 1e6)
     }
 
     /// The memory in use, in bytes, of the workload with these ids, if the last walk had it.
     pub(super) fn memory_bytes(&self, ids: Ids) -> Option<f64> {
-        if !self.walked {
-            return None;
-        }
         let v2 = ids
             .v2
             .and_then(|id| self.v2_values.get(&id))
@@ -242,11 +216,30 @@ fn flush_tops<'a>(
     flush.retain(|top, _| seen.contains(top.as_str()) && !gone.contains(&top.as_str()));
 }
 
-fn record_full(errors: &mut ErrorCounts, dropped: u64, capacity: u32) {
-    errors.record(COLLECTOR, "iterator_full", || {
-        format!(
-            "{dropped} cgroups beyond the iterator's {capacity} (ebpf.max_cgroup_entries) are \
-             read from their files"
-        )
-    });
+/// One walk of `tree` into `out`; whether it worked. A failure, and cgroups beyond the room,
+/// are counted.
+fn read_tree(
+    stats: &CgroupStats,
+    tree: &Tree,
+    out: &mut Vec<CgroupStat>,
+    errors: &mut ErrorCounts,
+) -> bool {
+    match stats.read(tree, out) {
+        Ok(walked) => {
+            if walked.dropped > 0 {
+                let (dropped, capacity) = (walked.dropped, stats.capacity());
+                errors.record(COLLECTOR, "iterator_full", || {
+                    format!(
+                        "{dropped} cgroups beyond the iterator's {capacity} \
+                         (ebpf.max_cgroup_entries) are read from their files"
+                    )
+                });
+            }
+            true
+        }
+        Err(e) => {
+            errors.record(COLLECTOR, "iterator", || tally_error_chain::chain(&e));
+            false
+        }
+    }
 }
